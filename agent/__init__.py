@@ -1,0 +1,1 @@
+"""edgeslice agent: the process that runs model stages on a device."""

@@ -1,0 +1,1 @@
+"""edgeslice MQTT layer: wire protocol, broker connection, local broker, monitor and CLI."""

@@ -1,0 +1,1 @@
+"""Device classes as data (one TOML file per class) and their validation."""

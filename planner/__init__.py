@@ -1,0 +1,1 @@
+"""edgeslice planner: profiles models, plans partitions, serves artifacts and runs inference clients."""
