@@ -1,0 +1,210 @@
+"""Control-plane message schemas: frozen, versioned dataclasses (the data plane is chunking.py).
+
+Each message class has a ``KIND`` (written on the wire as ``k``) and the
+protocol version it was written with (``v = [major, minor]``). Decoding is
+tolerant in one direction only: unknown fields are ignored (a newer *minor*
+version may add fields), a newer *major* version is refused (see codec.py).
+Field types are checked on decode so that a wrong-but-valid msgpack map is a
+:class:`~broker.protocol.errors.DecodeError`, never an ``AttributeError`` deep
+inside a service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+ONLINE = "online"
+OFFLINE = "offline"
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every control-plane message."""
+
+    KIND: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    """Agent (or planner) liveness; retained; the last will carries ``state="offline"``."""
+
+    KIND: ClassVar[str] = "status"
+    agent_id: str
+    state: str  # ONLINE | OFFLINE
+    session: int = 0  # increases on every start, so a stale retained message is recognisable
+    ts: float = 0.0
+    reason: str = ""  # why offline: "shutdown", "lost" (last will), ...
+
+
+@dataclass(frozen=True)
+class Info(Message):
+    """Agent birth certificate: what it is and what it measured at start-up; retained."""
+
+    KIND: ClassVar[str] = "info"
+    agent_id: str
+    profile: str
+    profile_data: dict[str, Any] = field(default_factory=dict)
+    gflops: float = 0.0  # measured effective fp32 GFLOP/s (calibration run)
+    cpu_count: int = 0
+    ram_bytes: int = 0
+    memory_budget_bytes: int = 0
+    hostname: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    emulated: bool = False
+    limits: dict[str, Any] = field(default_factory=dict)
+    session: int = 0
+    ts: float = 0.0
+
+
+@dataclass(frozen=True)
+class Telemetry(Message):
+    """Live resource readings, published every telemetry interval at QoS 0."""
+
+    KIND: ClassVar[str] = "telemetry"
+    agent_id: str
+    ts: float
+    cpu_percent: float
+    cpu_per_core: list[float] = field(default_factory=list)
+    mem_used_bytes: int = 0
+    mem_total_bytes: int = 0
+    mem_percent: float = 0.0
+    load_avg: list[float] = field(default_factory=list)
+    temperature_c: float | None = None
+    net_bytes_sent: int = 0
+    net_bytes_recv: int = 0
+    rss_bytes: int = 0
+    queue_depth: int = 0
+    in_flight: int = 0
+    stage_timings: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageAssignment:
+    """One stage an agent should run: which artifact, and where its output goes."""
+
+    stage: int
+    artifact: str  # sha256 of the sealed artifact
+    size: int = 0
+    start_segment: int = 0
+    end_segment: int = 0
+    input_specs: list[dict[str, Any]] = field(default_factory=list)
+    output_specs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AssignmentDesired(Message):
+    """What the planner wants an agent to run (retained). Empty ``stages`` = run nothing."""
+
+    KIND: ClassVar[str] = "assignment_desired"
+    agent_id: str
+    plan_id: str
+    plan_version: int
+    model: str = ""
+    stages: list[StageAssignment] = field(default_factory=list)
+    ts: float = 0.0
+
+
+@dataclass(frozen=True)
+class AssignmentReported(Message):
+    """What an agent runs now, or why it cannot (retained)."""
+
+    KIND: ClassVar[str] = "assignment_reported"
+    agent_id: str
+    plan_id: str
+    plan_version: int
+    state: str  # "ready" | "loading" | "error" | "idle"
+    stages: list[int] = field(default_factory=list)
+    error: str = ""
+    load_s: float = 0.0
+    ts: float = 0.0
+
+
+@dataclass(frozen=True)
+class Command(Message):
+    """A request to an agent (``cmd/{name}``); the reply goes to ``cmd-res/{name}``."""
+
+    KIND: ClassVar[str] = "command"
+    request_id: str
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+    sender: str = ""
+    ts: float = 0.0
+
+
+@dataclass(frozen=True)
+class CommandResult(Message):
+    """An agent's answer to a :class:`Command`, matched by ``request_id``."""
+
+    KIND: ClassVar[str] = "command_result"
+    request_id: str
+    agent_id: str
+    name: str
+    ok: bool
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    ts: float = 0.0
+
+
+@dataclass(frozen=True)
+class PlannerStatus(Message):
+    """Planner liveness and a one-line summary of its current plan; retained, LWT offline."""
+
+    KIND: ClassVar[str] = "planner_status"
+    state: str
+    planner_id: str = ""
+    model: str = ""
+    plan_id: str = ""
+    plan_version: int = 0
+    summary: str = ""
+    ts: float = 0.0
+
+
+@dataclass(frozen=True)
+class PlanStage:
+    """One stage of a published plan: its segments, replicas and predictions."""
+
+    stage: int
+    start_segment: int
+    end_segment: int
+    agents: list[str]
+    artifact: str = ""
+    predicted_compute_s: float = 0.0
+    predicted_transfer_s: float = 0.0
+    out_bytes: int = 0
+    param_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class PlanMessage(Message):
+    """The current plan of a model (``plans/{model}``, retained): what clients route by."""
+
+    KIND: ClassVar[str] = "plan"
+    model: str
+    plan_id: str
+    plan_version: int
+    objective: str
+    strategy: str
+    stages: list[PlanStage]
+    input_specs: list[dict[str, Any]] = field(default_factory=list)
+    predicted_latency_s: float = 0.0
+    predicted_period_s: float = 0.0
+    compression: str = ""
+    ready: bool = False  # every agent reported the assignment as ready
+    ts: float = 0.0
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.KIND: cls
+    for cls in (
+        Status,
+        Info,
+        Telemetry,
+        AssignmentDesired,
+        AssignmentReported,
+        Command,
+        CommandResult,
+        PlannerStatus,
+        PlanMessage,
+    )
+}
