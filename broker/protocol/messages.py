@@ -53,6 +53,9 @@ class Info(Message):
     versions: dict[str, str] = field(default_factory=dict)
     emulated: bool = False
     limits: dict[str, Any] = field(default_factory=dict)
+    link_rtt_s: float = 0.0  # measured agent -> broker -> agent round trip
+    link_bandwidth_bps: float = 0.0  # measured through the broker, bytes/s
+    threads: int = 0
     session: int = 0
     ts: float = 0.0
 
@@ -76,6 +79,7 @@ class Telemetry(Message):
     rss_bytes: int = 0
     queue_depth: int = 0
     in_flight: int = 0
+    malformed_messages: int = 0
     stage_timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
 

@@ -8,6 +8,7 @@ Layout (``{ns}`` is the namespace, default ``edgeslice``; ``v1`` the protocol ma
     {ns}/v1/agents/{id}/assignment/desired     planner, retained
     {ns}/v1/agents/{id}/assignment/reported    agent, retained
     {ns}/v1/agents/{id}/inbox                  data path: chunks for this agent
+    {ns}/v1/agents/{id}/probe                  the agent's own link test (to itself)
     {ns}/v1/agents/{id}/cmd/{name}             planner/operator -> agent
     {ns}/v1/agents/{id}/cmd-res/{name}         agent -> whoever asked
     {ns}/v1/artifacts/{sha256}/get             agent asks the planner for an artifact
@@ -40,6 +41,7 @@ class Kind(str, Enum):
     ASSIGNMENT_DESIRED = "assignment/desired"
     ASSIGNMENT_REPORTED = "assignment/reported"
     INBOX = "inbox"
+    PROBE = "probe"
     CMD = "cmd"
     CMD_RESULT = "cmd-res"
     ARTIFACT_GET = "artifact/get"
@@ -56,6 +58,7 @@ _AGENT_KINDS = {
     "assignment/desired": Kind.ASSIGNMENT_DESIRED,
     "assignment/reported": Kind.ASSIGNMENT_REPORTED,
     "inbox": Kind.INBOX,
+    "probe": Kind.PROBE,
 }
 
 
@@ -115,6 +118,9 @@ class Topics:
 
     def inbox(self, agent_id: str) -> str:
         return self._agent(agent_id, "inbox")
+
+    def probe(self, agent_id: str) -> str:
+        return self._agent(agent_id, "probe")
 
     def cmd(self, agent_id: str, name: str) -> str:
         return self._agent(agent_id, f"cmd/{_check_cmd(name)}")
