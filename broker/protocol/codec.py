@@ -10,7 +10,6 @@ problem, and ignores fields it does not know (forward compatibility).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from typing import Any, TypeVar, Union, get_args, get_origin
@@ -76,7 +75,7 @@ def decode(data: bytes | bytearray | memoryview, expected: type[M] | None = None
         raise DecodeError(f"unknown message kind {kind!r}; known: {sorted(MESSAGE_TYPES)}")
     if expected is not None and cls is not expected:
         raise DecodeError(f"expected a {expected.KIND!r} message, got {kind!r}")
-    return typing.cast(M, from_dict(cls, obj, kind))
+    return typing.cast(M, from_dict(cls, obj, cls.KIND))
 
 
 def check_version(v: Any) -> None:
@@ -92,9 +91,14 @@ def check_version(v: Any) -> None:
         )
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def from_dict(cls: type[Any], obj: dict[str, Any], where: str) -> Any:
