@@ -1,0 +1,162 @@
+"""``edgeslice agent``: parse flags/env/config file into an AgentConfig and run the service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import click
+
+from broker.protocol.errors import EdgesliceError
+from broker.settings import BrokerSettings, connection_options
+
+log = logging.getLogger(__name__)
+
+
+def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is None:
+        return
+    from agent.config import load_config_file
+
+    try:
+        ctx.default_map = {**(ctx.default_map or {}), **load_config_file(value)}
+    except EdgesliceError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command(name="agent")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config_file,
+    envvar="EDGESLICE_CONFIG",
+    help="TOML file with defaults for these options ([agent] table, keys like telemetry_interval)."
+    " Flags and env vars win over it. [env EDGESLICE_CONFIG]",
+)
+@connection_options
+@click.option(
+    "--id",
+    "agent_id",
+    envvar="EDGESLICE_ID",
+    default=None,
+    help="Agent id used in topics (default: this host's name). [env EDGESLICE_ID]",
+)
+@click.option(
+    "--profile",
+    envvar="EDGESLICE_PROFILE",
+    default="x86-laptop",
+    show_default=True,
+    help="Firmware profile name (see `edgeslice profiles list`) or a TOML file. "
+    "[env EDGESLICE_PROFILE]",
+)
+@click.option(
+    "--telemetry-interval",
+    type=float,
+    default=2.0,
+    show_default=True,
+    envvar="EDGESLICE_TELEMETRY_INTERVAL",
+    help="Seconds between telemetry messages.",
+)
+@click.option(
+    "--cache-dir",
+    envvar="EDGESLICE_CACHE_DIR",
+    default=None,
+    help="Where stage artifacts are cached (default ~/.cache/edgeslice).",
+)
+@click.option(
+    "--fleet-key-file",
+    envvar="EDGESLICE_FLEET_KEY_FILE",
+    default=None,
+    help="Fleet key that verifies artifact signatures (default "
+    "~/.config/edgeslice/fleet.key; or EDGESLICE_FLEET_KEY as hex).",
+)
+@click.option(
+    "--threads",
+    type=int,
+    envvar="EDGESLICE_THREADS",
+    default=None,
+    help="torch intra-op threads (default: torch's choice, usually the core count).",
+)
+@click.option(
+    "--memory-mb",
+    type=int,
+    envvar="EDGESLICE_MEMORY_MB",
+    default=None,
+    help="Memory budget for model stages, MiB (default: the profile's RAM minus its "
+    "reserve, capped by this machine's RAM).",
+)
+@click.option(
+    "--max-queue",
+    type=int,
+    envvar="EDGESLICE_MAX_QUEUE",
+    default=64,
+    show_default=True,
+    help="Requests waiting for compute before new ones are refused.",
+)
+@click.option(
+    "--calibrate-seconds",
+    type=float,
+    envvar="EDGESLICE_CALIBRATE_SECONDS",
+    default=0.5,
+    show_default=True,
+    help="Length of the start-up GFLOP/s calibration.",
+)
+def agent_cmd(
+    settings: BrokerSettings,
+    agent_id: str | None,
+    profile: str,
+    telemetry_interval: float,
+    cache_dir: str | None,
+    fleet_key_file: str | None,
+    threads: int | None,
+    memory_mb: int | None,
+    max_queue: int,
+    calibrate_seconds: float,
+) -> None:
+    """Run an agent on this device until SIGTERM/Ctrl-C.
+
+    The agent announces itself (status, info with a short calibration run),
+    publishes telemetry, loads the model stages the planner assigns to it and
+    runs requests through them. Example:
+
+    \b
+        edgeslice agent --broker mqtt://192.168.1.10:1883 --id pi-1 --profile rpi4-4gb
+    """
+    from agent.config import AgentConfig, default_agent_id
+    from agent.service import AgentService
+
+    try:
+        config = AgentConfig(
+            agent_id=agent_id or default_agent_id(),
+            profile=profile,
+            broker=settings,
+            telemetry_interval=telemetry_interval,
+            cache_dir=cache_dir or "",
+            fleet_key_file=fleet_key_file,
+            threads=threads,
+            memory_budget_mb=memory_mb,
+            max_queue=max_queue,
+            calibrate_seconds=calibrate_seconds,
+        )
+        service = AgentService(config)
+    except EdgesliceError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"edgeslice agent {config.agent_id} ({service.profile.name}) -> {settings.url}", err=True
+    )
+    try:
+        asyncio.run(_serve(service))
+    except EdgesliceError as exc:
+        raise click.ClickException(f"agent {config.agent_id}: {exc}") from None
+
+
+async def _serve(service: Any) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.run(stop)
