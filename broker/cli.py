@@ -78,3 +78,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
 def main() -> None:
     """Console-script entry point."""
     cli()
+
+
+if __name__ == "__main__":
+    main()
