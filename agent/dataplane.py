@@ -197,7 +197,7 @@ class DataPlane:
                     f"agent {self.agent_id} has no stage {stage} loaded for artifact {sha[:12]} "
                     f"(plan {header.plan_id} v{header.plan_version}); the plan changed: retry"
                 )
-            inputs = unpack_tensors(meta["tensors"], job.done.payload)
+            inputs = unpack_tensors(meta["tensors"], job.done.payload, share=True)
             t0 = time.perf_counter()
             outputs = loaded.run(inputs)
             compute_s = time.perf_counter() - t0

@@ -131,4 +131,4 @@ class ArtifactFetcher:
                 digest[:12],
             )
             return
-        fut.set_result(result.payload)
+        fut.set_result(bytes(result.payload))

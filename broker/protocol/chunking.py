@@ -87,7 +87,7 @@ class Completed:
     """A transfer whose chunks all arrived and whose checksum matches."""
 
     header: TransferHeader
-    payload: bytes
+    payload: bytearray  # owned by the receiver: unpack_tensors wraps it without a copy
     first_chunk_at: float = 0.0  # ``now`` of its first chunk: transfer time = done - this
 
 
@@ -493,7 +493,14 @@ class Reassembler:
             return self._drop(tid, "malformed", detail, now)
         if 0.0 < header.deadline < now:
             return self._drop(tid, "expired", "deadline passed while reassembling", now)
-        payload = b"".join([entry.parts[seq] for seq in range(header.total_chunks)])
+        # a bytearray, so unpack_tensors can wrap it without another copy
+        payload = bytearray(header.total_length)
+        view, offset = memoryview(payload), 0
+        for seq in range(header.total_chunks):
+            part = entry.parts[seq]
+            view[offset : offset + len(part)] = part
+            offset += len(part)
+        view.release()
         crc = zlib.crc32(payload)
         if crc != header.checksum:
             detail = f"crc32 {crc:#010x} != {header.checksum:#010x}: corrupted in transit; resend"

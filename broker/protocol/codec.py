@@ -158,4 +158,5 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return from_dict(tp, value, where)
     else:  # pragma: no cover - a schema bug, not a wire problem
         raise TypeError(f"unsupported schema type {tp!r} at {where}")
-    raise DecodeError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__}")
+    expected = getattr(tp, "__name__", tp)
+    raise DecodeError(f"{where}: expected {expected}, got {type(value).__name__}")

@@ -80,6 +80,13 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr()))
 
 
+def _owned_view(tensor: torch.Tensor) -> memoryview:
+    """Like :func:`_raw_bytes`, but the view keeps ``tensor`` alive (safe to return)."""
+    array = (ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())
+    array._edgeslice_keepalive = tensor  # type: ignore[attr-defined]
+    return memoryview(array).cast("B").toreadonly()
+
+
 def _quantise_int8(tensor: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Symmetric per-tensor int8: NaN -> 0, ±inf saturate, scale from the finite peak."""
     import torch
@@ -94,7 +101,7 @@ def _quantise_int8(tensor: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 def pack_tensors(
     tensors: Sequence[torch.Tensor], compression: str | None = None
-) -> tuple[list[dict[str, Any]], bytes]:
+) -> tuple[list[dict[str, Any]], bytes | memoryview]:
     """Pack tensors into (meta per tensor, payload). Raises ProtocolError for an unsupported
     dtype, a non-tensor, a sparse tensor or an unknown compression."""
     import torch
@@ -120,6 +127,8 @@ def pack_tensors(
         meta["nbytes"] = wire.numel() * wire.element_size()
         metas.append(meta)
         wire_tensors.append(wire)
+    if len(wire_tensors) == 1 and wire_tensors[0].numel():
+        return metas, _owned_view(wire_tensors[0])  # the common case: no copy at all
     payload = b"".join([_raw_bytes(wire) for wire in wire_tensors if wire.numel()])
     return metas, payload
 
@@ -153,10 +162,12 @@ def _check_meta(index: int, meta: Any) -> tuple[str, list[int], int, str | None,
 
 
 def unpack_tensors(
-    meta: list[dict[str, Any]], payload: bytes | bytearray | memoryview
+    meta: list[dict[str, Any]], payload: bytes | bytearray | memoryview, share: bool = False
 ) -> list[torch.Tensor]:
     """Rebuild tensors from :func:`pack_tensors` output. The tensors own their memory.
 
+    With ``share=True`` and a bytearray payload the caller hands the buffer over: tensors
+    wrap it without a copy (the receive path does this with reassembled payloads).
     Raises DecodeError when the meta is malformed, names an unknown dtype or does not add up
     to exactly the payload's length, or a bool tensor holds bytes other than 0 and 1.
     """
@@ -181,8 +192,16 @@ def unpack_tensors(
             if nbytes == 0:
                 wire = torch.empty(shape, dtype=wire_dtype)
             else:
-                owned = bytearray(view[offset : offset + nbytes])
-                wire = torch.frombuffer(owned, dtype=wire_dtype).reshape(shape)
+                itemsize = DTYPE_SIZES[_WIRE_DTYPE[compression] if compression else name]
+                if share and isinstance(payload, bytearray) and offset % itemsize == 0:
+                    # the caller hands the buffer over (Reassembler output): no copy
+                    source: bytearray = payload
+                    start = offset
+                else:
+                    source, start = bytearray(view[offset : offset + nbytes]), 0
+                wire = torch.frombuffer(
+                    source, dtype=wire_dtype, count=nbytes // itemsize, offset=start
+                ).reshape(shape)
         except RuntimeError as exc:  # e.g. a shape torch cannot allocate
             raise DecodeError(f"tensor {index}: cannot build {name}{shape}: {exc}") from exc
         offset += nbytes

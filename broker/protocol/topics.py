@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from broker.protocol.errors import TopicError
 
@@ -32,7 +32,7 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _CMD_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """What a topic carries; the value is the topic's path after the id."""
 
     STATUS = "status"
@@ -188,9 +188,13 @@ class Topics:
             return ParsedTopic(Kind.PLANNER_STATUS)
         elif head == "plans" and len(parts) == 2 and _ID_RE.match(parts[1]):
             return ParsedTopic(Kind.PLAN, name=parts[1])
-        elif head == "clients" and len(parts) == 3 and parts[2] == "results":
-            if _ID_RE.match(parts[1]):
-                return ParsedTopic(Kind.CLIENT_RESULTS, agent_id=parts[1])
+        elif (
+            head == "clients"
+            and len(parts) == 3
+            and parts[2] == "results"
+            and _ID_RE.match(parts[1])
+        ):
+            return ParsedTopic(Kind.CLIENT_RESULTS, agent_id=parts[1])
         raise TopicError(f"topic {topic!r} is not in the edgeslice topic table")
 
 

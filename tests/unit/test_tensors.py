@@ -29,7 +29,7 @@ def _sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
 
 def _round_trip(tensors: list[torch.Tensor], compression: str | None = None) -> list[torch.Tensor]:
     meta, payload = pack_tensors(tensors, compression)
-    assert isinstance(payload, bytes)
+    assert isinstance(payload, bytes | memoryview)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. torch's "buffer is not writable"
         return unpack_tensors(meta, payload)
@@ -161,3 +161,22 @@ def test_tensors_through_chunks_end_to_end():
     restored, step = unpack_tensors(done.header.meta["tensors"], done.payload)
     assert step.item() == 7
     assert torch.allclose(restored, activation, rtol=2**-10, atol=1e-7)
+
+
+def test_single_tensor_payload_is_a_zero_copy_view_that_keeps_its_tensor_alive():
+    import gc
+
+    tensor = torch.arange(1000, dtype=torch.float32)
+    expected = tensor.numpy().tobytes()
+    meta, payload = pack_tensors([tensor * 1])  # the temporary is owned only by the view
+    gc.collect()
+    assert isinstance(payload, memoryview) and payload.readonly
+    assert bytes(payload) == expected
+
+
+def test_share_wraps_a_bytearray_payload_without_copying():
+    meta, payload = pack_tensors([torch.arange(8, dtype=torch.int64)])
+    buffer = bytearray(payload)
+    (shared,) = unpack_tensors(meta, buffer, share=True)
+    buffer[:8] = (41).to_bytes(8, "little")
+    assert shared[0].item() == 41  # same memory
