@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks.common import median, write_result
 from broker.client import MqttClient
-from broker.protocol.chunking import Completed, Reassembler, encode_transfer
+from broker.protocol.chunking import Completed, Reassembler, stream_transfer
 from broker.protocol.tensors import pack_tensors, unpack_tensors
 from broker.server import LocalBroker
 from broker.settings import parse_broker_url
@@ -106,9 +106,13 @@ async def _send_chunked(url: str, topic: str, size: int, runs: int, done: Any) -
         tensor = torch.randn(size // 4)
         start = time.perf_counter()
         meta, payload = pack_tensors([tensor])
-        chunks = encode_transfer(
-            payload, request_id="bench", kind="activation", meta={"tensors": meta}, chunk_size=CHUNK
-        ).chunks
+        _header, chunks = stream_transfer(
+            payload,
+            request_id="bench",
+            kind="activation",
+            meta={"tensors": meta},
+            chunk_size=CHUNK,
+        )
         acks = [sender.publish_nowait(topic, c, qos=1) for c in chunks]
         finished, count = await asyncio.to_thread(done.get, True, 180)
         if count != tensor.numel():

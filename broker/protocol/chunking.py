@@ -37,6 +37,7 @@ import logging
 import uuid
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,7 +129,7 @@ def _capacity(fixed: int, chunk_size: int) -> int:
     return -1
 
 
-def encode_transfer(
+def stream_transfer(
     payload: bytes | bytearray | memoryview,
     *,
     request_id: str,
@@ -140,8 +141,11 @@ def encode_transfer(
     meta: dict[str, Any] | None = None,
     transfer_id: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> EncodedTransfer:
-    """Split ``payload`` into chunks of at most ``chunk_size`` encoded bytes (header in chunk 0).
+) -> tuple[TransferHeader, Iterator[bytes]]:
+    """Split ``payload`` into chunks of at most ``chunk_size`` encoded bytes (header in chunk 0),
+    lazily: a sender publishes chunk k while chunk k+1 is still being cut, so the first bytes
+    leave at once instead of after the whole payload is copied. ``payload`` must not change
+    until the iterator is exhausted.
 
     Raises ProtocolError for a bad kind, id or meta that msgpack cannot carry (e.g. non-str
     keys), TransferError(reason="too_large") when the header alone does not fit ``chunk_size``.
@@ -191,17 +195,47 @@ def encode_transfer(
         raise TransferError(f"{total} bytes need {count} chunks; raise chunk_size", "too_large")
     fields["n"] = count
     fields["c"] = checksum
-    chunks = [msgpack.packb({**fields, "d": view[:first]})]
     prefix = b"\x83\xa1t" + packed_tid + b"\xa1s"
-    for seq, offset in enumerate(range(first, total, cap), start=1):
-        piece = view[offset : offset + cap]
-        chunks.append(
-            b"".join((prefix, msgpack.packb(seq), b"\xa1d", _bin_header(len(piece)), piece))
-        )
+
+    def generate() -> Iterator[bytes]:
+        yield msgpack.packb({**fields, "d": view[:first]})
+        for seq, offset in enumerate(range(first, total, cap), start=1):
+            piece = view[offset : offset + cap]
+            yield b"".join((prefix, msgpack.packb(seq), b"\xa1d", _bin_header(len(piece)), piece))
+
     header = TransferHeader(
         tid, request_id, kind, plan_id, plan_version, stage, count, total, checksum, deadline, meta
     )
-    return EncodedTransfer(header, chunks)
+    return header, generate()
+
+
+def encode_transfer(
+    payload: bytes | bytearray | memoryview,
+    *,
+    request_id: str,
+    kind: str,
+    plan_id: str = "",
+    plan_version: int = 0,
+    stage: int = 0,
+    deadline: float = 0.0,
+    meta: dict[str, Any] | None = None,
+    transfer_id: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> EncodedTransfer:
+    """:func:`stream_transfer` with every chunk built up front (retries, tests, shuffling)."""
+    header, chunks = stream_transfer(
+        payload,
+        request_id=request_id,
+        kind=kind,
+        plan_id=plan_id,
+        plan_version=plan_version,
+        stage=stage,
+        deadline=deadline,
+        meta=meta,
+        transfer_id=transfer_id,
+        chunk_size=chunk_size,
+    )
+    return EncodedTransfer(header, list(chunks))
 
 
 def split_payload(
