@@ -91,10 +91,17 @@ class InferenceError(EdgesliceError):
 class RemoteStageError(InferenceError):
     """A stage failed on an agent; the message names the stage, the agent and the cause."""
 
-    def __init__(self, message: str, stage: int | None = None, agent: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        stage: int | None = None,
+        agent: str | None = None,
+        retryable: bool = False,
+    ) -> None:
         super().__init__(message)
         self.stage = stage
         self.agent = agent
+        self.retryable = retryable  # the plan changed or an agent was busy: a retry may work
 
 
 class RequestTimeout(InferenceError):
