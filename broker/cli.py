@@ -15,16 +15,24 @@ import click
 
 # name -> (import string, one-line help shown by `edgeslice --help` without importing)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "broker": ("broker.server_cli:broker_group", "Run a local development broker, or write a production config."),
+    "broker": (
+        "broker.server_cli:broker_group",
+        "Run a local development broker, or write a production config.",
+    ),
     "monitor": ("broker.monitor:monitor_cmd", "Watch agents live, or decode raw topic traffic."),
-    "profiles": ("firmware_profiles.cli:profiles_group", "List and show firmware profiles (device classes)."),
+    "profiles": (
+        "firmware_profiles.cli:profiles_group",
+        "List and show firmware profiles (device classes).",
+    ),
     "agent": ("agent.cli:agent_cmd", "Run an agent on this device."),
     "planner": ("planner.cli:planner_cmd", "Run the planner service for a model."),
     "infer": ("planner.cli:infer_cmd", "Send an inference request to a running fleet."),
     "profile": ("planner.cli:profile_cmd", "Print a model's cut points and per-segment costs."),
     "keygen": ("planner.cli:keygen_cmd", "Create the fleet key that signs stage artifacts."),
-    "demo": ("planner.cli:demo_cmd", "Broker + planner + agents + a partitioned model, on this machine."),
-    "testbed": ("planner.cli:testbed_group", "Start and stop emulated device fleets."),
+    "demo": (
+        "planner.cli:demo_cmd",
+        "Broker + planner + agents + a partitioned model, on this machine.",
+    ),
     "bench": ("planner.cli:bench_cmd", "Run a benchmark and write its JSON results."),
 }
 
@@ -54,7 +62,11 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "-v", "--verbose", count=True, envvar="EDGESLICE_VERBOSE", help="More log output (-vv for debug)."
+    "-v",
+    "--verbose",
+    count=True,
+    envvar="EDGESLICE_VERBOSE",
+    help="More log output (-vv for debug).",
 )
 @click.version_option(package_name="edgeslice", prog_name="edgeslice")
 @click.pass_context

@@ -1,1 +1,1 @@
-"""edgeslice planner: profiles models, plans partitions, serves artifacts and runs inference clients."""
+"""edgeslice planner: profiles models, plans partitions, serves artifacts, runs clients."""

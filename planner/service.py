@@ -187,7 +187,7 @@ class PlannerService:
         if plan.ready:
             return
         waiting = [a for a in self.assigned if self.assigned[a] and not self._reported_ready(a)]
-        if not waiting:
+        if self.assigned and not waiting:
             self.plan_message = PlanMessage(**{**plan.__dict__, "ready": True, "ts": time.time()})
             await self._publish_plan()
             log.info("plan model=%s v%d ready: %s", self.model_name, self.version, self._summary())
@@ -328,7 +328,10 @@ class PlannerService:
                     )
                 )
         usable = self.registry.usable_ids()
-        for agent_id in sorted(set(self.assigned) | usable | set(wanted)):
+        previous = set(self.assigned)
+        # set before publishing: reports for this version may arrive while we publish
+        self.assigned = {a: [s.stage for s in st] for a, st in wanted.items()}
+        for agent_id in sorted(previous | usable | set(wanted)):
             topic = self.topics.assignment_desired(agent_id)
             if agent_id not in usable and agent_id not in wanted:
                 # gone: clear its retained assignment so it does not load a stale plan
@@ -343,7 +346,6 @@ class PlannerService:
                 ts=time.time(),
             )
             await self.client.publish(topic, codec.encode(desired), qos=1, retain=True)
-        self.assigned = {a: [s.stage for s in st] for a, st in wanted.items()}
 
     async def _publish_plan(self) -> None:
         assert self.plan_message is not None
