@@ -110,20 +110,28 @@ def connection_options(func: F) -> F:
         show_default=True,
         help="Topic namespace; fleets sharing a broker use different ones. [env EDGESLICE_NAMESPACE]",
     )
-    @click.option("--username", envvar="EDGESLICE_USERNAME", help="Broker user. [env EDGESLICE_USERNAME]")
+    @click.option(
+        "--username", envvar="EDGESLICE_USERNAME", help="Broker user. [env EDGESLICE_USERNAME]"
+    )
     @click.option(
         "--password",
         envvar="EDGESLICE_PASSWORD",
         help="Broker password (prefer the env var over the flag). [env EDGESLICE_PASSWORD]",
     )
     @click.option(
-        "--tls-ca", envvar="EDGESLICE_TLS_CA", help="CA certificate file for mqtts://. [env EDGESLICE_TLS_CA]"
+        "--tls-ca",
+        envvar="EDGESLICE_TLS_CA",
+        help="CA certificate file for mqtts://. [env EDGESLICE_TLS_CA]",
     )
     @click.option(
-        "--tls-cert", envvar="EDGESLICE_TLS_CERT", help="Client certificate file. [env EDGESLICE_TLS_CERT]"
+        "--tls-cert",
+        envvar="EDGESLICE_TLS_CERT",
+        help="Client certificate file. [env EDGESLICE_TLS_CERT]",
     )
     @click.option(
-        "--tls-key", envvar="EDGESLICE_TLS_KEY", help="Client private key file. [env EDGESLICE_TLS_KEY]"
+        "--tls-key",
+        envvar="EDGESLICE_TLS_KEY",
+        help="Client private key file. [env EDGESLICE_TLS_KEY]",
     )
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
