@@ -26,6 +26,7 @@ from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from statistics import median
 
 
@@ -223,22 +224,31 @@ class CostTable:
         for k, seg in enumerate(segs):
             self.flops[k + 1] = self.flops[k] + seg.flops
             self.weights[k + 1] = self.weights[k] + params.memory_factor * seg.param_bytes
-        # mem[i][j - i - 1]: memory of stage [i, j); non-decreasing in j, so bisectable.
-        self.mem: list[list[int]] = []
-        for i in range(n):
-            row, params_sum, act_max = [], 0, 0
-            for seg in segs[i:]:
-                params_sum += seg.param_bytes
-                act_max = max(act_max, seg.act_bytes)
-                row.append(math.ceil(params.memory_factor * (params_sum + act_max)))
-            self.mem.append(row)
-        ins = [stage_in_bytes(model, i) for i in range(n)]
-        outs = [0] + [seg.out_bytes for seg in segs]
+        # mem[i][j - i - 1]: memory of stage [i, j) before rounding up; non-decreasing in j.
+        weights, acts = [s.param_bytes for s in segs], [s.act_bytes for s in segs]
+        factor = params.memory_factor
+        # Unrounded: ceil(x) <= budget exactly when x <= budget, budgets being integers.
+        self.mem = [
+            [
+                factor * (w + a)
+                for w, a in zip(accumulate(weights[i:]), accumulate(acts[i:], max), strict=True)
+            ]
+            for i in range(n)
+        ]
         self.spf = [seconds_per_flop(d, params) for d in devices]
         self.budget = [d.memory_bytes for d in devices]
         self.rtt = [d.rtt_s for d in devices]
-        self.occ_in = [[link_occupancy_s(b, d, params) for b in ins] for d in devices]
-        self.occ_out = [[link_occupancy_s(b, d, params) for b in outs] for d in devices]
+        # Same arithmetic as link_occupancy_s, with the chunk counts computed once per cut.
+        ins = [stage_in_bytes(model, i) for i in range(n)]
+        outs = [0] + [seg.out_bytes for seg in segs]
+        in_fixed = [0.5 * params.per_message_s * num_chunks(b, params) for b in ins]
+        out_fixed = [0.5 * params.per_message_s * num_chunks(b, params) for b in outs]
+        self.occ_in = [
+            [b / d.bandwidth_bps + c for b, c in zip(ins, in_fixed, strict=True)] for d in devices
+        ]
+        self.occ_out = [
+            [b / d.bandwidth_bps + c for b, c in zip(outs, out_fixed, strict=True)] for d in devices
+        ]
         # The client's half of the first and the last hop.
         self.client_s = (
             link_occupancy_s(model.input_bytes, None, params)
@@ -254,8 +264,18 @@ class CostTable:
             [occ[i] - spf * self.flops[i] for i in range(n)]
             for spf, occ in zip(self.spf, self.occ_in, strict=True)
         ]
-        self.min_out = [min(occ[1:]) for occ in self.occ_out]  # cheapest cut to send from
-        self.suffix_mem = [0] * (n + 1)  # largest one-segment memory from segment k on
+        # drop[d][j]: the last j' < j with head[d][j'] < head[d][j] (-1 if none). Scanning
+        # for the furthest end under a bound may jump there: everything between is no lower.
+        self.drop: list[list[int]] = []
+        for head in self.head:
+            drop, stack = [-1] * (n + 1), list[int]()
+            for j, value in enumerate(head):
+                while stack and head[stack[-1]] >= value:
+                    stack.pop()
+                drop[j] = stack[-1] if stack else -1
+                stack.append(j)
+            self.drop.append(drop)
+        self.suffix_mem = [0.0] * (n + 1)  # largest one-segment memory from segment k on
         for k in range(n - 1, -1, -1):
             self.suffix_mem[k] = max(self.suffix_mem[k + 1], self.mem[k][0])
         # reach[d][i]: largest end j such that [i, j) fits device d (i when none does);

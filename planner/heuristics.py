@@ -12,7 +12,7 @@ seconds.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from math import inf
 
@@ -22,15 +22,18 @@ Stage = tuple[int, int, int]  # (start, end, device index)
 
 
 def _reach(t: CostTable, i: int, d: int, limit_s: float) -> int:
-    """Furthest end ``j`` with ``[i, j)`` fitting ``d`` and period <= ``limit_s`` (or ``i``)."""
-    slack = limit_s - t.min_compute - t.occ_in[d][i] - t.min_out[d]
-    if slack < 0:
-        return i
-    hi = min(t.reach[d][i], bisect_right(t.flops, t.flops[i] + slack / t.spf[d]) - 1)
-    for j in range(hi, i, -1):
-        if t.period(i, j, d) <= limit_s:
-            return j
-    return i
+    """Furthest end ``j`` with ``[i, j)`` fitting ``d`` and period <= ``limit_s`` (or ``i``).
+
+    Starts below both the memory limit and the compute-only bound, then walks
+    down ``drop`` links, skipping ends whose period cannot be lower.
+    """
+    theta = limit_s - t.offset[d][i]  # period(i, j) <= limit_s  <=>  head[j] <= theta
+    flops_bound = (theta - t.min_compute) / t.spf[d]  # head[j] >= spf * flops[j] + min_compute
+    j = min(t.reach[d][i], bisect_right(t.flops, flops_bound) - 1)
+    head, drop = t.head[d], t.drop[d]
+    while j > i and head[j] > theta:
+        j = drop[j]
+    return max(j, i)
 
 
 def _room_left(t: CostTable, r: int, left: list[int], stages_left: int, limit_s: float) -> bool:
@@ -115,21 +118,58 @@ def _bisect_period(
     return hi, found
 
 
-def _neighbours(order: list[int], used: int) -> Iterator[list[int]]:
-    """Orders one move away: swap two devices, or move one device in front of another.
+def _moves(size: int, used: int) -> list[tuple[int, int, bool]]:
+    """``(a, b, swap)``: swap places a and b, or move the device at b in front of place a.
 
-    Only moves that touch the first ``used + 1`` places can change the probe.
+    Only moves that touch the first ``used + 1`` places can change a probe.
     """
-    for a in range(min(used + 1, len(order))):
-        for b in range(len(order)):
-            if b > a:
-                swapped = order.copy()
-                swapped[a], swapped[b] = order[b], order[a]
-                yield swapped
-            if b != a:
-                moved = order.copy()
-                moved.insert(a, moved.pop(b))
-                yield moved
+    return [
+        (a, b, swap)
+        for a in range(min(used + 1, size))
+        for b in range(size)
+        for swap in (True, False)
+        if (b > a if swap else b != a)
+    ]
+
+
+def _apply(order: list[int], a: int, b: int, swap: bool) -> tuple[int, list[int]]:
+    """The order after one move, with the first place it changes."""
+    moved = order.copy()
+    if swap:
+        moved[a], moved[b] = order[b], order[a]
+        return a, moved
+    moved.insert(a, moved.pop(b))
+    return min(a, b), moved
+
+
+def _walk(
+    t: CostTable,
+    order: Sequence[int],
+    start: int,
+    state: tuple[int, int],
+    limit_s: float,
+    limit: int,
+    memo: dict[int, int],
+    trace: list[tuple[int, int]] | None = None,
+) -> bool:
+    """:func:`_in_order` from ``order[start]`` on, at ``state`` = (position, stages so far).
+
+    ``memo`` caches reaches by ``position * D + device`` for this ``limit_s``;
+    ``trace`` collects the state before each device, so a candidate that
+    differs from this order only from index ``a`` on can start from ``trace[a]``.
+    """
+    (pos, count), width = state, len(t.spf)
+    for d in order[start:]:
+        if trace is not None:
+            trace.append((pos, count))
+        if pos == t.n or count == limit:
+            break
+        r = memo.get(pos * width + d, -1)
+        if r < 0:
+            r = memo[pos * width + d] = _reach(t, pos, d, limit_s)
+        if r > pos:
+            pos, count = r, count + 1
+    return pos == t.n
 
 
 def _local_search(
@@ -138,43 +178,53 @@ def _local_search(
     """First-improvement descent on the device order; ``probes`` bounds the work.
 
     A move must gain at least 0.1 % (smaller gains are left to the final re-cut);
-    each accepted move's bisection is charged to the budget as well.
+    after a gain the scan resumes where it was rather than from the first move,
+    and stops after a full round of moves without one. Each accepted move's
+    bisection is charged to the budget as well.
     """
     best, found = _bisect_period(partial(_in_order, t, order, limit=limit), t, lo, inf)
-    improved = bool(found)
-    while improved and probes > 0:
-        improved = False
-        memo: dict[tuple[int, int], int] = {}
-        for candidate in _neighbours(order, len(found)):
-            probes -= 1
-            if probes < 0:
-                break
-            if _in_order(t, candidate, best * (1 - 1e-3), limit, memo):
-                order = candidate
-                best, found = _bisect_period(partial(_in_order, t, order, limit=limit), t, lo, best)
-                probes -= 16
-                improved = True
-                break
+    if not found:
+        return best, found
+    moves, k, idle = _moves(len(order), len(found)), 0, 0
+    target, memo, trace = best * (1 - 1e-3), dict[int, int](), list[tuple[int, int]]()
+    _walk(t, order, 0, (0, 0), target, limit, memo, trace)
+    while idle < len(moves) and probes > 0:
+        first, candidate = _apply(order, *moves[k % len(moves)])
+        k, idle, probes = k + 1, idle + 1, probes - 1
+        state = trace[first] if first < len(trace) else trace[-1]
+        if _walk(t, candidate, first, state, target, limit, memo):
+            order = candidate
+            best, found = _bisect_period(partial(_in_order, t, order, limit=limit), t, lo, best)
+            moves, idle, probes = _moves(len(order), len(found)), 0, probes - 16
+            target, memo, trace = best * (1 - 1e-3), {}, []
+            _walk(t, order, 0, (0, 0), target, limit, memo, trace)
     return best, found
 
 
-def best_order(t: CostTable, limit: int, probes: int = 1500) -> tuple[float, list[Stage]]:
+def best_order(t: CostTable, limit: int, thorough: bool = True) -> tuple[float, list[Stage]]:
     """Least bottleneck found and its stages, or ``(inf, [])`` when no probe succeeds.
 
-    Greedy bisection first; then local search from three starts (the greedy's
-    order with spare devices appended, fastest first, slowest first), each with
-    ``probes`` probes. Orders list every device, so a move can bring a spare in.
+    Greedy bisection first; then local search from three starting orders (the
+    greedy's order with spare devices appended, fastest first, slowest first),
+    1500 probes each. ``thorough=False`` takes the greedy's first feasible order
+    without bisecting and searches from it alone with 300 probes. Orders list
+    every device, so a move can bring a spare in.
     """
     lo = t.flops[t.n] / sum(1.0 / spf for spf in t.spf)  # even a perfect split needs this
-    best, found = _bisect_period(lambda x: greedy(t, x, limit), t, lo, inf)
+    if thorough:
+        best, found = _bisect_period(lambda x: greedy(t, x, limit), t, lo, inf)
+    else:
+        found = greedy(t, inf, limit)
+        best = max((t.period(*s) for s in found), default=inf)
     if not found:
         return inf, []
     devices = range(len(t.spf))
-    starts = [
+    orders = [
         [d for _, _, d in found] + sorted(set(devices) - {d for _, _, d in found}),
         sorted(devices, key=lambda d: (t.spf[d], d)),
         sorted(devices, key=lambda d: (-t.spf[d], d)),
     ]
-    for order in starts:
-        best, found = min((best, found), _local_search(t, order, lo, limit, probes))
+    for order in orders if thorough else orders[:1]:
+        result = _local_search(t, order, lo, limit, 1500 if thorough else 300)
+        best, found = min((best, found), result)
     return best, found

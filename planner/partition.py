@@ -19,7 +19,7 @@ period a *max*. Choosing which devices and in which order is what makes it hard
    best known period. Throughput runs twice: the least period ``T*``, then the
    least latency over stages of period <= ``T*``. Time O(S·C·n) (latency) or
    O(S·C·n·w) (throughput), memory O(S·n). Exact for the cost model; used when
-   its estimated work is under ``EXACT_WORK`` (about 50 ms) or when ``exact=True``.
+   its estimated time is under ``EXACT_BUDGET_US`` (40 ms) or when ``exact=True``.
 2. **Latency, any fleet: lazy constraints.** Relax distinctness (devices may
    repeat; O(n·D) with sliding minima), then make every device the answer repeats
    "tracked" (used at most once: one layer of prefix values per subset of tracked
@@ -35,13 +35,25 @@ period a *max*. Choosing which devices and in which order is what makes it hard
    memory or FLOPs; O(D²·log n) per probe). Then a local search on the device
    order from three starts (the greedy's order, fastest first, slowest first):
    swap two devices or move one, keep a move that lowers the bottleneck by 0.1 %,
-   as proven by a fixed-order furthest-reach probe (memoised, O(k) per probe), at
-   most 1500 probes per start. Finally the exact DP restricted to the best
-   order (any subsequence of it) re-cuts it, O(k·n·w). ``exact=False``:
-   ``benchmarks/planner_bench.py`` measures the gap to the exact DP.
+   as proven by a fixed-order furthest-reach probe (memoised, resumed from the
+   first changed place); the scan goes on from the last gain and stops after a
+   full round without one or 1500 probes per start. Finally the exact DP
+   restricted to the best order (any subsequence of it) re-cuts it, O(k·n·w).
+   ``exact=False``; ``benchmarks/planner_bench.py`` measures the gap to the
+   exact DP.
 4. **Replicas**: spare devices join the stage with the largest effective period
    (replicas share requests, so rates add: ``1 / sum(1 / period_a)``) while that
-   stage fits the spare; the fastest fitting spare goes first.
+   stage fits the spare; the fastest fitting spare goes first. For throughput,
+   a shorter pipeline leaves more devices to replicate (a model that fits one
+   board is often fastest as pure data parallelism), so pipelines limited to
+   1, 2, 3, 4, 8, 16, ... stages and the unlimited one are each searched (the
+   shorter ones with a quarter of the exact-DP budget and a cheaper local
+   search), completed with replicas, and the lowest period wins.
+
+``Plan.exact`` is True exactly when step 1 ran or step 2 ended without a
+repeated device. It speaks for the pipeline of primaries (replicas are added
+greedily): with ``replicas=False`` it means no plan of at most ``max_stages``
+stages does better on the objective under the cost model.
 
 The period counts each stage's own link (receive + send) and compute; the
 client's link and the broker's own capacity are not modelled as bottlenecks.
@@ -72,10 +84,10 @@ from planner.costmodel import (
     stage_period_s,
     transfer_s,
 )
-from planner.search import EXACT_WORK, add_replicas, device_classes, search
+from planner.search import EXACT_BUDGET_US, device_classes, plan_groups
 
 __all__ = [
-    "EXACT_WORK",
+    "EXACT_BUDGET_US",
     "STRATEGIES",
     "Plan",
     "StagePlan",
@@ -106,7 +118,11 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """A placement with its predictions; ``exact`` says the search proved it optimal."""
+    """A placement with its predictions.
+
+    ``exact`` says the search proved the pipeline of primaries optimal for the
+    objective among pipelines of its length limit; replicas are added greedily.
+    """
 
     model: str
     objective: str
@@ -200,8 +216,9 @@ def plan_partition(
     devs = _validated(model, devices, params, max_stages)
     t = CostTable(model, devs, params)
     limit = min(len(devs), t.n, max_stages or len(devs))
-    stages, proven = search(t, device_classes(devs, params), objective, limit, exact)
-    if not stages:
+    classes = device_classes(devs, params)
+    groups, proven = plan_groups(t, classes, objective, limit, exact, replicas)
+    if not groups:
         how = "" if proven else " (heuristic search for this fleet size; exact=True is exhaustive)"
         raise PlanningError(
             f"cannot plan model {model.name!r}: no split of its {t.n} segments over at most "
@@ -209,10 +226,6 @@ def plan_partition(
             f"{math.ceil(t.weights[-1])} bytes and the fleet offers {sum(t.budget)} bytes; "
             "add devices or memory, or allow more stages"
         )
-    groups = [(i, j, [d]) for i, j, d in stages]
-    if replicas:
-        used = {d for _, _, d in stages}
-        add_replicas(t, groups, [d for d in range(len(devs)) if d not in used])
     named = [(i, j, [devs[d].agent_id for d in ds]) for i, j, ds in groups]
     return build_plan(
         model, devs, named, objective=objective, strategy="edgeslice", params=params, exact=proven

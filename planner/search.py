@@ -17,9 +17,10 @@ from collections.abc import Callable, Sequence
 from planner.costmodel import CostParams, CostTable, Device, seconds_per_flop
 from planner.heuristics import best_order, greedy
 
-EXACT_WORK = 250_000  # estimated inner-loop steps (~0.1-0.3 us each) for the exact DP
+EXACT_BUDGET_US = 40_000  # the exact DP runs by default when estimated under this
 _INF = math.inf
 Stage = tuple[int, int, int]  # (start, end, device index)
+Group = tuple[int, int, list[int]]  # (start, end, [primary, *replicas])
 
 
 def _extend(
@@ -78,18 +79,21 @@ def device_classes(devices: Sequence[Device], params: CostParams) -> list[list[i
     return list(groups.values())
 
 
-def _exact_work(classes: Sequence[Sequence[int]], n: int, objective: str) -> float:
-    """Inner-loop steps of :func:`_state_dp`: per (state, class) pair, ends x starts tried.
+def _exact_cost_us(
+    classes: Sequence[Sequence[int]], n: int, objective: str, stages: int = 0
+) -> float:
+    """Estimated microseconds of :func:`_state_dp` (constants measured on CPython 3.11).
 
-    A latency end costs a few deque updates; a bottleneck end tries the starts
-    within one stage's reach, about ``n / devices`` of them; merging the pair's
-    values costs ~3 steps per end, and a call ~20.
+    Per (state, class) pair: a latency pass costs ~1.2 us per end; a throughput
+    run is two passes whose ends each try the starts within one stage's reach,
+    about ``n / stages`` of them (``stages`` from the heuristic plan, if known).
     """
     states = math.prod(len(c) + 1 for c in classes)
     pairs = states * sum(len(c) / (len(c) + 1) for c in classes)
-    devices = sum(len(c) for c in classes)
-    starts = 4 if objective == "latency" else max(1.0, n / min(devices, n))
-    return pairs * (n * (starts + 3) + 20)
+    if objective == "latency":
+        return pairs * (1.2 * n + 5)
+    window = n / max(1, stages or min(sum(len(c) for c in classes), n))
+    return pairs * 2 * (n * (1 + 0.15 * window) + 5)
 
 
 def _state_dp(
@@ -163,9 +167,9 @@ def _two_phase(
     return search("sum", cap)[1]
 
 
-def _throughput_heuristic(t: CostTable, limit: int) -> list[Stage]:
+def _throughput_heuristic(t: CostTable, limit: int, thorough: bool) -> list[Stage]:
     """The heuristics' best order (:func:`~planner.heuristics.best_order`), re-cut exactly."""
-    best, found = best_order(t, limit)
+    best, found = best_order(t, limit, thorough)
     sequence = [d for _, _, d in found]
     cap = best * (1 + 1e-9) + 1e-15
     return _two_phase(lambda m, c: _ordered_dp(t, sequence, m, c), "throughput", cap) or found
@@ -230,7 +234,7 @@ def _latency_search(
     """
     tracked: list[int] = []
     relaxed: list[Stage] = []
-    while not tracked or (1 << len(tracked)) * t.n * len(t.spf) * 4 <= EXACT_WORK:
+    while not tracked or (1 << len(tracked)) * t.n * len(t.spf) * 1.5 <= EXACT_BUDGET_US:
         relaxed = _latency_layers(t, tracked)
         if not relaxed:
             return [], True  # not even the relaxation fits: nothing does
@@ -245,14 +249,15 @@ def _latency_search(
     def exact_dp(cls: list[list[int]]) -> list[Stage]:
         return _two_phase(lambda m, c: _state_dp(t, cls, limit, m, c), "latency", _INF)
 
-    if exact or (exact is None and _exact_work(classes, t.n, "latency") <= EXACT_WORK):
+    if exact or (exact is None and _exact_cost_us(classes, t.n, "latency") <= EXACT_BUDGET_US):
         return exact_dp(classes), True
     single = [t.latency(0, t.n, d) for d in range(len(t.spf))]
-    ranked = sorted(range(len(t.spf)), key=lambda d: (d not in relaxed, single[d], d))
+    in_relaxed = {d for _, _, d in relaxed}  # the devices the relaxation found best
+    ranked = sorted(range(len(t.spf)), key=lambda d: (d not in in_relaxed, single[d], d))
     chosen: set[int] = set()
     for d in ranked:
         subset = [[e for e in c if e in chosen | {d}] for c in classes]
-        if chosen and _exact_work([c for c in subset if c], t.n, "latency") > EXACT_WORK:
+        if chosen and _exact_cost_us([c for c in subset if c], t.n, "latency") > EXACT_BUDGET_US:
             break
         chosen.add(d)
     candidates = [exact_dp([c for c in ([e for e in c if e in chosen] for c in classes) if c])]
@@ -264,18 +269,76 @@ def _latency_search(
 
 
 def search(
-    t: CostTable, classes: list[list[int]], objective: str, limit: int, exact: bool | None
+    t: CostTable,
+    classes: list[list[int]],
+    objective: str,
+    limit: int,
+    exact: bool | None,
+    thorough: bool = True,
 ) -> tuple[list[Stage], bool]:
+    """The best pipeline of at most ``limit`` stages (no replicas) and whether it is proven.
+
+    ``thorough=False`` makes the throughput heuristics cheaper
+    (:func:`~planner.heuristics.best_order`) and gives the exact DP a quarter of
+    the time budget (for the shorter candidate pipelines of :func:`plan_groups`).
+    """
     if objective == "latency":
         return _latency_search(t, classes, limit, exact)
-    heuristic = _throughput_heuristic(t, limit)
-    if exact or (exact is None and _exact_work(classes, t.n, objective) <= EXACT_WORK):
+    heuristic = _throughput_heuristic(t, limit, thorough)
+    cost = _exact_cost_us(classes, t.n, objective, len(heuristic))
+    if exact or (exact is None and cost <= EXACT_BUDGET_US / (1 if thorough else 4)):
         cap = max((t.period(*s) for s in heuristic), default=_INF) * (1 + 1e-9) + 1e-15
         return _two_phase(lambda m, c: _state_dp(t, classes, limit, m, c), objective, cap), True
     return heuristic, False
 
 
-def add_replicas(t: CostTable, stages: list[tuple[int, int, list[int]]], spare: list[int]) -> None:
+def _stage_limits(limit: int) -> list[int]:
+    """Pipeline lengths worth trying before replicas: 1-4, then doubling, and ``limit``."""
+    limits = {k for k in (1, 2, 3, 4) if k < limit} | {limit}
+    k = 8
+    while k < limit:
+        limits.add(k)
+        k *= 2
+    return sorted(limits)
+
+
+def plan_groups(
+    t: CostTable,
+    classes: list[list[int]],
+    objective: str,
+    limit: int,
+    exact: bool | None,
+    replicas: bool,
+) -> tuple[list[Group], bool]:
+    """Stages as ``(start, end, [primary, *replicas])`` and whether the pipeline is proven.
+
+    For throughput with replicas, shorter pipelines leave more devices to
+    replicate (a model that fits one board may run fastest as pure data
+    parallelism), so the best pipeline of each length in :func:`_stage_limits`
+    gets its replicas and the lowest period wins, then the lowest latency.
+    """
+    lengths = _stage_limits(limit) if replicas and objective == "throughput" else [limit]
+    best: tuple[float, float] = (_INF, _INF)
+    chosen: list[Group] = []
+    proven = True
+    for k in reversed(lengths):  # shorter candidates get a smaller local-search budget
+        stages, ok = search(t, classes, objective, k, exact, thorough=k == limit)
+        if not stages:
+            if k == limit:  # the most permissive search: its verdict explains a failure
+                proven = ok
+            continue
+        groups = [(i, j, [d]) for i, j, d in stages]
+        if replicas:
+            used = {d for _, _, d in stages}
+            add_replicas(t, groups, [d for d in range(len(t.spf)) if d not in used])
+        period = max(1.0 / sum(1.0 / t.period(i, j, d) for d in ds) for i, j, ds in groups)
+        latency = sum(t.latency(i, j, ds[0]) for i, j, ds in groups)
+        if period < best[0] * (1 - 1e-9) or (period <= best[0] * (1 + 1e-9) and latency < best[1]):
+            best, chosen, proven = (period, latency), groups, ok
+    return chosen, proven
+
+
+def add_replicas(t: CostTable, stages: list[Group], spare: list[int]) -> None:
     """Give spare devices to the stage with the largest effective period while one fits it."""
     spare = sorted(spare)
     while spare:
