@@ -90,6 +90,8 @@ class DataPlane:
         self.stats: dict[str, StageStats] = {}
         self.running = 0
         self.refused = 0
+        self.busy_s = 0.0  # compute seconds since the last busy_fraction() call
+        self._busy_since = time.monotonic()
         self._send_tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -99,6 +101,13 @@ class DataPlane:
     @property
     def in_flight(self) -> int:
         return self.queue.qsize() + self.running + len(self._send_tasks)
+
+    def busy_fraction(self) -> float:
+        """Share of the time since the last call that the stage worker spent computing."""
+        now = time.monotonic()
+        elapsed, self._busy_since = now - self._busy_since, now
+        busy, self.busy_s = self.busy_s, 0.0
+        return min(1.0, busy / elapsed) if elapsed > 0 else 0.0
 
     def stage_timings(self) -> dict[str, dict[str, float]]:
         return {
@@ -201,6 +210,7 @@ class DataPlane:
             t0 = time.perf_counter()
             outputs = loaded.run(inputs)
             compute_s = time.perf_counter() - t0
+            self.busy_s += compute_s
             queue_s = max(0.0, started - job.received_at)
             stats = self.stats.setdefault(sha, StageStats(stage))
             stats.add(compute_s, queue_s)

@@ -252,6 +252,7 @@ class AgentService:
                 queue_depth=dp.queue_depth,
                 in_flight=dp.in_flight,
                 malformed=self.malformed,
+                busy=dp.busy_fraction(),
                 stage_timings=dp.stage_timings(),
             )
             self.client.publish_nowait(topic, codec.encode(msg), qos=0)

@@ -50,6 +50,7 @@ class TelemetrySampler:
         queue_depth: int = 0,
         in_flight: int = 0,
         malformed: int = 0,
+        busy: float = 0.0,
         stage_timings: dict[str, dict[str, float]] | None = None,
     ) -> Telemetry:
         per_core = [float(x) for x in psutil.cpu_percent(percpu=True)]
@@ -76,5 +77,6 @@ class TelemetrySampler:
             queue_depth=queue_depth,
             in_flight=in_flight,
             malformed_messages=malformed,
+            busy=busy,
             stage_timings=stage_timings or {},
         )

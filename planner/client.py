@@ -156,10 +156,21 @@ class InferenceClient:
                 if not exc.retryable:
                     raise
                 log.info("client=%s retrying after: %s", self.client_id, exc)
-                await asyncio.sleep(min(0.2 * attempt, max(0.0, deadline - time.time())))
+                await self._wait_plan_change(plan, min(5.0, max(0.0, deadline - time.time())))
         if last is not None:
             raise last
         raise RequestTimeout(f"model {self.model!r}: no result within {timeout:.1f}s")
+
+    async def _wait_plan_change(self, used: PlanMessage, timeout: float) -> None:
+        """After a retryable error: give the planner a moment to publish what changed."""
+
+        def changed() -> bool:
+            p = self.plan
+            return p is None or (p.plan_id, p.plan_version) != (used.plan_id, used.plan_version)
+
+        async with self._plan_changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._plan_changed.wait_for(changed), timeout)
 
     def choose_route(self, plan: PlanMessage) -> list[str]:
         """One agent per stage, by AMP4EC weighted scoring among the stage's replicas."""
@@ -258,15 +269,17 @@ class InferenceClient:
                 parsed = self.topics.parse(msg.topic)
                 if parsed.kind is Kind.CLIENT_RESULTS:
                     self._on_result_chunk(msg.payload)
-                elif parsed.kind is Kind.PLAN and msg.payload:
-                    plan = codec.decode(msg.payload, PlanMessage)
+                elif parsed.kind is Kind.PLAN:
+                    plan = codec.decode(msg.payload, PlanMessage) if msg.payload else None
                     async with self._plan_changed:
                         self.plan = plan
                         self._plan_changed.notify_all()
                 elif parsed.kind is Kind.TELEMETRY:
                     tel = codec.decode(msg.payload, Telemetry)
                     st = self.agents.setdefault(parsed.agent_id, _AgentState())
-                    st.load = tel.cpu_percent / 100.0
+                    # the agent's own stage-worker utilisation: host CPU% would blame
+                    # an agent for its neighbours when several share one machine
+                    st.load = tel.busy
                     st.mem_free = max(0.0, 1.0 - tel.mem_percent / 100.0)
                 elif parsed.kind is Kind.INFO and msg.payload:
                     info = codec.decode(msg.payload, Info)

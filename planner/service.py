@@ -112,6 +112,8 @@ class PlannerService:
             time.perf_counter() - started,
         )
         await self.client.connect()
+        # a plan retained by an earlier planner names stages agents may no longer hold
+        await self.client.publish(self.topics.plan(self.model_name), b"", qos=1, retain=True)
         tasks = [asyncio.create_task(self._consume()), asyncio.create_task(self._planning_loop())]
         try:
             await stop.wait()

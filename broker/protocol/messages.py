@@ -80,6 +80,7 @@ class Telemetry(Message):
     queue_depth: int = 0
     in_flight: int = 0
     malformed_messages: int = 0
+    busy: float = 0.0  # fraction of the last interval the stage worker computed (0..1)
     stage_timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
