@@ -261,6 +261,7 @@ def render_readme(setup: MosquittoSetup) -> str:
     agent = setup.agents[0] if setup.agents else "pi-1"
     scheme = "mqtts" if setup.tls else "mqtt"
     tls_flag = " --tls-ca ca.crt" if setup.tls else ""
+    cafile = f" --cafile {setup.cert_path('ca.crt')}" if setup.tls else ""
     users_cmds = "\n".join(
         f"sudo mosquitto_passwd -b {d}/passwd {u} <password-for-{u}>" for u in users
     )
@@ -309,11 +310,25 @@ stays out of the shell history).
 sudo mosquitto -c {d}/mosquitto.conf        # in the foreground, to try it
 ```
 
-As a service on Debian/Ubuntu, whose `/etc/mosquitto/mosquitto.conf` includes
-`conf.d/` and defines no listener of its own:
-`sudo ln -s {d}/mosquitto.conf /etc/mosquitto/conf.d/edgeslice.conf && sudo systemctl restart mosquitto`.
+As a service (Debian/Ubuntu package): this file is a complete configuration, so
+point the service at it rather than dropping it into `conf.d/` (the packaged
+`mosquitto.conf` already sets `persistence_location`, and mosquitto refuses
+duplicates). `sudo systemctl edit mosquitto`, then add:
 
-Check it: `mosquitto_sub -h {host} -p {setup.port}{" --cafile " + setup.cert_path("ca.crt") if setup.tls else ""} -u {setup.monitor_user} -P <password> -t '{setup.topics.all_topics()}' -v`
+```ini
+[Service]
+ExecStart=
+ExecStart=/usr/sbin/mosquitto -c {d}/mosquitto.conf
+```
+
+and `sudo systemctl restart mosquitto`.
+
+Check it (prints every message of the namespace):
+
+```sh
+mosquitto_sub -h {host} -p {setup.port}{cafile} -u {setup.monitor_user} -P <password> \\
+    -t '{setup.topics.all_topics()}' -v
+```
 
 ## 4. Devices and services
 

@@ -1,27 +1,21 @@
 """Owns the local development broker: a mosquitto or amqtt subprocess on a free loopback port.
 
-Development, tests, the demo and the benchmarks all need a broker that starts
-in a second and leaves nothing behind. :class:`LocalBroker` starts one as a
-*subprocess* (mosquitto when its binary is installed, else amqtt from the
-``broker`` extra, run by this module's ``__main__`` block), waits until a real
-MQTT CONNECT gets a CONNACK, and stops it with SIGTERM, then SIGKILL.
+Development, tests, the demo and the benchmarks need a broker that starts in
+a second and leaves nothing behind. :class:`LocalBroker` runs mosquitto when
+its binary is installed, else amqtt (the ``broker`` extra, run by this
+module's ``__main__``), returns once a real MQTT CONNECT gets a CONNACK, and
+stops it with SIGTERM, then SIGKILL. Process handling, and why:
 
-Process handling, and why:
-
-* The broker runs in its own session (``start_new_session=True``), so a
-  Ctrl-C in the terminal reaches only the Python process, which then stops the
-  broker in order instead of both racing to shut down.
-* If the starting process dies abruptly (SIGKILL, crash), the broker must not
-  linger on its port. mosquitto is started through ``setpriv --pdeathsig TERM``
-  (Linux util-linux) when the broker is started from the main thread: the
-  kernel signals the broker when its parent dies. (The kernel ties that signal
-  to the *thread* that forked, so it is not used from other threads, where
-  the broker would die with the thread.) The amqtt runner instead polls its
-  parent pid and exits when it is re-parented, which works from any thread.
-* An ``atexit`` hook stops every broker still running when the interpreter
-  exits normally or on an unhandled exception.
-* Limits: no packet size cap below MQTT's 256 MiB maximum, large queues, no
-  persistence; amqtt has no packet or queue limits to configure at all.
+* Own session (``start_new_session``): a Ctrl-C in the terminal reaches only
+  the Python process, which then stops the broker in order.
+* Parent killed abruptly (SIGKILL, crash): the broker must not keep the port.
+  mosquitto runs under ``setpriv --pdeathsig TERM`` when started from the
+  main thread (the kernel ties that signal to the forking *thread*, so from
+  other threads it would die with the thread, and is not used); the amqtt
+  runner polls its parent pid instead. Only the temp dir is left then.
+* ``atexit`` stops brokers still running at a normal interpreter exit.
+* No packet cap below MQTT's 256 MiB, deep queues, no persistence; amqtt 0.12
+  has no packet or queue limit to configure at all (unbounded).
 """
 
 from __future__ import annotations
@@ -29,6 +23,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import errno
+import functools
 import importlib.util
 import logging
 import os
@@ -52,7 +47,6 @@ BrokerKind = Literal["auto", "mosquitto", "amqtt"]
 _MOSQUITTO_FALLBACK = "/usr/sbin/mosquitto"
 _LOG_TAIL_BYTES = 3000
 _running: weakref.WeakSet[LocalBroker] = weakref.WeakSet()
-_atexit_registered = False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -132,9 +126,7 @@ def mosquitto_dev_config(host: str, port: int) -> str:
             "max_inflight_messages 100",
             "memory_limit 0",
             "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
+            *(f"log_type {kind}" for kind in ("error", "warning", "notice")),
             "connection_messages true",
             "",
         ]
@@ -338,11 +330,9 @@ class LocalBroker:
             delay = min(delay * 1.5, 0.2)
 
 
+@functools.cache
 def _register_atexit() -> None:
-    global _atexit_registered
-    if not _atexit_registered:
-        atexit.register(_stop_all)
-        _atexit_registered = True
+    atexit.register(_stop_all)
 
 
 def _stop_all() -> None:

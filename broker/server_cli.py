@@ -1,4 +1,4 @@
-"""Owns ``edgeslice broker``: run a development broker in the foreground, or write a production set-up.
+"""Owns ``edgeslice broker``: run a development broker in the foreground, or write a prod config.
 
 ``edgeslice broker`` starts :class:`broker.server.LocalBroker` (mosquitto if
 installed, else amqtt), prints its URL and waits; Ctrl-C or SIGTERM stops the
@@ -94,7 +94,7 @@ def run_foreground(host: str, port: int, kind: str, log_file: str | None) -> Non
         f"edgeslice broker: {broker.kind} listening on {broker.url} "
         f"(pid {broker.pid}; Ctrl-C to stop)"
     )
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = broker.wait()
         tail = broker.log_tail()
@@ -105,10 +105,10 @@ def run_foreground(host: str, port: int, kind: str, log_file: str | None) -> Non
         pass
     finally:
         # A second Ctrl-C must not abandon a half-stopped broker.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         broker.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
     click.echo("edgeslice broker: stopped")
 
 

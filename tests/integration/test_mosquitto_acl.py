@@ -1,0 +1,173 @@
+"""The generated ACL in a real mosquitto: agents, monitor, clients and strangers get their rights.
+
+mosquitto drops a publish the ACL refuses (MQTT 3.1.1 has no way to say no),
+so "not delivered" is checked by ordering: the refused message is published
+(and acknowledged) first, an allowed one after it; a subscriber that gets the
+allowed one first never got the refused one.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import queue
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.client import CallbackAPIVersion
+
+from broker.mosquitto_conf import MosquittoSetup, render_all
+from broker.protocol.topics import Topics
+from broker.server import find_mosquitto, free_port
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed"),
+    pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd missing"),
+]
+T = Topics("acltest")
+ACCOUNTS = ("planner", "monitor", "app", "pi-1", "pi-2")
+
+
+class Peer:
+    """A paho client with credentials; ``refused`` is set if the broker rejected the CONNECT."""
+
+    def __init__(self, port: int, username: str | None, password: str | None = None) -> None:
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._acks: queue.Queue[object] = queue.Queue()
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"{username}-{uuid.uuid4().hex[:6]}",
+            protocol=mqtt.MQTTv311,
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password or f"pw-{username}")
+        self.client.on_connect = lambda c, u, f, rc, p: self._acks.put(rc)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self._acks.put(rcs)
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, bytes(m.payload)))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.refused = bool(self._acks.get(timeout=10).is_failure)  # type: ignore[attr-defined]
+
+    def subscribe(self, topic: str) -> None:
+        self.client.subscribe(topic, qos=1)
+        self._acks.get(timeout=10)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(timeout=10)
+
+    def next_message(self) -> tuple[str, bytes]:
+        return self.messages.get(timeout=10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture(scope="module")
+def acl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A mosquitto with the generated conf + ACL on a loopback plain listener; yields its port."""
+    workdir: Path = tmp_path_factory.mktemp("acl-broker")
+    port = free_port()
+    setup = MosquittoSetup(
+        namespace="acltest",
+        tls=False,
+        bind="127.0.0.1",
+        port=port,
+        local_port=None,
+        agents=("pi-1", "pi-2"),
+        clients=("app",),
+        install_dir=str(workdir),
+        data_dir=None,
+        run_as_user=pwd.getpwuid(os.geteuid()).pw_name,
+    )
+    for name, text in render_all(setup).items():
+        (workdir / name).write_text(text)
+    passwd = str(workdir / "passwd")
+    for i, user in enumerate(ACCOUNTS):
+        create = ["-c"] if i == 0 else []
+        subprocess.run(
+            ["mosquitto_passwd", *create, "-b", passwd, user, f"pw-{user}"], check=True, timeout=30
+        )
+    log = open(workdir / "mosquitto.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(find_mosquitto()), "-c", str(workdir / "mosquitto.conf")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        while True:  # ready when it accepts TCP; bounded by the exit check and pytest-timeout
+            assert proc.poll() is None, (workdir / "mosquitto.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def test_agent_publishes_its_own_status_but_not_another_agents(acl_broker: int) -> None:
+    monitor, agent = Peer(acl_broker, "monitor"), Peer(acl_broker, "pi-1")
+    monitor.subscribe(T.all_topics())
+    agent.publish(T.status("pi-2"), b"forged")
+    agent.publish(T.status("pi-1"), b"online")
+    assert monitor.next_message() == (T.status("pi-1"), b"online")
+    agent.close()
+    monitor.close()
+
+
+def test_monitor_receives_but_cannot_publish(acl_broker: int) -> None:
+    planner, monitor = Peer(acl_broker, "planner"), Peer(acl_broker, "monitor")
+    planner.subscribe(T.all_topics())
+    monitor.subscribe(T.all_topics())
+    for topic in (T.inbox("pi-1"), T.planner_status(), T.status("monitor"), T.plan("m")):
+        monitor.publish(topic, b"from-monitor")
+    planner.publish(T.plan("m"), b"plan")
+    assert planner.next_message() == (T.plan("m"), b"plan")
+    assert monitor.next_message() == (T.plan("m"), b"plan")
+    planner.close()
+    monitor.close()
+
+
+def test_agent_reads_its_own_commands_only(acl_broker: int) -> None:
+    planner, agent = Peer(acl_broker, "planner"), Peer(acl_broker, "pi-1")
+    agent.subscribe(f"{T.root}/agents/+/cmd/+")
+    planner.publish(T.cmd("pi-2", "drain"), b"not-yours")
+    planner.publish(T.cmd("pi-1", "calibrate"), b"yours")
+    assert agent.next_message() == (T.cmd("pi-1", "calibrate"), b"yours")
+    agent.close()
+    planner.close()
+
+
+def test_client_sends_to_an_inbox_and_gets_only_its_results(acl_broker: int) -> None:
+    app, agent = Peer(acl_broker, "app"), Peer(acl_broker, "pi-1")
+    agent.subscribe(T.inbox("pi-1"))
+    app.subscribe(f"{T.root}/clients/+/results")
+    app.publish(T.inbox("pi-1"), b"request")
+    assert agent.next_message() == (T.inbox("pi-1"), b"request")
+    agent.publish(T.client_results("someone-else"), b"not-yours")
+    agent.publish(T.client_results("app"), b"result")
+    assert app.next_message() == (T.client_results("app"), b"result")
+    app.close()
+    agent.close()
+
+
+@pytest.mark.parametrize("username, password", [(None, None), ("pi-1", "wrong"), ("nobody", "x")])
+def test_anonymous_and_bad_credentials_are_refused(
+    acl_broker: int, username: str | None, password: str | None
+) -> None:
+    peer = Peer(acl_broker, username, password)
+    assert peer.refused
+    peer.close()
