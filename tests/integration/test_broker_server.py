@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import queue
 import re
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,13 +127,20 @@ def test_log_path_keeps_the_broker_log(tmp_path: Path) -> None:
 def test_broker_dies_with_the_process_that_started_it(kind: str) -> None:
     code = (
         "import os, sys; from broker.server import LocalBroker;"
-        f"b = LocalBroker(kind={kind!r}).start(); print(b.pid, b.port, flush=True);"
+        f"b = LocalBroker(kind={kind!r}).start(); print(b.pid, os.getpid(), flush=True);"
         "os.kill(os.getpid(), 9)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    pid, _port = map(int, proc.stdout.split())
+    pid, owner = map(int, proc.stdout.split())
     assert wait_gone(pid), f"{kind} pid {pid} outlived its parent"
+    with LocalBroker(kind=kind):  # type: ignore[arg-type]
+        pass  # the next start sweeps temp dirs of owners that died without stop()
+    leftovers = [
+        d for d in glob.glob(os.path.join(tempfile.gettempdir(), "edgeslice-broker-*"))
+        if Path(d, "owner.pid").is_file() and Path(d, "owner.pid").read_text() == str(owner)
+    ]  # fmt: skip
+    assert leftovers == []
 
 
 def test_cli_prints_url_serves_and_stops_cleanly_on_ctrl_c() -> None:
