@@ -75,7 +75,8 @@ class InferenceClient:
     ) -> None:
         self.settings = settings
         self.model = model
-        self.client_id = client_id or f"client-{uuid.uuid4().hex[:10]}"
+        # with the production ACLs a client may read only clients/<its username>/results
+        self.client_id = client_id or settings.username or f"client-{uuid.uuid4().hex[:10]}"
         self.weights = weights or Weights()
         self.chunk_size = chunk_size
         self.topics = Topics(settings.namespace)
