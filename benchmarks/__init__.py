@@ -1,1 +1,1 @@
-"""edgeslice benchmarks: each module has ``main(quick=False) -> dict`` and writes results/NAME.json."""
+"""edgeslice benchmarks: each module has ``main(quick=False) -> dict`` and writes results/."""

@@ -51,7 +51,8 @@ def write_result(name: str, result: dict[str, Any], out_dir: Path | None = None)
     directory = out_dir or RESULTS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
-    body = {"benchmark": name, "machine": machine(), **result}
+    rest = {k: v for k, v in result.items() if k not in ("benchmark", "machine")}
+    body = {"benchmark": name, "machine": machine(), **rest}
     path.write_text(json.dumps(body, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return path
 

@@ -24,7 +24,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from broker.protocol.errors import PlanningError
@@ -322,15 +321,16 @@ def _print(result: dict[str, Any]) -> None:
         )
 
 
-def main() -> None:
+def main(quick: bool = False) -> dict[str, Any]:
     """Run everything, print a table, write benchmarks/results/planner.json."""
-    result = run(quick="--quick" in sys.argv)
+    from benchmarks.common import write_result
+
+    result = run(quick=quick)
     _print(result)
-    out = Path(__file__).resolve().parent / "results" / "planner.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    path = write_result("planner-quick" if quick else "planner", result)
+    print(f"\nwrote {path}")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    main(quick="--quick" in sys.argv)

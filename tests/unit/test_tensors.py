@@ -168,7 +168,7 @@ def test_single_tensor_payload_is_a_zero_copy_view_that_keeps_its_tensor_alive()
 
     tensor = torch.arange(1000, dtype=torch.float32)
     expected = tensor.numpy().tobytes()
-    meta, payload = pack_tensors([tensor * 1])  # the temporary is owned only by the view
+    _meta, payload = pack_tensors([tensor * 1])  # the temporary is owned only by the view
     gc.collect()
     assert isinstance(payload, memoryview) and payload.readonly
     assert bytes(payload) == expected

@@ -1,0 +1,30 @@
+"""The benchmarks' --quick modes run through `edgeslice bench`, so they keep working."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["planner", "transport"])
+def test_quick_benchmark_writes_results_with_machine(name: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "bench", name, "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((ROOT / "benchmarks" / "results" / f"{name}-quick.json").read_text())
+    assert result["benchmark"] == f"{name}-quick"
+    assert result["machine"]["cpu_count"] >= 1
+    if name == "transport":
+        assert all(row["chunked_MBps"] > 0 and row["raw_MBps"] > 0 for row in result["rows"])
