@@ -101,14 +101,16 @@ def connection_options(func: F) -> F:
         envvar="EDGESLICE_BROKER",
         default=DEFAULT_BROKER_URL,
         show_default=True,
-        help="Broker URL: mqtt://host[:port] or mqtts://host[:port] for TLS. [env EDGESLICE_BROKER]",
+        help="Broker URL: mqtt://host[:port], or mqtts://host[:port] for TLS. "
+        "[env EDGESLICE_BROKER]",
     )
     @click.option(
         "--namespace",
         envvar="EDGESLICE_NAMESPACE",
         default=DEFAULT_NAMESPACE,
         show_default=True,
-        help="Topic namespace; fleets sharing a broker use different ones. [env EDGESLICE_NAMESPACE]",
+        help="Topic namespace; fleets sharing a broker use different ones. "
+        "[env EDGESLICE_NAMESPACE]",
     )
     @click.option(
         "--username", envvar="EDGESLICE_USERNAME", help="Broker user. [env EDGESLICE_USERNAME]"
