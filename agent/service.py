@@ -165,12 +165,13 @@ class AgentService:
         return codec.encode(msg)
 
     # -- measurements ----------------------------------------------------------
-    async def _measure(self) -> None:
+    async def _measure(self, seconds: float | None = None) -> None:
+        """Calibrate GFLOP/s (on the stage thread, between requests) and test the link."""
         loop = asyncio.get_running_loop()
         self.gflops = await loop.run_in_executor(
             self.dataplane.executor,
             measure_gflops,
-            self.config.calibrate_seconds,
+            seconds if seconds is not None else self.config.calibrate_seconds,
             self.config.threads,
         )
         try:
@@ -392,7 +393,10 @@ class AgentService:
                 }
             elif name == "calibrate":
                 seconds = float(cmd.args.get("seconds", self.config.calibrate_seconds))
-                await self._measure_with(seconds)
+                if not 0.05 <= seconds <= 30:
+                    raise EdgesliceError("calibrate: seconds must be between 0.05 and 30")
+                await self._measure(seconds)
+                await self._publish_info()
                 result = {
                     "gflops": self.gflops,
                     "link_rtt_s": self.link_rtt_s,
@@ -414,13 +418,3 @@ class AgentService:
         await self.client.publish(
             self.topics.cmd_result(self.agent_id, name), codec.encode(reply), qos=1
         )
-
-    async def _measure_with(self, seconds: float) -> None:
-        if not 0.05 <= seconds <= 30:
-            raise EdgesliceError("calibrate: seconds must be between 0.05 and 30")
-        loop = asyncio.get_running_loop()
-        self.gflops = await loop.run_in_executor(
-            self.dataplane.executor, measure_gflops, seconds, self.config.threads
-        )
-        self.link_rtt_s, self.link_bandwidth_bps = await self._link_test()
-        await self._publish_info()

@@ -162,7 +162,12 @@ def _garbage_payloads() -> list[bytes]:
 def test_garbage_on_every_topic_leaves_agent_running(fleet, topics, watcher_factory) -> None:
     agent = "pi-g"
     watcher = watcher_factory(
-        [topics.telemetry(agent), topics.info(agent), topics.cmd_result(agent, "ping")]
+        [
+            topics.telemetry(agent),
+            topics.info(agent),
+            topics.cmd_result(agent, "ping"),
+            topics.cmd_result(agent, "calibrate"),
+        ]
     )
     fleet.start_agent(AgentSpec(agent, "rpi4-4gb", FAST))
     watcher.wait_for(lambda m: m.topic == topics.info(agent), what="info")
@@ -197,6 +202,17 @@ def test_garbage_on_every_topic_leaves_agent_running(fleet, topics, watcher_fact
     )
     result = codec.decode(reply.payload, CommandResult)
     assert result.ok and result.result["echo"] == {"hello": 1}
+    calibrate = Command(request_id=uuid.uuid4().hex, name="calibrate", args={"seconds": 0.1})
+    watcher.publish(topics.cmd(agent, "calibrate"), codec.encode(calibrate))
+    reply = watcher.wait_for(
+        lambda m: (
+            m.topic == topics.cmd_result(agent, "calibrate")
+            and codec.decode(m.payload, CommandResult).request_id == calibrate.request_id
+        ),
+        what="calibration result",
+    )
+    measured = codec.decode(reply.payload, CommandResult)
+    assert measured.ok and measured.result["gflops"] > 0
     assert fleet.alive(agent), fleet.log_tail(agent)
     # the retained garbage on assignment/desired must not break a restart either
     watcher.publish(topics.assignment_desired(agent), b"\xc1\xc1", retain=True)
