@@ -136,6 +136,7 @@ def agent_rules(setup: MosquittoSetup, agent: str) -> list[AclRule]:
         AclRule(agent, "read", t.assignment_desired(agent), "what the planner wants it to run"),
         AclRule(agent, "read", t.agent_commands(agent), "commands for it"),
         AclRule(agent, "read", t.inbox(agent), "chunks for it"),
+        AclRule(agent, "readwrite", t.probe(agent), "its own link self-test (to itself)"),
         AclRule(agent, "read", f"{t.root}/artifacts/+/data", "artifact chunks"),
         AclRule(agent, "read", t.all_plans(), "current plans"),
         AclRule(agent, "read", t.planner_status(), "planner online/offline"),
@@ -157,6 +158,8 @@ def acl_rules(setup: MosquittoSetup) -> list[AclRule]:
             AclRule(client, "write", t.all_agents("inbox"), "requests to a first stage"),
             AclRule(client, "read", t.all_plans(), "where to send requests"),
             AclRule(client, "read", t.planner_status(), "is the fleet up"),
+            AclRule(client, "read", t.all_agents("telemetry"), "load, for replica scoring"),
+            AclRule(client, "read", t.all_agents("info"), "link latency, for replica scoring"),
         ]
     rules.append(
         AclRule(None, "read", f"{t.root}/clients/%u/results", "each account: its own results")
