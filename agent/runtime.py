@@ -67,7 +67,7 @@ class StageInfo:
         if meta.get("kind") != STAGE_KIND or meta.get("format") != STAGE_FORMAT:
             raise ArtifactError(
                 f"artifact {sha256[:12]} is {meta.get('kind')!r}/{meta.get('format')!r}, "
-                f"not a {STAGE_KIND} in {STAGE_FORMAT} format"
+                f"expected kind {STAGE_KIND!r} in format {STAGE_FORMAT!r}"
             )
         try:
             return cls(
