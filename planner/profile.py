@@ -207,7 +207,14 @@ def trace(module: nn.Module, example_inputs: tuple[Tensor, ...]) -> TracedGraph:
             f"{str(exc)[:2000]}\nMake forward() exportable (see the torch.export docs on "
             "graph breaks and data-dependent control flow)"
         ) from exc
-    gm = _functionalize(ep)
+    try:
+        gm = _functionalize(ep)
+    except Exception as exc:  # e.g. a submodule named like a GraphModule attribute ("meta")
+        raise ConfigError(
+            f"torch.export traced {type(module).__name__} but could not rebuild it as a graph "
+            f"module: {type(exc).__name__}: {str(exc)[:1000]} (rename submodules that shadow "
+            "torch.fx.GraphModule attributes such as 'meta', 'graph' or 'code')"
+        ) from exc
     order, placeholders = [], []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
