@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "planner.cli:demo_cmd",
         "Broker + planner + agents + a partitioned model, on this machine.",
     ),
+    "testbed": ("planner.cli:testbed_group", "Start and stop emulated device fleets."),
     "bench": ("planner.cli:bench_cmd", "Run a benchmark and write its JSON results."),
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -73,6 +74,13 @@ def _fail(exc: Exception) -> click.ClickException:
     show_default=True,
     help="Seconds of quiet after agents join/leave before re-planning.",
 )
+@click.option(
+    "--strategy",
+    type=click.Choice(["edgeslice", "monolithic", "even-split", "memory-proportional", "amp4ec"]),
+    default="edgeslice",
+    show_default=True,
+    help="Partitioner: edgeslice's DP, or a baseline (for side-by-side benchmarks).",
+)
 def planner_cmd(
     settings: BrokerSettings,
     model_spec: str,
@@ -83,6 +91,7 @@ def planner_cmd(
     compression: str,
     fleet_key_file: str | None,
     replan_delay: float,
+    strategy: str,
 ) -> None:
     """Run the planner for one model until SIGTERM/Ctrl-C.
 
@@ -103,6 +112,7 @@ def planner_cmd(
                 max_stages=max_stages,
                 fleet_key_file=fleet_key_file,
                 replan_delay_s=replan_delay,
+                strategy=strategy,
                 compression=None if compression == "none" else compression,
             )
         )
@@ -318,3 +328,82 @@ def _source_root() -> Path:
         "benchmarks ship with the source tree, not the wheel: run `edgeslice bench` from a "
         "git clone of edgeslice"
     )
+
+
+def _default_state() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "edgeslice", "testbed", "state.json")
+
+
+@click.group(name="testbed")
+def testbed_group() -> None:
+    """Start and stop emulated device fleets (cgroup-limited agents behind shaped links)."""
+
+
+@testbed_group.command(name="up")
+@click.option(
+    "--fleet",
+    "fleet_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="TOML fleet file: [[agents]] tables with profile, count, link, emulate.",
+)
+@click.option(
+    "--state",
+    "state_file",
+    default=_default_state,
+    show_default="~/.cache/...",
+    help="Where to record the processes, for `testbed down`.",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for every agent to announce itself.",
+)
+def testbed_up(fleet_file: str, state_file: str, timeout: float) -> None:
+    """Start a fleet in the background and print each agent's emulated rate and limits."""
+    from planner.testbed import Testbed, load_fleet_file, wait_for_agents
+
+    if os.path.exists(state_file):
+        raise click.ClickException(
+            f"a testbed is already up ({state_file}); run `edgeslice testbed down` first"
+        )
+    try:
+        spec = load_fleet_file(fleet_file)
+        workdir = os.path.join(os.path.dirname(state_file), "run")
+        bed = Testbed(spec, workdir).up()
+        Path(state_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(state_file).write_text(json.dumps(bed.state(), indent=2), encoding="utf-8")
+        infos = asyncio.run(wait_for_agents(bed.broker_url, spec.namespace, bed.agents, timeout))
+    except EdgesliceError as exc:
+        raise _fail(exc) from None
+    click.echo(
+        f"testbed up: broker {bed.broker_url}, namespace {spec.namespace}, logs in {workdir}"
+    )
+    for agent_id, info in infos.items():
+        mode = info.limits.get("mode", "unlimited") if info.limits else "unlimited"
+        click.echo(f"  {agent_id:<20} {info.profile:<17} {info.gflops:7.2f} GFLOP/s  {mode}")
+    click.echo(f"stop it with: edgeslice testbed down --state {state_file}")
+
+
+@testbed_group.command(name="down")
+@click.option(
+    "--state",
+    "state_file",
+    default=_default_state,
+    show_default="~/.cache/...",
+    help="The state file `testbed up` wrote.",
+)
+def testbed_down(state_file: str) -> None:
+    """Stop every testbed process and remove the agents' cgroups."""
+    from planner.testbed import down_from_state
+
+    try:
+        left = down_from_state(state_file)
+    except EdgesliceError as exc:
+        raise _fail(exc) from None
+    if left:
+        raise click.ClickException("left behind: " + ", ".join(left))
+    click.echo("testbed down: no process or cgroup left")

@@ -74,13 +74,20 @@ class LocalFleet:
         self, name: str, args: Sequence[str], verbose: bool = True
     ) -> subprocess.Popen[bytes]:
         """Start ``edgeslice <args>`` as process ``name`` (a name may be reused after stop)."""
+        return self.spawn_module(name, "broker.cli", [*(["-v"] if verbose else []), *args])
+
+    def spawn_module(self, name: str, module: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Start ``python -m module args`` (e.g. a ``broker.linkem`` proxy) as process ``name``."""
         if name in self.procs and self.procs[name].poll() is None:
             raise EdgesliceError(f"fleet process {name!r} is already running")
-        cmd = [sys.executable, "-m", "broker.cli", *(["-v"] if verbose else []), *args]
         log = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child
         try:
             proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True
+                [sys.executable, "-m", module, *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env(),
+                start_new_session=True,
             )
         finally:
             log.close()

@@ -37,7 +37,7 @@ from broker.protocol.messages import (
 from broker.protocol.topics import Kind, Topics
 from broker.settings import BrokerSettings
 from planner.costmodel import CostParams
-from planner.partition import Objective, Plan, plan_partition
+from planner.partition import STRATEGIES, Objective, Plan, plan_partition
 from planner.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class PlannerConfig:
     replan_delay_s: float = 2.0
     compression: str | None = None  # activation compression between stages: None|fp16|int8
     planner_id: str = "planner"
+    strategy: str = "edgeslice"  # or a baseline of planner.partition.STRATEGIES (benchmarks)
 
 
 class PlannerService:
@@ -67,6 +68,9 @@ class PlannerService:
             raise EdgesliceError(
                 f"--objective must be latency or throughput, not {config.objective!r}"
             )
+        if config.strategy != "edgeslice" and config.strategy not in STRATEGIES:
+            known = ", ".join(["edgeslice", *STRATEGIES])
+            raise EdgesliceError(f"--strategy {config.strategy!r} is unknown; use one of {known}")
         self.config = config
         self.topics = Topics(config.broker.namespace)
         self.registry = Registry(self.topics)
@@ -258,8 +262,13 @@ class PlannerService:
             return
         cost = self.profile.to_cost()
         params = CostParams(correction=self._correction())
-        objective = cast(Objective, self.config.objective)
-        plan = plan_partition(cost, devices, objective, params, max_stages=self.config.max_stages)
+        if self.config.strategy == "edgeslice":
+            objective = cast(Objective, self.config.objective)
+            plan = plan_partition(
+                cost, devices, objective, params, max_stages=self.config.max_stages
+            )
+        else:  # a baseline, priced by the same cost model so predictions stay comparable
+            plan = STRATEGIES[self.config.strategy](cost, devices, params)
         boundaries = [s.start for s in plan.stages] + [len(cost.segments)]
         started = time.perf_counter()
         artifacts = await asyncio.to_thread(
