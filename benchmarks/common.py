@@ -59,3 +59,45 @@ def write_result(name: str, result: dict[str, Any], out_dir: Path | None = None)
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def chart(
+    name: str,
+    rows: list[dict[str, Any]],
+    label_key: str,
+    metric: str,
+    ylabel: str,
+    out_dir: Path | None = None,
+) -> Path | None:
+    """A grouped bar chart results/NAME.png of ``measured[metric]`` per (fleet, model) group
+    and ``label_key``; skipped with a note when matplotlib (the ``bench`` extra) is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no chart: pip install matplotlib, or the 'bench' extra)")
+        return None
+    groups = sorted({f"{r.get('fleet', '')}/{r.get('model', '')}" for r in rows})
+    labels = sorted({str(r[label_key]) for r in rows}, key=str)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 2), 4))
+    width = 0.8 / max(1, len(labels))
+    for i, label in enumerate(labels):
+        values = []
+        for g in groups:
+            match = [
+                r
+                for r in rows
+                if f"{r.get('fleet', '')}/{r.get('model', '')}" == g and str(r[label_key]) == label
+            ]
+            values.append(match[0]["measured"][metric] if match else 0.0)
+        ax.bar([x + i * width for x in range(len(groups))], values, width, label=label)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], groups, rotation=15)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = (out_dir or RESULTS_DIR) / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -303,7 +303,13 @@ def demo_cmd(
     sys.exit(code)
 
 
-BENCHMARKS = {"transport": "benchmarks.transport", "planner": "benchmarks.planner_bench"}
+BENCHMARKS = {
+    "transport": "benchmarks.transport",
+    "planner": "benchmarks.planner_bench",
+    "strategies": "benchmarks.strategies",
+    "scaling": "benchmarks.scaling",
+    "simulation": "benchmarks.simulation",
+}
 
 
 @click.command(name="bench")
