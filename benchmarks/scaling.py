@@ -8,6 +8,7 @@ The issue's target: adding a device never lowers throughput.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import tempfile
 from typing import Any
 
@@ -66,7 +67,7 @@ def main(quick: bool = False, model: str = "mobilenetv2") -> dict[str, Any]:
     finally:
         bed.down()
     thr = [r["measured"]["throughput_rps"] for r in rows]
-    never_lower = all(b >= a * 0.95 for a, b in zip(thr, thr[1:], strict=False))
+    never_lower = all(b >= a * 0.95 for a, b in itertools.pairwise(thr))
     result = {
         "quick": quick,
         "model": model,
