@@ -1,0 +1,666 @@
+"""Owns link emulation for the testbed: a TCP proxy per agent that shapes bandwidth, delay and loss.
+
+On one machine every agent reaches the broker over loopback, which is faster
+and cleaner than any board's Ethernet or Wi-Fi; plans made there would be
+wrong on a real fleet. So each emulated agent connects through its own small
+asyncio proxy (``--broker mqtt://127.0.0.1:<proxy port>``) that forwards to the
+real broker and shapes both directions like the device's ``[link]`` table.
+The proxy stands for the device's link, so all connections through one proxy
+share its bandwidth; each connection keeps its own byte order.
+
+Per direction, data passes three stages, all on the event loop's clock:
+
+1. **Pacer** (serialisation delay): a piece of ``n`` bytes occupies the link
+   for ``n / bandwidth`` seconds and the reader waits that long before reading
+   more, so TCP back-pressure reaches the sender as it would on a slow link.
+   Pieces are a few milliseconds of link time (see :func:`piece_size`), so a
+   large message is paced smoothly rather than in one lump; a credit of one
+   piece absorbs timer oversleep so the long-run rate stays exact.
+2. **Delay line**: a piece becomes deliverable ``latency_s`` after it left the
+   pacer, in order. The line holds many pieces at once (the bandwidth-delay
+   product), so latency does not cut throughput the way a per-read sleep would.
+3. **Loss, as TCP's user sees it**: a TCP stream cannot drop bytes; a lost
+   segment is retransmitted and everything behind it waits (head-of-line
+   blocking). So each segment (1448 bytes of a piece) is lost with probability
+   ``loss_pct / 100``, and a piece with a lost segment is held back one
+   retransmission timeout, ``max(0.2 s, 2 x RTT)`` (Linux's minimum RTO), with
+   every later piece behind it. Not modelled: fast retransmit (often about one
+   RTT instead of an RTO), congestion-window shrinkage after a loss, and the
+   bandwidth a retransmission uses again. Loss is per segment, not per read,
+   so the loss rate does not depend on how the kernel happens to split reads.
+
+The pure parts (:class:`LinkSpec`, :class:`Pacer`, :class:`DelayLine`,
+:class:`LossModel`) take times as arguments and are tested without sockets.
+:class:`LinkProxy` is the in-process asyncio shell; ``python -m broker.linkem``
+and :class:`LinkProxyProcess` run it as a subprocess for the testbed, in the
+style of :class:`broker.server.LocalBroker`. Only loopback listen addresses are
+accepted unless ``allow_remote`` is set: an emulator is not a service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import collections
+import contextlib
+import functools
+import ipaddress
+import logging
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from broker.protocol.errors import BrokerError, ConfigError
+from broker.server import free_port
+
+logger = logging.getLogger(__name__)
+
+MSS = 1448  # TCP payload per segment on Ethernet (1500 MTU, IPv4 + TCP timestamps)
+MIN_RTO_S = 0.2  # Linux's minimum retransmission timeout
+_PIECE_TIME_S = 0.004  # link time per piece: smooth pacing without a wake-up per segment
+_MIN_PIECE, _MAX_PIECE = 4096, 256 * 1024
+_MIN_QUEUE = 16 * 1024 * 1024  # delay-line bytes before the reader stops reading
+_READY_LINE = "linkem: listening on"
+_LOG_TAIL_BYTES = 3000
+_running: weakref.WeakSet[LinkProxyProcess] = weakref.WeakSet()
+T = TypeVar("T")
+
+
+class LinkLike(Protocol):
+    """A ``[link]`` table as loaded by ``firmware_profiles`` (``LinkProfile``)."""
+
+    bandwidth_mbit: float
+    latency_ms: float
+    loss_pct: float
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """One direction's shaping, applied to both: bytes/s (0 or inf = unlimited), one-way s, %."""
+
+    bandwidth_bps: float = math.inf
+    latency_s: float = 0.0
+    loss_pct: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("bandwidth_bps", self.bandwidth_bps, "a number >= 0 (0 or inf = unlimited)"),
+            ("latency_s", self.latency_s, "a finite number of seconds >= 0"),
+            ("loss_pct", self.loss_pct, "a percentage from 0 up to (not including) 100"),
+        )
+        for name, value, want in checks:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = ok and not math.isnan(value) and value >= 0
+            if name != "bandwidth_bps":
+                ok = ok and math.isfinite(value)
+            if name == "loss_pct":
+                ok = ok and value < 100
+            if not ok:
+                raise ConfigError(f"link spec: {name}={value!r} is invalid; it must be {want}")
+
+    @classmethod
+    def from_mbit(cls, bandwidth_mbit: float, latency_ms: float, loss_pct: float = 0.0) -> LinkSpec:
+        """The spec for profile units: Mbit/s (10^6 bit), one-way ms, percent."""
+        for name, value in (("bandwidth_mbit", bandwidth_mbit), ("latency_ms", latency_ms)):
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ConfigError(f"link spec: {name}={value!r} is not a number")
+        return cls(bandwidth_mbit * 1e6 / 8, latency_ms / 1000, loss_pct)
+
+    @classmethod
+    def from_profile_link(cls, link: Mapping[str, Any] | LinkLike) -> LinkSpec:
+        """The spec for a firmware profile's ``[link]`` table (a dict or a ``LinkProfile``)."""
+        if isinstance(link, Mapping):
+            missing = [k for k in ("bandwidth_mbit", "latency_ms") if k not in link]
+            if missing:
+                raise ConfigError(
+                    f"[link] table lacks {', '.join(missing)}: add bandwidth_mbit (Mbit/s), "
+                    "latency_ms (one-way) and optionally loss_pct"
+                )
+            values = (link["bandwidth_mbit"], link["latency_ms"], link.get("loss_pct", 0.0))
+        else:
+            values = (link.bandwidth_mbit, link.latency_ms, link.loss_pct)
+        try:
+            return cls.from_mbit(*values)
+        except ConfigError as exc:
+            raise ConfigError(f"[link] table: {exc}") from None
+
+    @property
+    def unlimited(self) -> bool:
+        """True when bandwidth is not shaped."""
+        return self.bandwidth_bps == 0 or math.isinf(self.bandwidth_bps)
+
+    @property
+    def rtt_s(self) -> float:
+        """The round trip this spec adds (latency in both directions)."""
+        return 2 * self.latency_s
+
+    @property
+    def retransmit_timeout_s(self) -> float:
+        """How long a piece with a lost segment is held back."""
+        return max(MIN_RTO_S, 2 * self.rtt_s)
+
+    def describe(self) -> str:
+        """Human summary, e.g. ``8 Mbit/s, 20 ms one-way, 0 % loss``."""
+        bw = "unlimited" if self.unlimited else f"{self.bandwidth_bps * 8 / 1e6:g} Mbit/s"
+        return f"{bw}, {self.latency_s * 1000:g} ms one-way, {self.loss_pct:g} % loss"
+
+
+def piece_size(bandwidth_bps: float) -> int:
+    """Bytes read and paced at once: about 4 ms of link time, between 4 KiB and 256 KiB."""
+    if bandwidth_bps == 0 or math.isinf(bandwidth_bps):
+        return _MAX_PIECE
+    return int(min(_MAX_PIECE, max(_MIN_PIECE, bandwidth_bps * _PIECE_TIME_S)))
+
+
+class Pacer:
+    """Serialisation clock of one link direction: when the last byte of a piece has left."""
+
+    def __init__(self, bandwidth_bps: float, burst_bytes: int = 0) -> None:
+        self.bandwidth_bps = bandwidth_bps
+        self._credit_s = 0.0 if bandwidth_bps in (0, math.inf) else burst_bytes / bandwidth_bps
+        self._free_at = -math.inf
+
+    def schedule(self, now: float, nbytes: int) -> float:
+        """Book ``nbytes`` handed over at ``now``; the time the link has sent them.
+
+        The link is busy until ``_free_at``; a piece starts then or now, whichever
+        is later, but an idle link may lend up to ``burst_bytes`` of credit so a
+        late wake-up of the reader does not leave the link idle for good.
+        """
+        if self.bandwidth_bps == 0 or math.isinf(self.bandwidth_bps):
+            return now
+        start = max(self._free_at, now - self._credit_s)
+        self._free_at = start + nbytes / self.bandwidth_bps
+        return max(self._free_at, now)
+
+
+class LossModel:
+    """Decides, reproducibly for a seed, which pieces are held back one retransmission timeout."""
+
+    def __init__(self, loss_pct: float, rto_s: float, seed: int | str | None = None) -> None:
+        self.loss = loss_pct / 100
+        self.rto_s = rto_s
+        self.held_back = 0
+        self._rng = random.Random(seed)
+
+    def penalty(self, nbytes: int) -> float:
+        """Extra delay for a piece of ``nbytes``: ``rto_s`` if any of its segments is lost."""
+        if self.loss <= 0 or nbytes <= 0:
+            return 0.0
+        p_piece = 1 - (1 - self.loss) ** math.ceil(nbytes / MSS)
+        if self._rng.random() < p_piece:
+            self.held_back += 1
+            return self.rto_s
+        return 0.0
+
+
+class DelayLine(Generic[T]):
+    """FIFO of items, each due ``latency_s`` (+ extra) after it was sent; never reordered."""
+
+    def __init__(self, latency_s: float) -> None:
+        self.latency_s = latency_s
+        self.bytes_queued = 0
+        self._items: collections.deque[tuple[float, T, int]] = collections.deque()
+        self._last_due = -math.inf
+
+    def push(self, sent_at: float, item: T, nbytes: int, extra_s: float = 0.0) -> float:
+        """Queue ``item``; returns when it is due (never before an item queued earlier)."""
+        due = max(sent_at + self.latency_s + extra_s, self._last_due)
+        self._last_due = due
+        self._items.append((due, item, nbytes))
+        self.bytes_queued += nbytes
+        return due
+
+    def next_due(self) -> float | None:
+        """When the oldest item is due, or None if the line is empty."""
+        return self._items[0][0] if self._items else None
+
+    def pop_due(self, now: float) -> list[T]:
+        """Remove and return, in order, every item due at ``now``."""
+        out: list[T] = []
+        while self._items and self._items[0][0] <= now:
+            _, item, nbytes = self._items.popleft()
+            self.bytes_queued -= nbytes
+            out.append(item)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    """Counters of one proxy: bytes delivered per direction, connections, held-back pieces."""
+
+    bytes_up: int  # client -> target, delivered
+    bytes_down: int  # target -> client, delivered
+    connections: int
+    open_connections: int
+    held_back_up: int
+    held_back_down: int
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _Direction:
+    """One direction of a proxy's link, shared by its connections: pacer, loss, counters."""
+
+    def __init__(self, spec: LinkSpec, seed: int | str | None) -> None:
+        self.spec = spec
+        self.piece = piece_size(spec.bandwidth_bps)
+        self.pacer = Pacer(spec.bandwidth_bps, burst_bytes=self.piece)
+        self.loss = LossModel(spec.loss_pct, spec.retransmit_timeout_s, seed)
+        self.queue_limit = _MIN_QUEUE
+        if not spec.unlimited:
+            in_flight = spec.bandwidth_bps * (spec.latency_s + spec.retransmit_timeout_s)
+            self.queue_limit = max(self.queue_limit, int(2 * in_flight))
+        self.delivered = 0
+
+    async def carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Move one connection's bytes from ``reader`` to ``writer`` through the link, then EOF."""
+        loop = asyncio.get_running_loop()
+        line: DelayLine[bytes | None] = DelayLine(self.spec.latency_s)
+        queued, drained = asyncio.Event(), asyncio.Event()
+
+        async def receive() -> None:
+            while True:
+                while line.bytes_queued >= self.queue_limit:
+                    drained.clear()
+                    await drained.wait()
+                data = await reader.read(self.piece)
+                now = loop.time()
+                if not data:
+                    line.push(now, None, 0)
+                    queued.set()
+                    return
+                left_at = self.pacer.schedule(now, len(data))
+                line.push(left_at, data, len(data), self.loss.penalty(len(data)))
+                queued.set()
+                if left_at > now:
+                    await asyncio.sleep(left_at - now)
+
+        async def deliver() -> None:
+            while True:
+                due = line.next_due()
+                if due is None:
+                    queued.clear()
+                    await queued.wait()
+                    continue
+                if due > loop.time():
+                    await asyncio.sleep(due - loop.time())
+                    continue
+                for item in line.pop_due(loop.time()):
+                    if item is None:
+                        await writer.drain()
+                        if writer.can_write_eof():
+                            writer.write_eof()
+                        return
+                    writer.write(item)
+                    self.delivered += len(item)
+                drained.set()
+                await writer.drain()
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(receive())
+            group.create_task(deliver())
+
+
+class LinkProxy:
+    """An in-process asyncio TCP proxy that shapes both directions like one device's link."""
+
+    def __init__(self, seed: int | None = None, allow_remote: bool = False) -> None:
+        self.seed = seed
+        self.allow_remote = allow_remote
+        self.listen_host = "127.0.0.1"
+        self.port = 0
+        self.target_host = ""
+        self.target_port = 0
+        self.spec = LinkSpec()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._up = self._down = _Direction(self.spec, None)
+        self._connections = 0
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"mqtt://{host}:{self.port}"
+
+    async def start(
+        self,
+        listen_host: str,
+        listen_port: int,
+        target_host: str,
+        target_port: int,
+        spec: LinkSpec,
+    ) -> LinkProxy:
+        """Listen on ``listen_host:listen_port`` (0 = a free port) and forward to the target."""
+        if not (self.allow_remote or is_loopback(listen_host)):
+            raise ConfigError(
+                f"linkem: refusing to listen on {listen_host}: only loopback addresses are "
+                "allowed (use 127.0.0.1, or allow_remote/--allow-remote on purpose)"
+            )
+        self.listen_host, self.target_host, self.target_port = listen_host, target_host, target_port
+        self.spec = spec
+        up_seed, down_seed = (
+            (None, None) if self.seed is None else (f"{self.seed}:up", f"{self.seed}:dn")
+        )
+        self._up, self._down = _Direction(spec, up_seed), _Direction(spec, down_seed)
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, listen_host, listen_port, limit=_MAX_PIECE
+            )
+        except OSError as exc:
+            raise BrokerError(
+                f"linkem: cannot listen on {listen_host}:{listen_port}: {exc.strerror or exc} "
+                "(port taken? use port 0 for a free one)"
+            ) from None
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        logger.info(
+            "linkem listen=%s:%d target=%s:%d link=%s",
+            listen_host, self.port, target_host, target_port, spec.describe(),
+        )  # fmt: skip
+        return self
+
+    def stats(self) -> LinkStats:
+        """A snapshot of the proxy's counters."""
+        return LinkStats(
+            bytes_up=self._up.delivered,
+            bytes_down=self._down.delivered,
+            connections=self._connections,
+            open_connections=len(self._tasks),
+            held_back_up=self._up.loss.held_back,
+            held_back_down=self._down.loss.held_back,
+        )
+
+    async def stop(self) -> None:
+        """Stop listening and drop every connection; safe to call twice."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if server is not None:
+            await server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One client connection: dial the target, carry both directions until both end."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._connections += 1
+        streams = [writer]
+        try:
+            await self._relay(reader, writer, streams)
+        except asyncio.CancelledError:
+            # Python 3.11's start_server callback calls task.exception() on a cancelled
+            # task and logs a traceback; a connection dropped by stop() ends normally.
+            if self._server is not None:
+                raise
+        finally:
+            for stream in streams:
+                stream.close()
+            self._tasks.discard(task)
+
+    async def _relay(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        streams: list[asyncio.StreamWriter],
+    ) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            target_reader, target_writer = await asyncio.wait_for(
+                asyncio.open_connection(self.target_host, self.target_port, limit=_MAX_PIECE),
+                timeout=10.0,
+            )
+        except (OSError, TimeoutError) as exc:
+            logger.warning(
+                "linkem cannot reach target=%s:%d for client=%s: %s",
+                self.target_host, self.target_port, peer, exc,
+            )  # fmt: skip
+            return
+        streams.append(target_writer)
+        for stream in streams:
+            sock = stream.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._up.carry(reader, target_writer))
+                group.create_task(self._down.carry(target_reader, writer))
+        except* (ConnectionError, OSError) as errors:
+            logger.debug("linkem client=%s connection ended: %r", peer, errors.exceptions[0])
+
+
+# -- process form: `python -m broker.linkem`, driven by LinkProxyProcess ------------------
+class LinkProxyProcess:
+    """A ``python -m broker.linkem`` subprocess; context manager, or start()/stop()."""
+
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        spec: LinkSpec,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        seed: int | None = None,
+        log_path: str | None = None,
+    ) -> None:
+        self.target_host, self.target_port, self.spec = target_host, target_port, spec
+        self.listen_host, self.port, self.seed = listen_host, listen_port, seed
+        self.log_path = log_path
+        self.returncode: int | None = None
+        self._auto_port = listen_port == 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: str | None = None
+        self._own_log = False
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"mqtt://{host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 10.0) -> LinkProxyProcess:
+        """Start the proxy; return once it listens. BrokerError (with the log tail) if not."""
+        if self.is_running():
+            return self
+        attempts = 3 if self._auto_port else 1
+        for attempt in range(attempts):
+            if self._auto_port:
+                self.port = free_port(self.listen_host)
+            self._spawn()
+            try:
+                self._wait_ready(timeout)
+            except BrokerError as exc:
+                tail = self.log_tail()
+                self.stop()
+                if attempt + 1 < attempts and "already in use" in tail:
+                    continue  # the free port was taken meanwhile
+                raise BrokerError(f"{exc}\n--- linkem log tail ---\n{tail}") from None
+            break
+        logger.info("linkem pid=%s url=%s -> %s:%d", self.pid, self.url, *self._target())
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM the proxy's process group, SIGKILL after ``timeout``; safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _running.discard(self)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                if proc.poll() is not None:
+                    break
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout)
+                except ProcessLookupError:
+                    break
+                except subprocess.TimeoutExpired:
+                    logger.warning("linkem pid=%d ignored %s", proc.pid, sig.name)
+            self.returncode = proc.wait()
+        if self._own_log and self._log is not None:
+            os.unlink(self._log)
+            self._log, self._own_log = None, False
+
+    def log_tail(self, limit: int = _LOG_TAIL_BYTES) -> str:
+        """The last ``limit`` bytes of the proxy's output (empty if there is none)."""
+        if self._log is None or not os.path.exists(self._log):
+            return ""
+        with open(self._log, "rb") as fh:
+            fh.seek(max(0, os.path.getsize(self._log) - limit))
+            return fh.read().decode("utf-8", "replace")
+
+    def __enter__(self) -> LinkProxyProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _target(self) -> tuple[str, int]:
+        return self.target_host, self.target_port
+
+    def _spawn(self) -> None:
+        if self.log_path is None and self._log is None:
+            fd, self._log = tempfile.mkstemp(prefix="edgeslice-linkem-", suffix=".log")
+            os.close(fd)
+            self._own_log = True
+        elif self.log_path is not None:
+            self._log = self.log_path
+        host = f"[{self.target_host}]" if ":" in self.target_host else self.target_host
+        cmd = [sys.executable, "-m", "broker.linkem", "--listen-host", self.listen_host]
+        cmd += ["--listen-port", str(self.port), "--target", f"{host}:{self.target_port}"]
+        cmd += ["--bandwidth-mbit", repr(self.spec.bandwidth_bps * 8 / 1e6)]
+        cmd += ["--latency-ms", repr(self.spec.latency_s * 1000)]
+        cmd += ["--loss-pct", repr(self.spec.loss_pct), "--parent-pid", str(os.getpid())]
+        if self.seed is not None:
+            cmd += ["--seed", str(self.seed)]
+        if not is_loopback(self.listen_host):
+            cmd.append("--allow-remote")
+        assert self._log is not None
+        with open(self._log, "ab") as log:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        _running.add(self)
+        _register_atexit()
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self._proc is not None
+            if _READY_LINE in self.log_tail():
+                return
+            code = self._proc.poll()
+            if code is not None:
+                raise BrokerError(f"linkem exited with code {code} before listening on {self.url}")
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"linkem did not listen on {self.url} within {timeout:.0f} s "
+                    "(machine overloaded? try a longer timeout)"
+                )
+            time.sleep(0.02)
+
+
+@functools.cache
+def _register_atexit() -> None:
+    atexit.register(_stop_all)
+
+
+def _stop_all() -> None:
+    for proxy in list(_running):
+        proxy.stop(timeout=2.0)
+
+
+def _say(text: str) -> None:
+    """One line on stdout, which LinkProxyProcess captures as the proxy log."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+async def _run(args: argparse.Namespace, target: tuple[str, int], spec: LinkSpec) -> int:
+    proxy = LinkProxy(seed=args.seed, allow_remote=args.allow_remote)
+    try:
+        await proxy.start(args.listen_host, args.listen_port, *target, spec)
+    except (BrokerError, ConfigError) as exc:
+        _say(f"linkem: error: {exc}")
+        return 1
+    _say(f"{_READY_LINE} {args.listen_host}:{proxy.port} -> {args.target} ({spec.describe()})")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set():
+        if args.parent_pid is not None and os.getppid() != args.parent_pid:
+            _say(f"linkem: parent process {args.parent_pid} is gone; stopping")
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+    stats = proxy.stats()
+    await proxy.stop()
+    _say(f"linkem: stopped (up {stats.bytes_up} B, down {stats.bytes_down} B)")
+    return 0
+
+
+def _parse_target(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"--target {text!r} is not HOST:PORT (e.g. 127.0.0.1:1883)")
+    return host.strip("[]"), int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m broker.linkem``: one shaping proxy until SIGTERM/SIGINT; exit 2 on bad flags."""
+    parser = argparse.ArgumentParser(
+        prog="python -m broker.linkem", description="a TCP proxy that emulates one device's link"
+    )
+    parser.add_argument("--listen-host", default="127.0.0.1")
+    parser.add_argument("--listen-port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--target", required=True, help="HOST:PORT of the real broker")
+    parser.add_argument("--bandwidth-mbit", type=float, default=0.0, help="0 = unlimited")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="one-way, each direction")
+    parser.add_argument("--loss-pct", type=float, default=0.0, help="per-segment loss, percent")
+    parser.add_argument("--seed", type=int, default=None, help="makes the loss pattern repeat")
+    parser.add_argument("--allow-remote", action="store_true", help="listen on a non-loopback")
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when it is gone")
+    args = parser.parse_args(argv)
+    try:
+        target = _parse_target(args.target)
+        spec = LinkSpec.from_mbit(args.bandwidth_mbit, args.latency_ms, args.loss_pct)
+    except ConfigError as exc:
+        _say(f"linkem: error: {exc}")
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s: %(message)s")
+    return asyncio.run(_run(args, target, spec))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
