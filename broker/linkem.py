@@ -78,11 +78,14 @@ T = TypeVar("T")
 
 
 class LinkLike(Protocol):
-    """A ``[link]`` table as loaded by ``firmware_profiles`` (``LinkProfile``)."""
+    """A ``[link]`` table as loaded by ``firmware_profiles`` (its frozen ``LinkProfile``)."""
 
-    bandwidth_mbit: float
-    latency_ms: float
-    loss_pct: float
+    @property
+    def bandwidth_mbit(self) -> float: ...
+    @property
+    def latency_ms(self) -> float: ...
+    @property
+    def loss_pct(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -611,7 +614,7 @@ async def _run(args: argparse.Namespace, target: tuple[str, int], spec: LinkSpec
     try:
         await proxy.start(args.listen_host, args.listen_port, *target, spec)
     except (BrokerError, ConfigError) as exc:
-        _say(f"linkem: error: {exc}")
+        _say(str(exc))  # already says "linkem: ..."
         return 1
     _say(f"{_READY_LINE} {args.listen_host}:{proxy.port} -> {args.target} ({spec.describe()})")
     stop = asyncio.Event()
