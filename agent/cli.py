@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from typing import Any
@@ -105,6 +106,24 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     show_default=True,
     help="Length of the start-up GFLOP/s calibration.",
 )
+@click.option(
+    "--emulate/--no-emulate",
+    envvar="EDGESLICE_EMULATE",
+    default=False,
+    show_default=True,
+    help="Limit this agent to its profile with cgroups (CPU quota scaled so the measured "
+    "GFLOP/s matches the profile's, memory limit = the profile's RAM; sets the torch "
+    "threads). Needs root and cgroups; without them it warns and runs unlimited. "
+    "[env EDGESLICE_EMULATE]",
+)
+@click.option(
+    "--emulate-scale",
+    type=click.FloatRange(min=0, min_open=True),
+    envvar="EDGESLICE_EMULATE_SCALE",
+    default=1.0,
+    show_default=True,
+    help="With --emulate: multiply the profile's speed (0.5 = half as fast as the board).",
+)
 def agent_cmd(
     settings: BrokerSettings,
     agent_id: str | None,
@@ -116,6 +135,8 @@ def agent_cmd(
     memory_mb: int | None,
     max_queue: int,
     calibrate_seconds: float,
+    emulate: bool,
+    emulate_scale: float,
 ) -> None:
     """Run an agent on this device until SIGTERM/Ctrl-C.
 
@@ -128,6 +149,7 @@ def agent_cmd(
     """
     from agent.config import AgentConfig, default_agent_id
     from agent.service import AgentService
+    from firmware_profiles import load_profile
 
     try:
         config = AgentConfig(
@@ -142,16 +164,58 @@ def agent_cmd(
             max_queue=max_queue,
             calibrate_seconds=calibrate_seconds,
         )
-        service = AgentService(config)
+        firmware = load_profile(profile)
     except EdgesliceError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(
-        f"edgeslice agent {config.agent_id} ({service.profile.name}) -> {settings.url}", err=True
-    )
+    applied, limits = _emulate(config, firmware, emulate_scale) if emulate else (None, {})
     try:
-        asyncio.run(_serve(service))
-    except EdgesliceError as exc:
-        raise click.ClickException(f"agent {config.agent_id}: {exc}") from None
+        if applied is not None:
+            config = dataclasses.replace(config, emulate=True, threads=applied.plan.threads)
+        try:
+            service = AgentService(config, limits=limits)
+        except EdgesliceError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(
+            f"edgeslice agent {config.agent_id} ({service.profile.name}) -> {settings.url}",
+            err=True,
+        )
+        try:
+            asyncio.run(_serve(service))
+        except EdgesliceError as exc:
+            raise click.ClickException(f"agent {config.agent_id}: {exc}") from None
+    finally:
+        if applied is not None:
+            for problem in applied.release():
+                log.warning("agent=%s cgroup left behind: %s", config.agent_id, problem)
+
+
+def _emulate(config: Any, firmware: Any, scale: float) -> tuple[Any, dict[str, Any]]:
+    """Apply --emulate before the service starts (so its calibration runs under the limits)."""
+    from agent.limits import emulate_profile
+
+    applied, limits = emulate_profile(config.agent_id, firmware, scale)
+    if applied is None:
+        click.echo(
+            f"WARNING: --emulate: agent {config.agent_id} runs UNLIMITED at this host's full "
+            f"speed, not as {firmware.name} ({limits['reason']}); its info says emulated=false.",
+            err=True,
+        )
+        return None, limits
+    if config.threads and config.threads != applied.plan.threads:
+        log.info(
+            "agent=%s --emulate uses %d torch thread(s) for %.2f cores instead of --threads %d",
+            config.agent_id,
+            applied.plan.threads,
+            applied.plan.cores,
+            config.threads,
+        )
+    click.echo(
+        f"emulating {firmware.name}: {limits['mode']} {limits['cpu_cores']:.3f} cores of a "
+        f"{limits['host_core_gflops']:.1f} GFLOP/s core, {applied.plan.threads} thread(s), "
+        f"memory {applied.plan.memory_bytes >> 20} MiB",
+        err=True,
+    )
+    return applied, limits
 
 
 async def _serve(service: Any) -> None:

@@ -1,0 +1,411 @@
+"""Owns the cgroup CPU/memory limits that make an agent process behave like its firmware profile.
+
+``edgeslice agent --emulate`` turns a fast host into a slow board so that plans,
+benchmarks and the testbed see realistic, *uneven* devices. How:
+
+* **CPU.** Before limiting anything the agent measures this host's single-core
+  rate ``host`` (``measure_gflops(0.3, threads=1)``). The profile's rate
+  ``gflops_fp32`` then needs ``cores = gflops_fp32 / host * scale`` cores of
+  this host; a CFS bandwidth quota (cgroup v1 ``cpu.cfs_quota_us`` /
+  ``cpu.cfs_period_us``, or v2 ``cpu.max``) grants exactly that, capped at the
+  host's CPU count and floored at 0.01 core. The calibration the agent
+  publishes afterwards runs under the quota, so measured rates keep the ratios
+  between profiles (an rpi5 agent measures ~2.5x an rpi4 agent). torch gets one
+  thread unless the quota exceeds one core, then ``ceil(cores)`` (at most the
+  profile's cores): more threads than the quota only stall together at the end
+  of each period. The period is short (10 ms, longer only where the kernel's
+  1 ms minimum quota forces it) so throttling is smooth at the time scale of
+  one stage, not 100 ms bursts of full speed and stalls.
+* **Memory.** ``ram_mb`` MiB as the cgroup memory limit (v1
+  ``memory.limit_in_bytes``, v2 ``memory.max``): a stage that would not fit
+  the board gets the board's fate (OOM). Pages charged before the move stay
+  with the old group (v1 tries ``memory.move_charge_at_immigrate``).
+* **Where.** ``<base>/edgeslice/<agent_id>`` per controller, where ``<base>``
+  is the cgroup the process already sits in (so limits set on it by a
+  container or sandbox keep applying) or, when no child can be made there, its
+  nearest ancestor that allows it (cgroup v2 forbids controllers below a group
+  that holds processes). The machine's layout is detected at run time: pure v2
+  at the root, else v1 ``cpu`` + ``memory`` hierarchies, else a hybrid
+  ``unified`` v2 mount that has the controllers.
+* **No cgroups.** Without root, without the controllers, or with a read-only
+  cgroupfs the agent runs *unlimited*: a WARNING says so, ``info.emulated`` is
+  False and ``info.limits`` is ``{"mode": "unlimited", "reason": ...}``.
+* **Cleanup.** :meth:`AppliedLimits.release` (called by ``agent/cli.py`` on a
+  normal exit) moves the process back and removes its groups;
+  :func:`remove_agent_cgroups` removes empty leftovers of killed agents (used by
+  ``edgeslice testbed down``). A group with live tasks cannot be removed and is
+  reported, never killed.
+
+All functions take the cgroup mount ``root`` and the ``/proc/<pid>/cgroup``
+file as parameters so tests can run them on a directory of plain files.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.protocol.errors import EdgesliceError
+from firmware_profiles.schema import MIB, FirmwareProfile
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = Path("/sys/fs/cgroup")
+PREFIX = "edgeslice"
+MIN_CORES = 0.01
+MIN_QUOTA_US = 1_000  # the kernel's minimum CFS quota
+MIN_PERIOD_US = 10_000
+MAX_PERIOD_US = 1_000_000  # the kernel's maximum CFS period
+CONTROLLERS = ("cpu", "memory")
+_MAX_DEPTH = 8  # how deep remove_agent_cgroups looks for edgeslice/ groups
+
+
+class CgroupUnavailable(EdgesliceError):
+    """Limits cannot be applied on this machine; the message says why (shown to the user)."""
+
+
+@dataclass(frozen=True)
+class EmulationPlan:
+    """The limits that make this host behave like one profile (pure arithmetic, no I/O)."""
+
+    cores: float
+    threads: int
+    memory_bytes: int
+    host_core_gflops: float
+    scale: float
+    period_us: int
+    quota_us: int
+
+
+def cpu_period_quota(cores: float) -> tuple[int, int]:
+    """CFS (period, quota) in µs granting ``cores``: short period, quota never below 1 ms."""
+    period = min(max(MIN_PERIOD_US, math.ceil(MIN_QUOTA_US / cores)), MAX_PERIOD_US)
+    return period, max(MIN_QUOTA_US, round(cores * period))
+
+
+def plan_emulation(
+    profile: FirmwareProfile,
+    host_core_gflops: float,
+    scale: float = 1.0,
+    host_cpus: int | None = None,
+) -> EmulationPlan:
+    """Cores, threads and memory that make this host run like ``profile`` (see module doc)."""
+    if host_core_gflops <= 0:
+        raise ValueError(f"host single-core rate must be > 0 GFLOP/s, got {host_core_gflops}")
+    if scale <= 0:
+        raise ValueError(f"--emulate-scale must be > 0, got {scale}")
+    cpus = host_cpus or os.cpu_count() or 1
+    cores = min(max(profile.gflops_fp32 / host_core_gflops * scale, MIN_CORES), float(cpus))
+    threads = 1 if cores <= 1.0 else min(math.ceil(cores), profile.cores)
+    period, quota = cpu_period_quota(cores)
+    return EmulationPlan(
+        cores=round(cores, 4),
+        threads=threads,
+        memory_bytes=profile.ram_mb * MIB,
+        host_core_gflops=round(host_core_gflops, 3),
+        scale=scale,
+        period_us=period,
+        quota_us=quota,
+    )
+
+
+@dataclass(frozen=True)
+class CgroupLayout:
+    """Which cgroup version this machine uses for cpu+memory, and where the process sits."""
+
+    mode: str  # "cgroup-v1" | "cgroup-v2"
+    mounts: dict[str, Path]  # v1: {"cpu": .., "memory": ..}; v2: {"unified": mount}
+    own: dict[str, str]  # the process's cgroup path inside each mount ("/" when unknown)
+
+
+def _tokens(path: Path) -> set[str]:
+    try:
+        return {t.lstrip("+") for t in path.read_text().split()}
+    except OSError:
+        return set()
+
+
+def _own_paths(proc_cgroup: Path) -> tuple[dict[str, str], str]:
+    """``/proc/<pid>/cgroup`` -> ({v1 controller: path}, v2 path)."""
+    v1: dict[str, str] = {}
+    v2 = "/"
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return v1, v2
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2] or "/"
+        for controller in parts[1].split(","):
+            v1[controller] = parts[2] or "/"
+    return v1, v2
+
+
+def detect_layout(root: Path = DEFAULT_ROOT, proc_cgroup: Path | None = None) -> CgroupLayout:
+    """The layout at ``root``; raises :class:`CgroupUnavailable` saying why there is none."""
+    proc_cgroup = proc_cgroup or Path("/proc/self/cgroup")
+    if not root.is_dir():
+        raise CgroupUnavailable(f"no cgroup filesystem at {root}")
+    v1_own, v2_own = _own_paths(proc_cgroup)
+    if set(CONTROLLERS) <= _tokens(root / "cgroup.controllers"):
+        return CgroupLayout("cgroup-v2", {"unified": root}, {"unified": v2_own})
+    if (root / "cpu" / "cpu.cfs_quota_us").exists() and (
+        root / "memory" / "memory.limit_in_bytes"
+    ).exists():
+        mounts = {c: root / c for c in CONTROLLERS}
+        return CgroupLayout("cgroup-v1", mounts, {c: v1_own.get(c, "/") for c in CONTROLLERS})
+    if set(CONTROLLERS) <= _tokens(root / "unified" / "cgroup.controllers"):
+        return CgroupLayout("cgroup-v2", {"unified": root / "unified"}, {"unified": v2_own})
+    raise CgroupUnavailable(
+        f"no cgroup with cpu and memory controllers under {root} (v1 needs "
+        f"{root}/cpu/cpu.cfs_quota_us and {root}/memory/memory.limit_in_bytes, v2 needs "
+        f"'cpu memory' in {root}/cgroup.controllers)"
+    )
+
+
+def _bases(mount: Path, own: str) -> list[Path]:
+    """The process's own group, then its ancestors up to the mount (never inside edgeslice/)."""
+    parts = [p for p in own.strip("/").split("/") if p and p not in (".", "..")]
+    if PREFIX in parts:
+        parts = parts[: parts.index(PREFIX)]
+    found = [mount.joinpath(*parts[:n]) for n in range(len(parts), 0, -1)]
+    return [p for p in found if p.is_dir()] + [mount]
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w", encoding="ascii") as fh:
+        fh.write(value)
+
+
+def _enable_controllers(group: Path) -> None:
+    """v2: make cpu and memory available to ``group``'s children."""
+    if not set(CONTROLLERS) <= _tokens(group / "cgroup.subtree_control"):
+        _write(group / "cgroup.subtree_control", " ".join(f"+{c}" for c in CONTROLLERS))
+
+
+def _make_group(layout: CgroupLayout, key: str, agent_id: str) -> tuple[Path, Path]:
+    """Create ``edgeslice/<agent_id>`` under the first usable base; (group, base)."""
+    problems = []
+    for base in _bases(layout.mounts[key], layout.own[key]):
+        group = base / PREFIX / agent_id
+        try:
+            if layout.mode == "cgroup-v2":
+                _enable_controllers(base)
+                (base / PREFIX).mkdir(exist_ok=True)
+                _enable_controllers(base / PREFIX)
+            else:
+                (base / PREFIX).mkdir(exist_ok=True)
+            group.mkdir(exist_ok=True)
+            return group, base
+        except OSError as exc:
+            problems.append(f"{group}: {exc.strerror or exc}")
+    raise CgroupUnavailable("cannot create a cgroup (" + "; ".join(problems) + ")")
+
+
+@dataclass(frozen=True)
+class AppliedLimits:
+    """Limits in force: the groups made and where the process came from, to undo them."""
+
+    mode: str
+    plan: EmulationPlan
+    agent_id: str
+    pid: int | None
+    groups: tuple[Path, ...]
+    origins: tuple[Path, ...]  # per group: the cgroup the process was in (to move it back)
+    notes: tuple[str, ...] = field(default=())
+
+    def to_info(self) -> dict[str, Any]:
+        """The JSON-able ``info.limits`` the agent publishes."""
+        p = self.plan
+        info: dict[str, Any] = {
+            "mode": self.mode,
+            "cpu_cores": p.cores,
+            "cpu_period_us": p.period_us,
+            "cpu_quota_us": p.quota_us,
+            "threads": p.threads,
+            "memory_bytes": p.memory_bytes,
+            "host_core_gflops": p.host_core_gflops,
+            "scale": p.scale,
+            "cgroups": [str(g) for g in self.groups],
+        }
+        if self.notes:
+            info["notes"] = list(self.notes)
+        return info
+
+    def release(self) -> list[str]:
+        """Move the process back to where it was and remove its groups; what is left over."""
+        if self.pid is not None:
+            for origin in self.origins:
+                try:
+                    _write(origin / "cgroup.procs", str(self.pid))
+                except OSError as exc:
+                    log.warning("agent=%s cannot move back to %s: %s", self.agent_id, origin, exc)
+        return [problem for g in self.groups if (problem := _remove_group(g))]
+
+
+def apply_limits(
+    agent_id: str,
+    plan: EmulationPlan,
+    pid: int | None,
+    root: Path = DEFAULT_ROOT,
+    proc_cgroup: Path | None = None,
+) -> AppliedLimits:
+    """Create the groups, write ``plan`` into them and move ``pid`` in (``None``: move nothing).
+
+    Raises ``CgroupUnavailable`` (after undoing what it did) when any step fails.
+    """
+    if agent_id in (".", "..") or "/" in agent_id:
+        raise CgroupUnavailable(f"agent id {agent_id!r} cannot name a cgroup directory")
+    layout = detect_layout(root, proc_cgroup)
+    made: list[Path] = []
+    origins: list[Path] = []
+    notes: list[str] = []
+    moved: int | None = None
+    try:
+        for key, mount in layout.mounts.items():
+            made.append(_make_group(layout, key, agent_id)[0])
+            own = mount.joinpath(*layout.own[key].strip("/").split("/"))
+            origins.append(own if own.is_dir() else mount)
+            if layout.mode == "cgroup-v2" or key == "cpu":
+                _write_cpu(made[-1], plan, layout.mode)
+            if layout.mode == "cgroup-v2" or key == "memory":
+                _write_memory(made[-1], plan, layout.mode, notes)
+        if pid is not None:
+            moved = pid
+            for group in made:
+                _write(group / "cgroup.procs", str(pid))
+    except (OSError, CgroupUnavailable) as exc:
+        AppliedLimits(layout.mode, plan, agent_id, moved, tuple(made), tuple(origins)).release()
+        if isinstance(exc, CgroupUnavailable):
+            raise
+        where = exc.filename or "a cgroup file"
+        raise CgroupUnavailable(f"cannot write {where}: {exc.strerror}") from None
+    return AppliedLimits(
+        layout.mode, plan, agent_id, pid, tuple(made), tuple(origins), tuple(notes)
+    )
+
+
+def _write_cpu(group: Path, plan: EmulationPlan, mode: str) -> None:
+    if mode == "cgroup-v2":
+        _write(group / "cpu.max", f"{plan.quota_us} {plan.period_us}")
+        return
+    _write(group / "cpu.cfs_quota_us", "-1")  # lift an old quota so any period is accepted
+    _write(group / "cpu.cfs_period_us", str(plan.period_us))
+    _write(group / "cpu.cfs_quota_us", str(plan.quota_us))
+
+
+def _write_memory(group: Path, plan: EmulationPlan, mode: str, notes: list[str]) -> None:
+    if mode == "cgroup-v2":
+        _write(group / "memory.max", str(plan.memory_bytes))
+        return
+    _write(group / "memory.limit_in_bytes", str(plan.memory_bytes))
+    try:  # deprecated in new kernels; without it pages charged before the move stay outside
+        _write(group / "memory.move_charge_at_immigrate", "3")
+    except OSError:
+        notes.append("memory charged before the move stays with the previous cgroup")
+
+
+def _remove_group(group: Path) -> str | None:
+    """rmdir one group unless tasks live in it; a sentence saying why not, or None."""
+    if not group.is_dir():
+        return None
+    try:
+        pids = (group / "cgroup.procs").read_text().split()
+    except OSError:
+        pids = []
+    if pids:
+        shown = ", ".join(pids[:5]) + (", ..." if len(pids) > 5 else "")
+        return f"{group}: {len(pids)} live process(es) (pid {shown}); stop them, then retry"
+    try:
+        group.rmdir()
+    except OSError as exc:
+        why = "it has child groups" if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) else None
+        return f"{group}: cannot remove ({why or exc.strerror})"
+    return None
+
+
+def _prefix_dirs(mount: Path) -> list[Path]:
+    """Every ``edgeslice/`` group below ``mount`` (bounded depth, not descending into them)."""
+    found: list[Path] = []
+    for dirpath, dirnames, _files in os.walk(mount):
+        depth = len(Path(dirpath).relative_to(mount).parts)
+        if PREFIX in dirnames:
+            found.append(Path(dirpath) / PREFIX)
+        dirnames[:] = [] if depth >= _MAX_DEPTH else [d for d in dirnames if d != PREFIX]
+    return found
+
+
+def remove_agent_cgroups(agent_id: str | None = None, root: Path = DEFAULT_ROOT) -> list[str]:
+    """Remove empty ``edgeslice/<agent_id>`` groups (all agents when None); what is left.
+
+    Kills nothing: a group whose agent still runs is reported. With ``agent_id=None`` the
+    ``edgeslice/`` parents are removed too once empty.
+    """
+    mounts = [root / c for c in CONTROLLERS if (root / c).is_dir()]
+    mounts += [m for m in (root, root / "unified") if (m / "cgroup.controllers").exists()]
+    left: list[str] = []
+    for mount in mounts:
+        for parent in _prefix_dirs(mount):
+            groups = sorted(p for p in parent.iterdir() if p.is_dir())
+            chosen = [g for g in groups if agent_id is None or g.name == agent_id]
+            left += [problem for g in chosen if (problem := _remove_group(g))]
+            if agent_id is None and not any(p.is_dir() for p in parent.iterdir()):
+                left += [problem] if (problem := _remove_group(parent)) else []
+    return left
+
+
+def emulate_profile(
+    agent_id: str,
+    profile: FirmwareProfile,
+    scale: float = 1.0,
+    root: Path = DEFAULT_ROOT,
+    proc_cgroup: Path | None = None,
+) -> tuple[AppliedLimits | None, dict[str, Any]]:
+    """Limit this process to ``profile``: (limits in force or None, the ``info.limits`` dict).
+
+    Measures the host's single-core rate first (agent.runtime, torch). Never raises for a
+    machine without cgroups: logs a WARNING, returns ``(None, {"mode": "unlimited", ...})``.
+    """
+    extra: dict[str, Any] = {"scale": scale}
+    try:
+        detect_layout(root, proc_cgroup)
+        from agent.runtime import measure_gflops
+
+        host = measure_gflops(0.3, 1)
+        extra["host_core_gflops"] = round(host, 3)
+        plan = plan_emulation(profile, host, scale)
+        applied = apply_limits(agent_id, plan, os.getpid(), root, proc_cgroup)
+    except CgroupUnavailable as exc:
+        log.warning("agent=%s runs UNLIMITED (no emulation of %s): %s", agent_id, profile.name, exc)
+        return None, {"mode": "unlimited", "reason": str(exc), **extra}
+    log.info(
+        "agent=%s emulates %s: %s %.3f cores (period %d us), %d thread(s), memory %d MiB",
+        agent_id,
+        profile.name,
+        applied.mode,
+        plan.cores,
+        plan.period_us,
+        plan.threads,
+        plan.memory_bytes // MIB,
+    )
+    return applied, applied.to_info()
+
+
+def cgroup_problem(root: Path = DEFAULT_ROOT, proc_cgroup: Path | None = None) -> str | None:
+    """Why limits cannot be applied here, or None: makes and removes a probe group."""
+    probe = f"probe-{os.getpid()}"
+    plan = EmulationPlan(1.0, 1, 256 * MIB, 1.0, 1.0, 100_000, 100_000)
+    try:
+        applied = apply_limits(probe, plan, None, root, proc_cgroup)
+    except CgroupUnavailable as exc:
+        return str(exc)
+    left = applied.release()
+    return "; ".join(left) if left else None
