@@ -24,17 +24,25 @@ Per direction, data passes three stages, all on the event loop's clock:
    blocking). So each segment (1448 bytes of a piece) is lost with probability
    ``loss_pct / 100``, and a piece with a lost segment is held back one
    retransmission timeout, ``max(0.2 s, 2 x RTT)`` (Linux's minimum RTO), with
-   every later piece behind it. Not modelled: fast retransmit (often about one
-   RTT instead of an RTO), congestion-window shrinkage after a loss, and the
-   bandwidth a retransmission uses again. Loss is per segment, not per read,
-   so the loss rate does not depend on how the kernel happens to split reads.
+   every later piece behind it. Loss is per segment, not per read, so the
+   rate does not depend on how the kernel happens to split reads. What this
+   does *not* model: fast retransmit (often one RTT, not an RTO), the
+   congestion window shrinking after a loss, and the bandwidth a resend uses.
+   The pacer keeps sending while a piece is held back, so loss here costs
+   delay and jitter (every message behind a loss waits ~RTO) but almost no
+   long-run throughput (25 Mbit/s, 3 ms, 1 % loss: ~23 Mbit/s measured),
+   whereas real TCP also loses rate (Mathis: about MSS/RTT x 1.22/sqrt(p)).
 
 The pure parts (:class:`LinkSpec`, :class:`Pacer`, :class:`DelayLine`,
 :class:`LossModel`) take times as arguments and are tested without sockets.
 :class:`LinkProxy` is the in-process asyncio shell; ``python -m broker.linkem``
 and :class:`LinkProxyProcess` run it as a subprocess for the testbed, in the
-style of :class:`broker.server.LocalBroker`. Only loopback listen addresses are
-accepted unless ``allow_remote`` is set: an emulator is not a service.
+style of :class:`broker.server.LocalBroker`; the subprocess stops itself when
+the process that started it is gone (it polls its parent pid). Only loopback
+listen addresses are accepted unless ``allow_remote`` is set: an emulator is
+not a service. Accuracy measured on a shared 2-core machine (raw TCP): within
+3 % from 2 to 200 Mbit/s; a 940 Mbit/s link reaches ~800 Mbit/s, the limit of
+one Python event loop, and unshaped the proxy carries ~300 MB/s.
 """
 
 from __future__ import annotations
@@ -155,7 +163,7 @@ class LinkSpec:
 
     def describe(self) -> str:
         """Human summary, e.g. ``8 Mbit/s, 20 ms one-way, 0 % loss``."""
-        bw = "unlimited" if self.unlimited else f"{self.bandwidth_bps * 8 / 1e6:g} Mbit/s"
+        bw = "unlimited bandwidth" if self.unlimited else f"{self.bandwidth_bps * 8 / 1e6:g} Mbit/s"
         return f"{bw}, {self.latency_s * 1000:g} ms one-way, {self.loss_pct:g} % loss"
 
 
