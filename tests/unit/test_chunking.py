@@ -148,7 +148,7 @@ _msgpack_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=5)
     | st.binary(max_size=5),
     lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.sampled_from([*"tsdvrkpnlcm", "pv", "st", "dl"]), inner, max_size=8),
+    | st.dictionaries(st.sampled_from([*"tsdvrkpnlcm", "pv", "st", "dl", "dc"]), inner, max_size=8),
     max_leaves=20,
 )  # fmt: skip
 
