@@ -170,7 +170,12 @@ def agent_cmd(
     applied, limits = _emulate(config, firmware, emulate_scale) if emulate else (None, {})
     try:
         if applied is not None:
-            config = dataclasses.replace(config, emulate=True, threads=applied.plan.threads)
+            config = dataclasses.replace(
+                config,
+                emulate=True,
+                threads=applied.plan.threads,
+                calibrate_seconds=max(calibrate_seconds, applied.plan.min_calibrate_seconds),
+            )
         try:
             service = AgentService(config, limits=limits)
         except EdgesliceError as exc:

@@ -13,9 +13,19 @@ benchmarks and the testbed see realistic, *uneven* devices. How:
   between profiles (an rpi5 agent measures ~2.5x an rpi4 agent). torch gets one
   thread unless the quota exceeds one core, then ``ceil(cores)`` (at most the
   profile's cores): more threads than the quota only stall together at the end
-  of each period. The period is short (10 ms, longer only where the kernel's
-  1 ms minimum quota forces it) so throttling is smooth at the time scale of
-  one stage, not 100 ms bursts of full speed and stalls.
+  of each period. The period is the kernel's default 100 ms: measured on a
+  2-core x86 host, a 10 ms period delivered only 55-75 % of the granted
+  quota's work at 0.15-0.4 core (every period restarts with cold caches and
+  pays the unthrottle latency) while 100 ms delivered ~100 %, so the ratios
+  between profiles hold; the price is bursts (0.15 core = 15 ms of full speed,
+  85 ms stalled), which average out over a stage or a calibration run. A
+  run only counts whole periods to within one burst, so a calibration must
+  span many: under emulation the CLI raises ``--calibrate-seconds`` to at least
+  :attr:`EmulationPlan.min_calibrate_seconds` (20 periods, about 2 s, within
+  ~10 %; the default 0.5 s measured an rpi4 quota anywhere from 60 to 110 %).
+  ``host`` counts the calibration's *CPU* time, not its wall time: on a busy
+  host (other agents, other work) wall time would make the core look slow and
+  every quota too large.
 * **Memory.** ``ram_mb`` MiB as the cgroup memory limit (v1
   ``memory.limit_in_bytes``, v2 ``memory.max``): a stage that would not fit
   the board gets the board's fate (OOM). Pages charged before the move stay
@@ -46,6 +56,7 @@ import errno
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,8 +70,7 @@ DEFAULT_ROOT = Path("/sys/fs/cgroup")
 PREFIX = "edgeslice"
 MIN_CORES = 0.01
 MIN_QUOTA_US = 1_000  # the kernel's minimum CFS quota
-MIN_PERIOD_US = 10_000
-MAX_PERIOD_US = 1_000_000  # the kernel's maximum CFS period
+PERIOD_US = 100_000  # the kernel's default CFS period (see the module docstring)
 CONTROLLERS = ("cpu", "memory")
 _MAX_DEPTH = 8  # how deep remove_agent_cgroups looks for edgeslice/ groups
 
@@ -81,11 +91,15 @@ class EmulationPlan:
     period_us: int
     quota_us: int
 
+    @property
+    def min_calibrate_seconds(self) -> float:
+        """Shortest calibration that sees enough CFS periods to measure the quota's rate."""
+        return 20 * self.period_us / 1e6
+
 
 def cpu_period_quota(cores: float) -> tuple[int, int]:
-    """CFS (period, quota) in µs granting ``cores``: short period, quota never below 1 ms."""
-    period = min(max(MIN_PERIOD_US, math.ceil(MIN_QUOTA_US / cores)), MAX_PERIOD_US)
-    return period, max(MIN_QUOTA_US, round(cores * period))
+    """CFS (period, quota) in µs granting ``cores`` (the quota never below the kernel's 1 ms)."""
+    return PERIOD_US, max(MIN_QUOTA_US, round(cores * PERIOD_US))
 
 
 def plan_emulation(
@@ -362,6 +376,20 @@ def remove_agent_cgroups(agent_id: str | None = None, root: Path = DEFAULT_ROOT)
     return left
 
 
+def host_core_gflops(seconds: float = 0.3) -> float:
+    """This host's single-core GFLOP/s per second of CPU time (contention does not lower it).
+
+    ``measure_gflops`` with one thread runs its kernels on the calling thread, so scaling
+    its wall-clock rate by wall/thread-CPU time removes the time other processes took.
+    """
+    from agent.runtime import measure_gflops
+
+    wall, cpu = time.perf_counter(), time.thread_time()
+    rate = measure_gflops(seconds, 1)
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    return rate * wall / cpu if cpu > 0 else rate
+
+
 def emulate_profile(
     agent_id: str,
     profile: FirmwareProfile,
@@ -377,9 +405,7 @@ def emulate_profile(
     extra: dict[str, Any] = {"scale": scale}
     try:
         detect_layout(root, proc_cgroup)
-        from agent.runtime import measure_gflops
-
-        host = measure_gflops(0.3, 1)
+        host = host_core_gflops()
         extra["host_core_gflops"] = round(host, 3)
         plan = plan_emulation(profile, host, scale)
         applied = apply_limits(agent_id, plan, os.getpid(), root, proc_cgroup)

@@ -30,7 +30,6 @@ def test_quota_gives_the_profile_rate_on_one_host_core() -> None:
     assert plan.threads == 1
     assert plan.memory_bytes == 4096 * MIB
     assert plan.quota_us / plan.period_us == pytest.approx(0.2)
-    assert plan.period_us == 10_000  # short period: smooth throttling
 
 
 def test_profiles_keep_their_speed_ratio() -> None:
@@ -66,7 +65,7 @@ def test_tiny_quota_floors_at_the_kernel_minimum() -> None:
 @pytest.mark.parametrize("cores", [0.01, 0.05, 0.2, 0.9, 1.5, 7.0])
 def test_period_and_quota_stay_in_kernel_bounds(cores: float) -> None:
     period, quota = cpu_period_quota(cores)
-    assert quota >= 1000 and 10_000 <= period <= 1_000_000
+    assert quota >= 1000 and 1000 <= period <= 1_000_000
     assert quota / period == pytest.approx(cores, rel=0.01)
 
 
@@ -109,8 +108,8 @@ def test_v1_limits_land_in_cpu_and_memory_groups_nested_in_the_own_cgroup(tmp_pa
     applied = apply_limits("pi-1", plan, 4242, root, proc)
     cpu = root / "cpu" / "edgeslice" / "pi-1"
     mem = root / "memory" / "sandbox" / "x" / "edgeslice" / "pi-1"
-    assert (cpu / "cpu.cfs_period_us").read_text() == "10000"
-    assert (cpu / "cpu.cfs_quota_us").read_text() == "2000"
+    assert (cpu / "cpu.cfs_period_us").read_text() == "100000"
+    assert (cpu / "cpu.cfs_quota_us").read_text() == "20000"
     assert (mem / "memory.limit_in_bytes").read_text() == str(4096 * MIB)
     assert (cpu / "cgroup.procs").read_text() == "4242"
     assert (mem / "cgroup.procs").read_text() == "4242"
@@ -135,7 +134,7 @@ def test_v2_limits_enable_controllers_and_write_cpu_max(tmp_path: Path) -> None:
     group = root / "edgeslice" / "pi-5"
     assert applied.to_info()["mode"] == "cgroup-v2"
     assert applied.groups == (group,)
-    assert (group / "cpu.max").read_text() == "5000 10000"
+    assert (group / "cpu.max").read_text() == "50000 100000"
     assert (group / "memory.max").read_text() == str(8192 * MIB)
     assert (group / "cgroup.procs").read_text() == "99"
     for parent in (root, root / "edgeslice"):
