@@ -223,17 +223,24 @@ class Testbed:
         """Stop every process and remove the agents' cgroups; what could not be removed."""
         if self.fleet is not None:
             self.fleet.close()
-        return remove_cgroups()
+        return remove_cgroups(self.agents)
 
 
-def remove_cgroups() -> list[str]:
-    """Ask the agent package (in a subprocess: planner never imports agent) to clean cgroups."""
+def remove_cgroups(agent_ids: list[str]) -> list[str]:
+    """Remove these agents' cgroups, via the agent package in a subprocess (planner never
+    imports agent); what could not be removed. Other fleets' cgroups are left alone."""
+    if not agent_ids:
+        return []
     code = (
         "import json,sys\nfrom agent.limits import remove_agent_cgroups\n"
-        "print(json.dumps(remove_agent_cgroups(None)))"
+        "print(json.dumps([x for a in sys.argv[1:] for x in remove_agent_cgroups(a)]))"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-c", code, *agent_ids],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     if proc.returncode != 0:
         return [f"cgroup cleanup failed: {proc.stderr.strip()[-300:]}"]
@@ -266,7 +273,7 @@ def down_from_state(path: str, timeout: float = 15.0) -> list[str]:
                     os.killpg(pid, signal.SIGKILL)
     time.sleep(0.2)
     left += [f"pid {p}" for p in [*pids, *([int(broker)] if broker else [])] if _alive(p)]
-    left += remove_cgroups()
+    left += remove_cgroups([str(a) for a in state.get("agents", [])])
     Path(path).unlink(missing_ok=True)
     return left
 
