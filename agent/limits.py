@@ -52,6 +52,7 @@ file as parameters so tests can run them on a directory of plain files.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import math
@@ -71,6 +72,7 @@ PREFIX = "edgeslice"
 MIN_CORES = 0.01
 MIN_QUOTA_US = 1_000  # the kernel's minimum CFS quota
 PERIOD_US = 100_000  # the kernel's default CFS period (see the module docstring)
+MAX_CORRECTION = 2.5  # most corrected_plan may raise a quota
 CONTROLLERS = ("cpu", "memory")
 _MAX_DEPTH = 8  # how deep remove_agent_cgroups looks for edgeslice/ groups
 
@@ -90,6 +92,7 @@ class EmulationPlan:
     scale: float
     period_us: int
     quota_us: int
+    correction: float = 1.0  # factor applied by corrected_plan (1.0 = open-loop estimate)
 
     @property
     def min_calibrate_seconds(self) -> float:
@@ -125,6 +128,27 @@ def plan_emulation(
         scale=scale,
         period_us=period,
         quota_us=quota,
+    )
+
+
+def corrected_plan(
+    plan: EmulationPlan, measured_gflops: float, host_cpus: int | None = None
+) -> EmulationPlan:
+    """``plan`` with its quota scaled so the rate measured under it meets the target.
+
+    Small quotas deliver less than their share of a core (after each stall the caches are
+    cold; an rpi3b's 0.05 core measured ~60 % of its target, an rpi5's 0.47 core ~95 %),
+    which would bend the ratios between profiles. One measurement under the quota fixes
+    that; the factor is bounded so a momentarily busy host cannot inflate the quota much.
+    """
+    target = plan.cores * plan.host_core_gflops
+    factor = target / measured_gflops if measured_gflops > 0 else MAX_CORRECTION
+    factor = min(max(factor, 1 / 1.25), MAX_CORRECTION)
+    cpus = host_cpus or os.cpu_count() or 1
+    cores = min(max(plan.cores * factor, MIN_CORES), float(cpus))
+    _period, quota = cpu_period_quota(cores)
+    return dataclasses.replace(
+        plan, cores=round(cores, 4), quota_us=quota, correction=round(factor, 3)
     )
 
 
@@ -244,6 +268,7 @@ class AppliedLimits:
             "cpu_cores": p.cores,
             "cpu_period_us": p.period_us,
             "cpu_quota_us": p.quota_us,
+            "quota_correction": p.correction,
             "threads": p.threads,
             "memory_bytes": p.memory_bytes,
             "host_core_gflops": p.host_core_gflops,
@@ -253,6 +278,11 @@ class AppliedLimits:
         if self.notes:
             info["notes"] = list(self.notes)
         return info
+
+    def retune(self, plan: EmulationPlan) -> AppliedLimits:
+        """Write ``plan``'s CPU quota into the group (the first group holds the cpu controller)."""
+        _write_cpu(self.groups[0], plan, self.mode)
+        return dataclasses.replace(self, plan=plan)
 
     def release(self) -> list[str]:
         """Move the process back to where it was and remove its groups; what is left over."""
@@ -412,13 +442,23 @@ def emulate_profile(
     except CgroupUnavailable as exc:
         log.warning("agent=%s runs UNLIMITED (no emulation of %s): %s", agent_id, profile.name, exc)
         return None, {"mode": "unlimited", "reason": str(exc), **extra}
+    from agent.runtime import measure_gflops
+
+    measured = measure_gflops(plan.min_calibrate_seconds / 2, plan.threads)
+    try:
+        applied = applied.retune(corrected_plan(plan, measured))
+    except OSError as exc:
+        log.warning("agent=%s keeps the uncorrected quota: %s", agent_id, exc)
+    plan = applied.plan
     log.info(
-        "agent=%s emulates %s: %s %.3f cores (period %d us), %d thread(s), memory %d MiB",
+        "agent=%s emulates %s: %s %.3f cores (x%.2f after a trial %.2f GFLOP/s), "
+        "%d thread(s), memory %d MiB",
         agent_id,
         profile.name,
         applied.mode,
         plan.cores,
-        plan.period_us,
+        plan.correction,
+        measured,
         plan.threads,
         plan.memory_bytes // MIB,
     )
