@@ -123,6 +123,9 @@ def run_strategy(
     async def go() -> dict[str, Any]:
         async with InferenceClient(settings, model) as client:
             plan = await client.wait_ready(300)
+            while plan.strategy != strategy or plan.objective not in (objective, "none"):
+                # a plan retained by the previous planner: wait for this planner's own
+                plan = await client.wait_ready(300, other_than=plan.plan_id)
             return await measure_plan(
                 client, plan, inputs, latency_requests, throughput_requests, in_flight
             )

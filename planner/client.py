@@ -111,12 +111,20 @@ class InferenceClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def wait_ready(self, timeout: float = 120.0, newer_than: int = 0) -> PlanMessage:
-        """The current plan once every agent of it is ready (and its version > newer_than)."""
+    async def wait_ready(
+        self, timeout: float = 120.0, newer_than: int = 0, other_than: str = ""
+    ) -> PlanMessage:
+        """The current plan once every agent of it is ready (and its version > newer_than,
+        and its plan id not ``other_than``: a restarted planner's plan)."""
 
         def ready() -> bool:
             p = self.plan
-            return p is not None and p.ready and p.plan_version > newer_than
+            return (
+                p is not None
+                and p.ready
+                and p.plan_version > newer_than
+                and p.plan_id != other_than
+            )
 
         async with self._plan_changed:
             try:

@@ -145,19 +145,25 @@ class LocalFleet:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def close(self) -> None:
-        """Stop every process (agents first, planner last)."""
-        names = sorted(self.procs, key=lambda n: n == "planner")
-        deadline = time.monotonic() + 15.0
-        for name in names:
-            if self.alive(name):
-                self.signal(name, signal.SIGTERM)
-        for name in names:
-            proc = self.procs[name]
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.signal(name, signal.SIGKILL)
-                proc.wait()
+        """Stop every process in tiers: planner and agents, then link proxies, then the
+        broker, so agents can still publish their offline status on the way out."""
+
+        def tier(name: str) -> int:
+            return 2 if name == "broker" else 1 if name.startswith("link-") else 0
+
+        for level in (0, 1, 2):
+            names = [n for n in self.procs if tier(n) == level]
+            deadline = time.monotonic() + 15.0
+            for name in names:
+                if self.alive(name):
+                    self.signal(name, signal.SIGTERM)
+            for name in names:
+                proc = self.procs[name]
+                try:
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self.signal(name, signal.SIGKILL)
+                    proc.wait()
 
     def __enter__(self) -> LocalFleet:
         return self

@@ -125,6 +125,10 @@ class PlannerService:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # nobody serves or re-plans this plan any more: clients must not route by it
+            await self.client.publish(
+                self.topics.plan(self.model_name), b"", qos=1, retain=True, timeout=5.0
+            )
             await self.client.publish(
                 self.topics.planner_status(),
                 codec.encode(PlannerStatus(state=OFFLINE, ts=time.time())),
