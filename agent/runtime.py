@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from broker.calibration import measure_gflops as measure_gflops  # re-export for the agent
 from broker.protocol.artifacts import (
     STAGE_FORMAT,
     STAGE_KIND,
@@ -248,44 +249,3 @@ class ArtifactCache:
 
     def remove(self, sha: str) -> None:
         self.path(sha).unlink(missing_ok=True)
-
-
-def _timed_rate(
-    step: Callable[[], None], flops_per_step: float, seconds: float
-) -> tuple[float, float]:
-    """Run ``step`` for about ``seconds``; returns (flops done, time taken)."""
-    step()  # warm-up: first call allocates and picks kernels
-    count, start = 0, time.perf_counter()
-    while True:
-        step()
-        count += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return count * flops_per_step, elapsed
-
-
-def measure_gflops(seconds: float = 0.5, threads: int | None = None) -> float:
-    """Effective fp32 GFLOP/s over half matmul, half 3×3 convolution (a CNN-like mix)."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        set_threads(threads)
-    try:
-        gen = torch.Generator().manual_seed(0)
-        a = torch.randn(256, 256, generator=gen)
-        b = torch.randn(256, 256, generator=gen)
-        image = torch.randn(1, 64, 28, 28, generator=gen)
-        weight = torch.randn(64, 64, 3, 3, generator=gen)
-
-        def matmul() -> None:
-            torch.mm(a, b)
-
-        def conv() -> None:
-            torch.nn.functional.conv2d(image, weight, padding=1)
-
-        with torch.inference_mode():
-            mm_flops, mm_time = _timed_rate(matmul, 2.0 * 256**3, seconds / 2)
-            conv_flops, conv_time = _timed_rate(conv, 2.0 * 64 * 64 * 9 * 28 * 28, seconds / 2)
-    finally:
-        if threads is not None:
-            torch.set_num_threads(previous)
-    return (mm_flops + conv_flops) / (mm_time + conv_time) / 1e9

@@ -80,6 +80,7 @@ class PlannerService:
         self.model_name = ""
         self.loaded: Any = None
         self.profile: Any = None
+        self.cost: Any = None  # the profile's ModelCost with measured, timed segment costs
         self.plan: Plan | None = None
         self.plan_message: PlanMessage | None = None
         self.assigned: dict[str, list[int]] = {}
@@ -98,6 +99,7 @@ class PlannerService:
     async def run(self, stop: asyncio.Event) -> None:
         from planner.modelspec import load_model
         from planner.profile import profile_model
+        from planner.timing import timed_cost
 
         started = time.perf_counter()
         self.loaded = await asyncio.to_thread(load_model, self.config.model_spec)
@@ -109,11 +111,19 @@ class PlannerService:
             self.config.max_segments,
             self.model_name,
         )
+        # price segments by their measured time, not raw FLOPs (see planner/timing.py)
+        self.cost, reference = await asyncio.to_thread(
+            timed_cost, self.profile, self.loaded.example_inputs
+        )
         log.info(
-            "planner model=%s segments=%d profiled in %.1fs",
+            "planner model=%s segments=%d profiled and timed in %.1fs (%.2f GFLOP "
+            "calibration-equivalent at %.1f GFLOP/s here; %.2f GFLOP counted)",
             self.model_name,
             len(self.profile.segments),
             time.perf_counter() - started,
+            sum(seg.flops for seg in self.cost.segments) / 1e9,
+            reference,
+            self.profile.total_flops / 1e9,
         )
         await self.client.connect()
         # a plan retained by an earlier planner names stages agents may no longer hold
@@ -264,7 +274,7 @@ class PlannerService:
             )
             await self._publish_status()
             return
-        cost = self.profile.to_cost()
+        cost = self.cost
         params = CostParams(correction=self._correction())
         if self.config.strategy == "edgeslice":
             objective = cast(Objective, self.config.objective)
@@ -374,7 +384,7 @@ class PlannerService:
 
         if self.plan_message is None:
             return {}
-        cost = self.profile.to_cost()
+        cost = self.cost
         devices = {d.agent_id: d for d in self.registry.devices(time.time())}
         ranges = {s.artifact: (s.start_segment, s.end_segment) for s in self.plan_message.stages}
         samples = []
