@@ -1,10 +1,11 @@
 """Receiving chunked transfers: parse chunks, put payloads back together, bounded and safe.
 
 Wire format and sending side: :mod:`broker.protocol.chunking` (which re-exports this module).
-With the header's chunk capacity (``dc``) each data chunk is copied once, to its offset in the
-final bytearray, as it arrives, and crc32 runs over the in-order prefix meanwhile, so completion
-costs O(1) instead of a join plus a checksum pass after the last chunk (CPU the receiver's paho
-thread would wait for, GIL). Without ``dc`` (older senders) chunks are joined at completion.
+With the header's chunk capacity (``dc``) each data chunk is copied once, as it arrives, to its
+offset in the final bytearray (grown in order, so pages are touched as data comes, not all at
+the header) and crc32 runs over the in-order prefix meanwhile: completion is O(1), not a join
+plus a checksum pass after the last chunk (CPU the receiver's paho thread would wait for).
+Without ``dc`` (older senders) chunks are joined at completion.
 Limits are enforced by *refusing* the transfer that would break them, never by evicting another.
 """
 
@@ -154,10 +155,8 @@ class _Open:
     """One transfer being reassembled: its data in ``parts`` (no layout known yet) or placed in
     ``payload`` (layout known), where ``crc`` covers the data of chunks ``0 .. crc_next-1``."""
 
-    __slots__ = (
-        "cap", "charged", "crc", "crc_next", "first", "first_seen", "header", "parts",
-        "payload", "received", "seen",
-    )  # fmt: skip
+    __slots__ = ("cap", "charged", "crc", "crc_next", "first", "first_seen", "header", "parts",
+                 "payload", "received", "seen")  # fmt: skip
 
     def __init__(self, now: float) -> None:
         self.header: TransferHeader | None = None
@@ -176,13 +175,16 @@ class _Open:
     def place(self, seq: int, piece: _Piece) -> str | None:
         """Copy ``piece`` into its slot of ``payload`` and extend the crc over the in-order
         prefix; a detail string if the piece does not fit its slot."""
-        assert self.payload is not None
-        start, end = self.slot(seq, len(self.payload))
+        payload, header = self.payload, self.header
+        assert payload is not None and header is not None
+        start, end = self.slot(seq, header.total_length)
         if len(piece) != end - start:
             return f"chunk {seq} carries {len(piece)} B; the header's layout puts {end - start} B"
-        self.payload[start:end] = piece
+        if start > len(payload):  # ahead of the data so far: zeros until its gap is filled
+            payload += bytes(start - len(payload))
+        payload[start:end] = piece  # at the end this grows it: no page is touched before use
         self.seen.add(seq)
-        with memoryview(self.payload) as view:
+        with memoryview(payload) as view:
             while self.crc_next in self.seen:  # in order: just this piece, while it is hot
                 start, end = self.slot(self.crc_next, len(view))
                 self.crc = zlib.crc32(view[start:end], self.crc)
@@ -204,13 +206,9 @@ class Reassembler:
     """
 
     def __init__(
-        self,
-        max_open: int = 64,
-        max_buffered_bytes: int = 512 * _MiB,
-        max_age_s: float = 60.0,
-        max_transfer_bytes: int = 1024 * _MiB,
-        max_chunk_bytes: int = 16 * _MiB,
-    ) -> None:
+        self, max_open: int = 64, max_buffered_bytes: int = 512 * _MiB, max_age_s: float = 60.0,
+        max_transfer_bytes: int = 1024 * _MiB, max_chunk_bytes: int = 16 * _MiB,
+    ) -> None:  # fmt: skip
         self.max_open = max_open
         self.max_buffered_bytes = max_buffered_bytes
         self.max_age_s = max_age_s
@@ -343,7 +341,7 @@ class Reassembler:
                 entry.charged += extra
                 entry.header = header
                 if cap and first <= length:  # the layout is known: allocate the final buffer
-                    entry.payload, entry.first, entry.cap = bytearray(length), first, cap
+                    entry.payload, entry.first, entry.cap = bytearray(), first, cap
                     for seq, part in sorted(entry.parts.items()):  # data before the header
                         if misfit := entry.place(seq, part):
                             return self._drop(tid, "malformed", misfit, now)
