@@ -2,16 +2,18 @@
 
 For each tensor size (1, 16, 64 MiB) and in the same run, against the same broker:
 
-* **chunked** (ours): ``pack_tensors`` -> ``encode_transfer`` (256 KiB chunks) -> QoS 1
+* **chunked** (ours): ``pack_tensors`` -> ``stream_transfer`` (256 KiB chunks) -> QoS 1
   publishes via :class:`broker.client.MqttClient` -> a second MqttClient -> ``Reassembler`` ->
-  ``unpack_tensors``; timed from the first publish call to the tensor in hand.
-* **raw** (baseline): the same bytes cut into the same chunk size, QoS 1, published by a
-  plain paho client and counted by a plain paho subscriber; timed the same way.
+  ``unpack_tensors``; timed from ``pack_tensors`` to the tensor in the receiver's hand.
+* **raw** (baseline): as many random bytes cut into the same chunk size, QoS 1, published by
+  a plain paho client and counted by a plain paho subscriber; timed from the first cut to the
+  last byte counted.
 * **unchunked**: one 64 MiB QoS 1 message through plain paho, for contrast.
 
-Each measurement is the median of ``repeats`` runs after ``WARMUP`` warm-up transfers; both
-paths get the same warm-up, QoS, chunk size and a receiver in its own (fresh) process, and they
-alternate, so the ratio is what the chunked protocol costs. Several warm-up transfers, not one:
+Each measurement is the median of ``repeats`` runs (more for sizes under 16 MiB, which take
+milliseconds) after ``WARMUP`` warm-up transfers in each receiver process; both paths get the
+same warm-up, QoS, chunk size and a receiver in its own (fresh) process, and they alternate, so
+the ratio is what the chunked protocol costs. Several warm-up transfers, not one:
 a fresh process needs a few transfers before its allocator and lazy imports settle (at 1 MiB the
 chunked path's 2nd..4th transfers took 2.5x, 1.6x, 1.3x its steady time), and the agents this
 stands for are long-lived processes.
@@ -182,14 +184,17 @@ def main(quick: bool = False, broker_url: str | None = None) -> dict[str, Any]:
     try:
         for mib in sizes:
             size = mib * MiB
-            # WARMUP transfers each, then ``repeats`` timed ones; the two paths alternate
+            # WARMUP transfers each, then ``timed`` ones; the two paths alternate. Small sizes
+            # take milliseconds, so they get more samples (the same for both paths).
+            timed = max(repeats, 16 * repeats // mib)
             chunked, raw = [], []
             for _ in range(2):
-                chunked += measure("chunked", url, size, WARMUP + repeats)[WARMUP:]
-                raw += measure("raw", url, size, WARMUP + repeats)[WARMUP:]
+                chunked += measure("chunked", url, size, WARMUP + timed)[WARMUP:]
+                raw += measure("raw", url, size, WARMUP + timed)[WARMUP:]
             row = {
                 "size_mib": mib,
                 "chunk_bytes": CHUNK,
+                "samples": len(chunked),
                 "chunked_s": median(chunked),
                 "raw_s": median(raw),
                 "chunked_MBps": size / median(chunked) / 1e6,
