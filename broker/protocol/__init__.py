@@ -7,4 +7,4 @@ tensor packing (:mod:`.tensors`) and the exception tree (:mod:`.errors`).
 """
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1  # 1: chunk headers carry "dc" (chunk capacity)
