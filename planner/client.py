@@ -35,7 +35,7 @@ from broker.protocol.messages import Info, PlanMessage, Telemetry
 from broker.protocol.tensors import pack_tensors, unpack_tensors
 from broker.protocol.topics import Kind, Topics
 from broker.settings import BrokerSettings
-from planner.scoring import Candidate, Weights, choose
+from planner.scoring import Candidate, Weights, choose, eligible
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ class _AgentState:
     mem_free: float = 1.0
     rtt_s: float = 0.0
     in_flight: int = 0
-    recent: dict[int, float] = field(default_factory=dict)  # stage -> EWMA seconds
+    recent: dict[int, float] = field(default_factory=dict)  # stage -> EWMA queue+compute s
+    compute: dict[int, float] = field(default_factory=dict)  # stage -> EWMA compute s
 
 
 class InferenceClient:
@@ -182,7 +183,16 @@ class InferenceClient:
                 await asyncio.wait_for(self._plan_changed.wait_for(changed), timeout)
 
     def choose_route(self, plan: PlanMessage) -> list[str]:
-        """One agent per stage, by AMP4EC weighted scoring among the stage's replicas."""
+        """One agent per stage among the stage's replicas.
+
+        Both policies first drop replicas AMP4EC calls ineligible (load or link latency over
+        the thresholds; all of them if none is left). Plans of the ``amp4ec`` strategy then
+        take the paper's weighted score. edgeslice plans take the replica that should finish
+        soonest, ``(in flight + 1) x its stage time`` (measured by this client, else the
+        planner's prediction): the score's balance term spreads requests evenly, which
+        starves a fast replica beside a slow one, while the planner sized replicas assuming
+        each serves in proportion to its speed.
+        """
         route = []
         for stage in plan.stages:
             cands = []
@@ -198,7 +208,20 @@ class InferenceClient:
                         latency_s=st.rtt_s,
                     )
                 )
-            route.append(choose(cands, self.weights).agent_id)
+            if plan.strategy == "amp4ec" or len(cands) == 1:
+                route.append(choose(cands, self.weights).agent_id)
+                continue
+            pool = [c for c in cands if eligible(c, self.weights)] or cands
+            predicted = dict(zip(stage.agents, stage.replica_period_s, strict=False))
+            finish = {
+                c.agent_id: (c.in_flight + 1)
+                * (
+                    self.agents[c.agent_id].compute.get(stage.stage)
+                    or predicted.get(c.agent_id, 1.0)
+                )
+                for c in pool
+            }
+            route.append(min(pool, key=lambda c: (finish[c.agent_id], c.agent_id)).agent_id)
         return route
 
     async def _attempt(
@@ -269,6 +292,9 @@ class InferenceClient:
             prev = st.recent.get(stage)
             value = float(t.get("compute_s", 0.0)) + float(t.get("queue_s", 0.0))
             st.recent[stage] = value if prev is None else 0.7 * prev + 0.3 * value
+            busy = float(t.get("compute_s", 0.0))
+            last = st.compute.get(stage)
+            st.compute[stage] = busy if last is None else 0.7 * last + 0.3 * busy
         return InferenceResult(request_id, outputs, latency, timings, route, plan.plan_version)
 
     # -- incoming ---------------------------------------------------------------

@@ -36,7 +36,7 @@ from broker.protocol.messages import (
 )
 from broker.protocol.topics import Kind, Topics
 from broker.settings import BrokerSettings
-from planner.costmodel import CostParams
+from planner.costmodel import CostParams, stage_period_s
 from planner.partition import STRATEGIES, Objective, Plan, plan_partition
 from planner.registry import Registry
 
@@ -284,6 +284,7 @@ class PlannerService:
         else:  # a baseline, priced by the same cost model so predictions stay comparable
             plan = STRATEGIES[self.config.strategy](cost, devices, params)
         boundaries = [s.start for s in plan.stages] + [len(cost.segments)]
+        by_id = {d.agent_id: d for d in devices}
         started = time.perf_counter()
         artifacts = await asyncio.to_thread(
             build_stages,
@@ -314,6 +315,9 @@ class PlannerService:
                 predicted_compute_s=s.compute_s,
                 predicted_transfer_s=s.in_transfer_s,
                 out_bytes=cost.segments[s.end - 1].out_bytes,
+                replica_period_s=[
+                    stage_period_s(cost, s.start, s.end, by_id[a], params) for a in s.agents
+                ],
                 param_bytes=art.param_bytes,
             )
             for s, art in zip(plan.stages, artifacts, strict=True)

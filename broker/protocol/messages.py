@@ -178,6 +178,7 @@ class PlanStage:
     predicted_transfer_s: float = 0.0
     out_bytes: int = 0
     param_bytes: int = 0
+    replica_period_s: list[float] = field(default_factory=list)  # per agent, predicted busy s
 
 
 @dataclass(frozen=True)
