@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["planner", "transport", "strategies", "scaling"])
+@pytest.mark.parametrize("name", ["planner", "transport", "strategies", "scaling", "simulation"])
 def test_quick_benchmark_writes_results_with_machine(name: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "broker.cli", "bench", name, "--quick"],
@@ -28,6 +28,8 @@ def test_quick_benchmark_writes_results_with_machine(name: str) -> None:
     assert result["machine"]["cpu_count"] >= 1
     if name == "transport":
         assert all(row["chunked_MBps"] > 0 and row["raw_MBps"] > 0 for row in result["rows"])
+    if name == "simulation":
+        assert result["simulated"] is True and "SIMULATED" in result["note"]
     if name in ("strategies", "scaling"):  # measured on an emulated fleet, every row complete
         rows = result["rows"]
         assert rows and all("measured" in r and r["measured"]["throughput_rps"] > 0 for r in rows)
