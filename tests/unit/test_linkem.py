@@ -7,15 +7,14 @@ import math
 
 import pytest
 
-from broker.linkem import (
+from broker.linkem import LinkProxy, main
+from broker.linkshape import (
     MSS,
     DelayLine,
-    LinkProxy,
     LinkSpec,
     LossModel,
     Pacer,
     is_loopback,
-    main,
     piece_size,
 )
 from broker.protocol.errors import ConfigError
