@@ -21,15 +21,24 @@ from __future__ import annotations
 
 import functools
 import logging
-import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor, fx, nn
-from torch.utils import flop_counter
 
 from broker.protocol.errors import ConfigError
+from planner.tracing import (
+    TracedGraph,
+    crossing_after,
+    is_view,
+    live_ranges,
+    reference_run,
+    trace,
+    value_bytes,
+)
+from planner.tracing import (
+    count_flops as count_flops,  # re-exported: part of this module's API
+)
 
 if TYPE_CHECKING:
     from planner.costmodel import ModelCost
@@ -37,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_CROSSING = 4  # tensors allowed to cross one cut
-_GUARDS = "_guards_fn"  # call_module node torch.export adds to check input shapes
 
 
 @dataclass(frozen=True)
@@ -63,17 +71,6 @@ class SegmentProfile:
     out_bytes: int
     act_bytes: int
     outputs: tuple[TensorInfo, ...]  # what crosses the cut after this segment
-
-
-@dataclass(frozen=True)
-class TracedGraph:
-    """The exported, functional graph the profile was measured on (reused to build stages)."""
-
-    module: fx.GraphModule
-    order: tuple[fx.Node, ...]  # compute nodes in execution order
-    placeholders: tuple[fx.Node, ...]
-    outputs: tuple[fx.Node, ...]  # flat model outputs
-    cache: dict[Any, Any] = field(default_factory=dict, compare=False)  # planner.stages exports
 
 
 @dataclass(frozen=True)
@@ -124,175 +121,6 @@ def tensor_info(name: str, value: Any) -> TensorInfo:
     return TensorInfo(
         name, tuple(int(d) for d in value.shape), dtype, value.numel() * value.element_size()
     )
-
-
-def _value_bytes(value: Any) -> int:
-    if isinstance(value, Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, list | tuple):
-        return sum(_value_bytes(v) for v in value)
-    return 0
-
-
-def _is_view(node: fx.Node) -> bool:
-    """True for ops whose output aliases an input (views, getitem): they allocate nothing."""
-    if node.target is operator.getitem:
-        return True
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and any(r.alias_info is not None for r in schema.returns)
-
-
-def _sdpa_cpu_flops(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kw: Any) -> int:
-    return int(flop_counter.sdpa_flop_count(q, k, v))
-
-
-def _flop_mode() -> flop_counter.FlopCounterMode:
-    # FlopCounterMode has no formula for the CPU flash-attention kernel sdpa dispatches to.
-    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    return flop_counter.FlopCounterMode(display=False, custom_mapping={cpu_sdpa: _sdpa_cpu_flops})
-
-
-def _functionalize(ep: torch.export.ExportedProgram) -> fx.GraphModule:
-    """``ep.module()`` with in-place ops (``relu_``) replaced by their functional variant.
-
-    Cut analysis follows data edges, which an in-place op on a value read later would
-    break. The common case — the mutated value is read by nobody after the mutation —
-    is rewritten directly (milliseconds); anything else goes through
-    ``run_decompositions({})``, which is correct but costs seconds on a CNN.
-    """
-    gm = ep.module()
-    nodes = list(gm.graph.nodes)
-    position = {n: i for i, n in enumerate(nodes)}
-    rewrites: list[tuple[fx.Node, Any]] = []
-    for node in nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None or not schema.is_mutable:
-            continue
-        base = node.args[0] if node.args else None
-        name = schema.name.split("::")[-1]
-        packet = getattr(torch.ops.aten, name.removesuffix("_"), None)
-        overload = getattr(packet, getattr(node.target, "_overloadname", "default"), None)
-        simple = (
-            name.endswith("_")
-            and overload is not None
-            and isinstance(base, fx.Node)
-            and base.op == "call_function"
-            and all(position[u] <= position[node] for u in base.users)
-        )
-        if not simple:
-            log.info("in-place op %s on a value read later: running full decomposition", node)
-            return ep.run_decompositions({}).module()
-        rewrites.append((node, overload))
-    for node, overload in rewrites:
-        node.target = overload
-    gm.recompile()
-    return gm
-
-
-def count_flops(module: nn.Module, inputs: tuple[Tensor, ...]) -> float:
-    """FLOPs of one no-grad forward pass, counted the same way as the segments are."""
-    with torch.no_grad(), _flop_mode() as counter:
-        module(*inputs)
-    return float(counter.get_total_flops())
-
-
-def trace(module: nn.Module, example_inputs: tuple[Tensor, ...]) -> TracedGraph:
-    """Export ``module`` and list its compute nodes, inputs and flat outputs."""
-    module.eval()
-    try:
-        ep = torch.export.export(module, tuple(example_inputs))
-    except Exception as exc:
-        raise ConfigError(
-            f"torch.export could not trace {type(module).__name__}: {type(exc).__name__}: "
-            f"{str(exc)[:2000]}\nMake forward() exportable (see the torch.export docs on "
-            "graph breaks and data-dependent control flow)"
-        ) from exc
-    try:
-        gm = _functionalize(ep)
-    except Exception as exc:  # e.g. a submodule named like a GraphModule attribute ("meta")
-        raise ConfigError(
-            f"torch.export traced {type(module).__name__} but could not rebuild it as a graph "
-            f"module: {type(exc).__name__}: {str(exc)[:1000]} (rename submodules that shadow "
-            "torch.fx.GraphModule attributes such as 'meta', 'graph' or 'code')"
-        ) from exc
-    order, placeholders = [], []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            placeholders.append(node)
-        elif node.op == "call_module" and node.target == _GUARDS:
-            continue
-        elif node.op in ("call_function", "call_method"):
-            order.append(node)
-        elif node.op == "call_module":
-            raise ConfigError(
-                f"exported graph of {type(module).__name__} calls submodule "
-                f"{node.target!r}; edgeslice cannot split such a graph"
-            )
-    (out_node,) = gm.graph.find_nodes(op="output")
-    flat, _ = torch.utils._pytree.tree_flatten(out_node.args[0])
-    if not all(isinstance(v, fx.Node) for v in flat):
-        raise ConfigError(f"{type(module).__name__} returns constants; return only tensors")
-    return TracedGraph(gm, tuple(order), tuple(placeholders), tuple(flat))
-
-
-class _Reference(fx.Interpreter):
-    """Runs the graph once, recording each node's FLOPs and output (or just its size)."""
-
-    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node] | None, count_flops: bool) -> None:
-        super().__init__(gm)
-        self.count_flops = count_flops
-        self.flops: dict[fx.Node, float] = {}
-        self.nbytes: dict[fx.Node, int] = {}
-        self.values: dict[fx.Node, Any] = {}
-        self.keep = keep
-
-    def run_node(self, n: fx.Node) -> Any:
-        if n.op == "call_module" and n.target == _GUARDS:
-            return None
-        if self.count_flops:
-            with _flop_mode() as counter:
-                out = super().run_node(n)
-            self.flops[n] = float(counter.get_total_flops())
-        else:
-            out = super().run_node(n)
-        self.nbytes[n] = _value_bytes(out)
-        if self.keep is None or n in self.keep:
-            self.values[n] = out
-        return out
-
-
-def reference_run(
-    graph: TracedGraph,
-    inputs: tuple[Tensor, ...],
-    keep: set[fx.Node] | None = None,
-    count_flops: bool = True,
-) -> _Reference:
-    """One no-grad run of the traced graph; ``keep`` limits which outputs are retained."""
-    ref = _Reference(graph.module, keep, count_flops)
-    with torch.no_grad():
-        ref.run(*inputs, enable_io_processing=False)
-    return ref
-
-
-def live_ranges(graph: TracedGraph) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
-    """Definition and last-use positions of every activation (placeholders defined at -1)."""
-    end = len(graph.order)
-    defined = {p: -1 for p in graph.placeholders} | {n: i for i, n in enumerate(graph.order)}
-    last = dict.fromkeys(defined, -1)
-    for i, node in enumerate(graph.order):
-        for arg in node.all_input_nodes:
-            if arg in defined:
-                last[arg] = max(last[arg], i)
-    for out in graph.outputs:
-        last[out] = end
-    return defined, last
-
-
-def crossing_after(
-    graph: TracedGraph, position: int, defined: dict[fx.Node, int], last: dict[fx.Node, int]
-) -> list[fx.Node]:
-    """Activations defined at or before ``position`` and used after it, in definition order."""
-    return [v for v, d in defined.items() if d <= position < last[v]]
 
 
 def _ancestors(graph: TracedGraph, defined: dict[fx.Node, int]) -> dict[fx.Node, int]:
@@ -360,9 +188,9 @@ def _param_bytes(gm: fx.GraphModule, nodes: list[fx.Node]) -> int:
             if arg.op == "get_attr" and arg.target not in seen:
                 obj = functools.reduce(getattr, str(arg.target).split("."), gm)
                 if isinstance(obj, nn.Module):
-                    size = sum(_value_bytes(t) for t in obj.state_dict().values())
+                    size = sum(value_bytes(t) for t in obj.state_dict().values())
                 else:
-                    size = _value_bytes(obj)
+                    size = value_bytes(obj)
                 seen[str(arg.target)] = size
     return sum(seen.values())
 
@@ -380,7 +208,7 @@ def _peak_bytes(
     peak = sum(live.values())
     for pos in range(first, last_pos + 1):
         node = graph.order[pos]
-        live[node] = 0 if _is_view(node) else nbytes.get(node, 0)
+        live[node] = 0 if is_view(node) else nbytes.get(node, 0)
         peak = max(peak, sum(live.values()))
         for v in [v for v in live if last[v] <= pos]:
             del live[v]
@@ -399,7 +227,7 @@ def profile_model(
     defined, last = live_ranges(graph)
     ref = reference_run(graph, inputs, keep=set())
     for p, value in zip(graph.placeholders, inputs, strict=True):
-        ref.nbytes[p] = _value_bytes(value)
+        ref.nbytes[p] = value_bytes(value)
     cuts = _cut_positions(graph, defined, last)
     ends = [*cuts, len(graph.order) - 1]
     ranges = [(a + 1, b) for a, b in zip([-1, *cuts], ends, strict=True)]
