@@ -1,28 +1,46 @@
-"""A discrete-event simulator of a plan on a fleet, priced by the planner's own cost model.
+"""Owns the discrete-event simulation of a plan on a fleet, priced by the planner's cost model.
 
-Why: this machine has two cores, so fleets of 8-64 devices can only be *simulated*. The
-simulator uses exactly the cost functions the planner plans with (``compute_s``,
-``link_occupancy_s``, round trips and per-chunk overheads of ``transfer_s``), so its
-figures are the cost model's view of a running fleet, with queueing and contention the
-closed-form predictions leave out; checking it against measured 4-device runs tells how
-far that view is from reality (``benchmarks/simulation.py`` reports the error).
+Why: this machine has two cores, so fleets of 8-64 devices can only be *simulated*. Every
+task is priced by the functions the planner plans with (``compute_s``,
+``link_occupancy_s``, the round-trip halves and per-chunk overheads of ``transfer_s``), so
+simulated and predicted figures are comparable, and comparing the simulator with measured
+runs (``benchmarks/simulation.py``) tells how far the cost model's view is from reality.
 
-Model: every device has three FIFO resources (CPU, uplink, downlink), the client one
-uplink and one downlink; the broker is not a bottleneck. A request is a chain of tasks:
-client uplink -> [stage k: device downlink -> CPU -> device uplink] -> client downlink,
-plus half of each side's round trip per hop. The replica for stage k is chosen when the
-request reaches it, by the same policies as :mod:`planner.client`: ``"edgeslice"``
-(earliest expected finish among replicas) or ``"amp4ec"`` (the paper's weighted score).
-Closed loop: ``in_flight`` requests outstanding, a new one issued as one completes.
+Resources, each a FIFO serving one task at a time:
+
+* per device: its CPU (one stage job at a time, like the agent's single stage thread),
+  its uplink and its downlink to the broker (each serialises bytes at ``bandwidth_bps``);
+* the client's uplink and downlink (``CostParams.client_*``).
+
+The broker is *not* a resource: it forwards instantly and never queues, so a fleet whose
+broker saturates first would run slower than simulated. A hop is sender uplink, half of
+each side's round trip, receiver downlink -- with one request in flight exactly
+``transfer_s``. Receive, compute and send are separate resources because the agent
+overlaps them (chunks arrive and results leave while the stage thread computes); the
+planner's ``period_s`` adds them up, so on link-heavy stages the simulated saturated
+throughput can exceed ``plan.throughput_rps`` (it equals it for compute-bound stages).
+
+Replica choice mirrors :meth:`planner.client.InferenceClient.choose_route`: one client
+picks the whole route when it issues a request; ``in_flight`` counts requests routed to
+an agent and not yet answered; ``load`` is the agent's CPU busy share over the last
+``load_window_s`` (its telemetry interval); ``recent_task_s`` and the compute times are
+EWMAs (0.7/0.3) updated when a request's timings come back. ``"amp4ec"`` is the paper's
+weighted score, ``"edgeslice"`` the earliest expected finish, ``"round-robin"`` a
+baseline; ``"auto"`` picks as the client does (amp4ec plans score, others rate-aware).
+Closed loop: ``in_flight`` requests outstanding, a new one issued when one completes.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
+import random
 import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from broker.protocol.errors import ConfigError, PlanningError
 from planner.costmodel import (
     DEFAULT_PARAMS,
     CostParams,
@@ -31,147 +49,350 @@ from planner.costmodel import (
     compute_s,
     link_occupancy_s,
     stage_in_bytes,
+    stage_out_bytes,
     stage_period_s,
 )
 from planner.partition import Plan
-from planner.scoring import Candidate, Weights, choose
+from planner.scoring import Candidate, Weights, choose, eligible
+
+DISPATCH = ("auto", "edgeslice", "amp4ec", "round-robin")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A closed-loop run: ``requests`` in total, ``in_flight`` outstanding at any time."""
+
+    requests: int = 50
+    in_flight: int = 1
+    warmup: int = 5  # completions left out of the throughput (pipeline filling up)
+    dispatch: str = "auto"
+    jitter: float = 0.0  # each compute time is scaled by U(1 - jitter, 1 + jitter)
+    seed: int = 0
+    load_window_s: float = 2.0  # the busy share replicas are scored on (telemetry interval)
+
+
+DEFAULT_WORKLOAD = Workload()
+DEFAULT_WEIGHTS = Weights()
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """One stage's share of a simulated run."""
+
+    index: int
+    tasks: dict[str, int]  # agent -> requests it served for this stage
+    busy_fraction: float  # CPU time on this stage / (makespan x its agents)
+    mean_queue_s: float  # mean wait for a CPU (what the agent reports as queue_s)
+    mean_link_wait_s: float  # mean wait for this stage's downlink and uplink
+
+
+@dataclass(frozen=True)
+class DeviceStats:
+    """Busy shares of one device's resources over the whole run (0..1)."""
+
+    cpu: float
+    uplink: float
+    downlink: float
+    tasks: int
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """What a simulated run observed; every figure is simulated, never measured."""
+
+    latencies_s: tuple[float, ...]  # in completion order
+    p50_s: float
+    p95_s: float
+    throughput_rps: float  # completions after the warm-up / the time they took
+    makespan_s: float
+    stages: tuple[StageStats, ...]
+    devices: dict[str, DeviceStats] = field(default_factory=dict)
 
 
 @dataclass
 class _Resource:
     free_at: float = 0.0
     busy_s: float = 0.0
+    intervals: deque[tuple[float, float]] = field(default_factory=deque)
 
     def serve(self, ready: float, duration: float) -> float:
+        """FIFO: start when both the task and the resource are ready; returns the start."""
         start = max(ready, self.free_at)
         self.free_at = start + duration
         self.busy_s += duration
-        return self.free_at
+        self.intervals.append((start, self.free_at))
+        return start
+
+    def busy_share(self, now: float, window: float) -> float:
+        """Share of ``[now - window, now]`` spent serving (the agent's telemetry ``busy``)."""
+        lo = max(0.0, now - window)
+        while self.intervals and self.intervals[0][1] <= lo:
+            self.intervals.popleft()
+        if now <= lo:
+            return 0.0
+        busy = sum(max(0.0, min(b, now) - max(a, lo)) for a, b in self.intervals)
+        return min(1.0, busy / (now - lo))
 
 
 @dataclass(frozen=True)
-class SimResult:
-    """What a simulated run measured (all figures simulated, never measured)."""
-
-    latencies_s: tuple[float, ...]
-    throughput_rps: float
-    p50_s: float
-    p95_s: float
-    utilisation: dict[str, float] = field(default_factory=dict)  # device -> CPU busy share
+class _Task:
+    delay_s: float  # wait before the task reaches its resource (round-trip halves)
+    resource: tuple[str, str]  # (kind, agent); kind in cpu/up/down, agent "" = client
+    duration_s: float
+    stage: int
 
 
 @dataclass
 class _Request:
-    index: int
     issued: float
-    stage: int = 0
-    agent: str = ""
+    route: tuple[str, ...]
+    tasks: list[_Task]
+    step: int = 0
+    queue_s: dict[int, float] = field(default_factory=dict)  # stage -> CPU wait
+    compute: dict[int, float] = field(default_factory=dict)  # stage -> compute time
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+class _Run:
+    """The mutable state of one simulation (kept out of the public API)."""
+
+    def __init__(
+        self,
+        model: ModelCost,
+        plan: Plan,
+        devices: Sequence[Device],
+        work: Workload,
+        params: CostParams,
+        weights: Weights,
+    ) -> None:
+        self.model, self.plan, self.work = model, plan, work
+        self.params, self.weights = params, weights
+        self.by_id = {d.agent_id: d for d in devices}
+        for stage in plan.stages:
+            missing = [a for a in stage.agents if a not in self.by_id]
+            if missing:
+                raise PlanningError(
+                    f"cannot simulate plan {plan.strategy!r}: stage {stage.index} names "
+                    f"agents {missing} that are not in the fleet given; pass their Devices"
+                )
+        self.res = {
+            (kind, a): _Resource() for a in [*self.by_id, ""] for kind in ("cpu", "up", "down")
+        }
+        self.in_flight = dict.fromkeys(self.by_id, 0)
+        self.recent: dict[tuple[str, int], float] = {}
+        self.compute_ewma: dict[tuple[str, int], float] = {}
+        self.rr = [0] * len(plan.stages)
+        self.rng = random.Random(work.seed)
+        self.predicted = {
+            (a, s.index): stage_period_s(model, s.start, s.end, self.by_id[a], params)
+            for s in plan.stages
+            for a in s.agents
+        }
+        hosted: dict[str, int] = {}
+        for s in plan.stages:
+            for a in s.agents:
+                hosted[a] = hosted.get(a, 0) + s.memory_bytes
+        self.mem_free = {
+            a: min(1.0, max(0.0, 1.0 - hosted.get(a, 0) / max(1, d.memory_bytes)))
+            for a, d in self.by_id.items()
+        }
+        self.cpu_by_stage: dict[tuple[str, int], float] = {}
+        self.tasks_by_stage: dict[tuple[str, int], int] = {}
+        self.link_wait: dict[int, list[float]] = {s.index: [] for s in plan.stages}
+        self.cpu_wait: dict[int, list[float]] = {s.index: [] for s in plan.stages}
+
+    def dispatch(self) -> str:
+        if self.work.dispatch != "auto":
+            return self.work.dispatch
+        return "amp4ec" if self.plan.strategy == "amp4ec" else "edgeslice"
+
+    def choose_route(self, now: float) -> tuple[str, ...]:
+        policy, route = self.dispatch(), []
+        for k, stage in enumerate(self.plan.stages):
+            if len(stage.agents) == 1:
+                route.append(stage.agents[0])
+                continue
+            if policy == "round-robin":
+                route.append(stage.agents[self.rr[k] % len(stage.agents)])
+                self.rr[k] += 1
+                continue
+            cands = [
+                Candidate(
+                    agent_id=a,
+                    resource_fit=self.mem_free[a],
+                    load=self.res[("cpu", a)].busy_share(now, self.work.load_window_s),
+                    recent_task_s=self.recent.get((a, k), 0.0),
+                    in_flight=self.in_flight[a],
+                    latency_s=self.by_id[a].rtt_s,
+                )
+                for a in stage.agents
+            ]
+            if policy == "amp4ec":
+                route.append(choose(cands, self.weights).agent_id)
+                continue
+            pool = [c for c in cands if eligible(c, self.weights)] or cands
+
+            def finish(c: Candidate, k: int = k) -> tuple[float, str]:
+                rate = self.compute_ewma.get((c.agent_id, k)) or self.predicted[(c.agent_id, k)]
+                return ((c.in_flight + 1) * rate, c.agent_id)
+
+            route.append(min(pool, key=finish).agent_id)
+        return tuple(route)
+
+    def tasks_for(self, route: Sequence[str]) -> list[_Task]:
+        """The chain of resource tasks of one request along ``route`` (see module doc)."""
+        p, model = self.params, self.model
+        tasks = [_Task(0.0, ("up", ""), link_occupancy_s(model.input_bytes, None, p), 0)]
+        prev_rtt, prev = p.client_rtt_s, ""
+        for stage, agent in zip(self.plan.stages, route, strict=True):
+            dev = self.by_id[agent]
+            if agent != prev:  # a hand-off inside one agent costs nothing (transfer_s)
+                if prev:
+                    nbytes = stage_out_bytes(model, stage.start)
+                    occupancy = link_occupancy_s(nbytes, self.by_id[prev], p)
+                    tasks.append(_Task(0.0, ("up", prev), occupancy, stage.index - 1))
+                nbytes = stage_in_bytes(model, stage.start)
+                delay = 0.5 * (prev_rtt + dev.rtt_s)
+                tasks.append(
+                    _Task(delay, ("down", agent), link_occupancy_s(nbytes, dev, p), stage.index)
+                )
+            duration = compute_s(model, stage.start, stage.end, dev, p)
+            if self.work.jitter:
+                duration *= 1.0 + self.rng.uniform(-self.work.jitter, self.work.jitter)
+            tasks.append(_Task(0.0, ("cpu", agent), duration, stage.index))
+            prev, prev_rtt = agent, dev.rtt_s
+        last = self.by_id[prev]
+        out = model.output_bytes
+        tasks.append(_Task(0.0, ("up", prev), link_occupancy_s(out, last, p), len(route) - 1))
+        tasks.append(
+            _Task(
+                0.5 * (last.rtt_s + p.client_rtt_s),
+                ("down", ""),
+                link_occupancy_s(out, None, p),
+                -1,  # the client's link belongs to no stage
+            )
+        )
+        return tasks
 
 
 def simulate(
     model: ModelCost,
     plan: Plan,
     devices: Sequence[Device],
-    in_flight: int = 1,
-    requests: int = 50,
-    warmup: int = 5,
-    dispatch: str = "edgeslice",
+    workload: Workload = DEFAULT_WORKLOAD,
     params: CostParams = DEFAULT_PARAMS,
-    weights: Weights | None = None,
+    weights: Weights = DEFAULT_WEIGHTS,
 ) -> SimResult:
-    """Run ``requests`` requests through ``plan`` in a closed loop of ``in_flight``."""
-    if in_flight < 1 or requests < 1:
-        raise ValueError("in_flight and requests must be >= 1")
-    by_id = {d.agent_id: d for d in devices}
-    cpu = {a: _Resource() for a in by_id}
-    up = {a: _Resource() for a in by_id}
-    down = {a: _Resource() for a in by_id}
-    client_up, client_down = _Resource(), _Resource()
-    outstanding = {a: 0 for a in by_id}
-    recent: dict[tuple[str, int], float] = {}
-    predicted = {
-        (a, s.index): stage_period_s(model, s.start, s.end, by_id[a], params)
-        for s in plan.stages
-        for a in s.agents
-    }
-    events: list[tuple[float, int, int, _Request]] = []  # (time, seq, step, request)
-    seq = 0
+    """Run ``workload`` through ``plan`` on ``devices``; deterministic for a given seed.
+
+    Raises :class:`ConfigError` for an impossible workload and :class:`PlanningError`
+    when the plan names agents missing from ``devices``.
+    """
+    w = workload
+    if w.in_flight < 1 or w.requests < 1 or w.warmup < 0:
+        raise ConfigError(
+            f"simulation workload {w}: in_flight and requests must be >= 1, warmup >= 0"
+        )
+    if w.dispatch not in DISPATCH:
+        raise ConfigError(f"simulation dispatch {w.dispatch!r} is not one of {DISPATCH}")
+    if not 0.0 <= w.jitter < 1.0:
+        raise ConfigError(f"simulation jitter {w.jitter} must be in [0, 1)")
+    run = _Run(model, plan, devices, w, params, weights)
+    events: list[tuple[float, int, _Request]] = []
+    seq, issued = 0, 0
     latencies: list[float] = []
     done_at: list[float] = []
-    issued = 0
 
-    def push(t: float, step: int, req: _Request) -> None:
+    def push(t: float, req: _Request) -> None:
         nonlocal seq
         seq += 1
-        heapq.heappush(events, (t, seq, step, req))
+        heapq.heappush(events, (t, seq, req))
 
-    def issue(t: float) -> None:
+    def issue(now: float) -> None:
         nonlocal issued
-        if issued < requests:
-            req = _Request(issued, t)
-            issued += 1
-            end = client_up.serve(t, link_occupancy_s(model.input_bytes, None, params))
-            push(end + params.client_rtt_s / 2, 0, req)
+        if issued >= w.requests:
+            return
+        issued += 1
+        route = run.choose_route(now)
+        for a in route:
+            run.in_flight[a] += 1
+        req = _Request(now, route, run.tasks_for(route))
+        push(now + req.tasks[0].delay_s, req)
 
-    def pick(stage_index: int) -> str:
-        agents = plan.stages[stage_index].agents
-        if len(agents) == 1:
-            return agents[0]
-        if dispatch == "amp4ec":
-            cands = [
-                Candidate(
-                    a, 1.0, 0.0, recent.get((a, stage_index), 0.0), outstanding[a], by_id[a].rtt_s
-                )
-                for a in agents
-            ]
-            return choose(cands, weights or Weights()).agent_id
-        return min(agents, key=lambda a: ((outstanding[a] + 1) * predicted[(a, stage_index)], a))
-
-    for _ in range(in_flight):
+    for _ in range(w.in_flight):
         issue(0.0)
     while events:
-        t, _, step, req = heapq.heappop(events)
-        stage = plan.stages[req.stage]
-        if step == 0:  # arrives at the broker for stage req.stage: pick, then download
-            req.agent = pick(req.stage)
-            outstanding[req.agent] += 1
-            dev = by_id[req.agent]
-            nbytes = stage_in_bytes(model, stage.start)
-            end = down[req.agent].serve(t + dev.rtt_s / 2, link_occupancy_s(nbytes, dev, params))
-            push(end, 1, req)
-        elif step == 1:  # compute
-            dev = by_id[req.agent]
-            duration = compute_s(model, stage.start, stage.end, dev, params)
-            end = cpu[req.agent].serve(t, duration)
-            key = (req.agent, req.stage)
-            recent[key] = duration if key not in recent else 0.7 * recent[key] + 0.3 * duration
-            push(end, 2, req)
-        else:  # upload the output, then the next stage or the client
-            dev = by_id[req.agent]
-            nbytes = model.segments[stage.end - 1].out_bytes
-            end = up[req.agent].serve(t, link_occupancy_s(nbytes, dev, params))
-            outstanding[req.agent] -= 1
-            end += dev.rtt_s / 2
-            if req.stage + 1 < len(plan.stages):
-                req.stage += 1
-                push(end, 0, req)
-            else:
-                finish = client_down.serve(
-                    end + params.client_rtt_s / 2, link_occupancy_s(nbytes, None, params)
-                )
-                latencies.append(finish - req.issued)
-                done_at.append(finish)
-                issue(finish)
-    skip = warmup if 0 < warmup < len(done_at) else 0  # steady state: after the warm-up
-    start = done_at[skip - 1] if skip else 0.0
-    span = done_at[-1] - start
-    counted = len(done_at) - skip
+        now, _, req = heapq.heappop(events)
+        task = req.tasks[req.step]
+        start = run.res[task.resource].serve(now, task.duration_s)
+        kind, agent = task.resource
+        if kind == "cpu":
+            req.queue_s[task.stage] = start - now
+            run.cpu_wait[task.stage].append(start - now)
+            req.compute[task.stage] = task.duration_s
+            key = (agent, task.stage)
+            run.cpu_by_stage[key] = run.cpu_by_stage.get(key, 0.0) + task.duration_s
+            run.tasks_by_stage[key] = run.tasks_by_stage.get(key, 0) + 1
+        elif agent:
+            run.link_wait[task.stage].append(start - now)
+        end = start + task.duration_s
+        req.step += 1
+        if req.step < len(req.tasks):
+            push(end + req.tasks[req.step].delay_s, req)
+            continue
+        latencies.append(end - req.issued)
+        done_at.append(end)
+        for k, a in enumerate(req.route):
+            run.in_flight[a] -= 1
+            for store, value in (
+                (run.recent, req.compute[k] + req.queue_s[k]),
+                (run.compute_ewma, req.compute[k]),
+            ):
+                prev = store.get((a, k))
+                store[(a, k)] = value if prev is None else 0.7 * prev + 0.3 * value
+        issue(end)
+    return _result(run, latencies, done_at)
+
+
+def _result(run: _Run, latencies: list[float], done_at: list[float]) -> SimResult:
+    skip = run.work.warmup if run.work.warmup < len(done_at) else 0
+    origin = done_at[skip - 1] if skip else 0.0
+    span = done_at[-1] - origin
+    makespan = done_at[-1]
     ordered = sorted(latencies)
-    total = done_at[-1] if done_at else 1.0
+    stages = []
+    for s in run.plan.stages:
+        tasks = {a: run.tasks_by_stage.get((a, s.index), 0) for a in s.agents}
+        cpu = sum(run.cpu_by_stage.get((a, s.index), 0.0) for a in s.agents)
+        waits, queued = run.link_wait[s.index], run.cpu_wait[s.index]
+        stages.append(
+            StageStats(
+                index=s.index,
+                tasks=tasks,
+                busy_fraction=cpu / (makespan * len(s.agents)) if makespan > 0 else 0.0,
+                mean_queue_s=sum(queued) / len(queued) if queued else 0.0,
+                mean_link_wait_s=sum(waits) / len(waits) if waits else 0.0,
+            )
+        )
+    devices = {
+        a: DeviceStats(
+            cpu=run.res[("cpu", a)].busy_s / makespan if makespan > 0 else 0.0,
+            uplink=run.res[("up", a)].busy_s / makespan if makespan > 0 else 0.0,
+            downlink=run.res[("down", a)].busy_s / makespan if makespan > 0 else 0.0,
+            tasks=sum(n for (b, _), n in run.tasks_by_stage.items() if b == a),
+        )
+        for a in run.by_id
+    }
     return SimResult(
         latencies_s=tuple(latencies),
-        throughput_rps=counted / span if span > 0 else 0.0,
         p50_s=statistics.median(ordered),
-        p95_s=ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
-        utilisation={a: r.busy_s / total for a, r in cpu.items()},
+        p95_s=_percentile(ordered, 0.95),
+        throughput_rps=(len(done_at) - skip) / span if span > 0 else 0.0,
+        makespan_s=makespan,
+        stages=tuple(stages),
+        devices=devices,
     )

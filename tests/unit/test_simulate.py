@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from planner.costmodel import Device, ModelCost, Segment
-from planner.partition import build_plan
-from planner.simulate import simulate
+from broker.protocol.errors import ConfigError, PlanningError
+from planner.costmodel import CostParams, Device, ModelCost, Segment
+from planner.partition import Plan, build_plan
+from planner.simulate import Workload, simulate
 
 MODEL = ModelCost(
     "m",
@@ -14,61 +17,95 @@ MODEL = ModelCost(
     segments=(Segment(2e9, 1000, 50_000, 50_000), Segment(2e9, 1000, 4_000, 4_000)),
 )
 FAST = Device("fast", gflops=20.0, memory_bytes=2**30, bandwidth_bps=100e6, rtt_s=0.001)
-SLOW = Device("slow", gflops=2.0, memory_bytes=2**30, bandwidth_bps=100e6, rtt_s=0.001)
-TWIN = Device("twin", gflops=20.0, memory_bytes=2**30, bandwidth_bps=100e6, rtt_s=0.001)
+SLOW = Device("slow", gflops=2.0, memory_bytes=2**30, bandwidth_bps=100e6, rtt_s=0.004)
+TWINS = [dataclasses.replace(FAST, agent_id=f"twin{i}") for i in range(3)]
 
 
-def test_one_request_at_a_time_takes_the_predicted_latency() -> None:
-    plan = build_plan(
-        MODEL,
-        [FAST, SLOW],
-        [(0, 1, ["fast"]), (1, 2, ["slow"])],
-        objective="latency",
-        strategy="edgeslice",
-    )
-    res = simulate(MODEL, plan, [FAST, SLOW], in_flight=1, requests=5, warmup=0)
-    assert res.p50_s == pytest.approx(plan.latency_s, rel=1e-9)
+def _plan(
+    devices: list[Device], stages: list[tuple[int, int, list[str]]], strategy: str = "x"
+) -> Plan:
+    return build_plan(MODEL, devices, stages, objective="throughput", strategy=strategy)
+
+
+def test_one_stage_one_request_at_a_time_takes_the_predicted_latency() -> None:
+    plan = _plan([SLOW], [(0, 2, ["slow"])])
+    res = simulate(MODEL, plan, [SLOW], Workload(requests=5, warmup=0))
+    assert res.p50_s == pytest.approx(plan.latency_s, abs=1e-9)
+    assert all(lat == pytest.approx(plan.latency_s, abs=1e-9) for lat in res.latencies_s)
     assert res.throughput_rps == pytest.approx(1 / plan.latency_s, rel=1e-9)
 
 
+def test_a_two_stage_pipeline_at_one_in_flight_takes_the_predicted_latency() -> None:
+    plan = _plan([FAST, SLOW], [(0, 1, ["fast"]), (1, 2, ["slow"])])
+    res = simulate(MODEL, plan, [FAST, SLOW], Workload(requests=4))
+    assert res.p50_s == pytest.approx(plan.latency_s, abs=1e-9)
+    assert res.stages[1].mean_queue_s == 0.0
+
+
 def test_a_saturated_pipeline_runs_at_its_slowest_stage() -> None:
-    plan = build_plan(
-        MODEL,
-        [FAST, SLOW],
-        [(0, 1, ["fast"]), (1, 2, ["slow"])],
-        objective="throughput",
-        strategy="edgeslice",
-    )
-    res = simulate(MODEL, plan, [FAST, SLOW], in_flight=8, requests=80)
-    assert res.throughput_rps == pytest.approx(1 / plan.period_s, rel=0.02)
-    assert res.utilisation["slow"] > 0.9 > res.utilisation["fast"]
+    plan = _plan([FAST, SLOW], [(0, 1, ["fast"]), (1, 2, ["slow"])])
+    res = simulate(MODEL, plan, [FAST, SLOW], Workload(requests=80, in_flight=8))
+    assert res.throughput_rps == pytest.approx(1 / plan.period_s, rel=0.01)
+    assert res.devices["slow"].cpu > 0.9 > res.devices["fast"].cpu
+    assert res.stages[1].mean_queue_s > res.stages[0].mean_queue_s  # requests wait at "slow"
+    assert res.p50_s > plan.latency_s
 
 
 def test_a_replica_doubles_a_compute_bound_stage() -> None:
-    one = build_plan(
-        MODEL, [FAST], [(0, 2, ["fast"])], objective="throughput", strategy="edgeslice"
-    )
-    two = build_plan(
-        MODEL,
-        [FAST, TWIN],
-        [(0, 2, ["fast", "twin"])],
-        objective="throughput",
-        strategy="edgeslice",
-    )
-    r1 = simulate(MODEL, one, [FAST], in_flight=8, requests=80)
-    r2 = simulate(MODEL, two, [FAST, TWIN], in_flight=8, requests=80)
-    assert r2.throughput_rps == pytest.approx(2 * r1.throughput_rps, rel=0.05)
+    one = _plan(TWINS[:1], [(0, 2, ["twin0"])])
+    two = _plan(TWINS[:2], [(0, 2, ["twin0", "twin1"])])
+    r1 = simulate(MODEL, one, TWINS[:1], Workload(requests=80, in_flight=8))
+    r2 = simulate(MODEL, two, TWINS[:2], Workload(requests=80, in_flight=8))
+    # Compute-bound: the agent receives and sends while computing, so the CPU sets the pace.
+    assert r1.throughput_rps == pytest.approx(1 / one.stages[0].compute_s, rel=0.01)
+    assert r2.throughput_rps == pytest.approx(2 * r1.throughput_rps, rel=0.02)
 
 
-def test_rate_aware_dispatch_beats_balanced_scoring_beside_a_slow_replica() -> None:
-    plan = build_plan(
-        MODEL,
-        [FAST, SLOW],
-        [(0, 2, ["fast", "slow"])],
-        objective="throughput",
-        strategy="edgeslice",
-    )
-    ours = simulate(MODEL, plan, [FAST, SLOW], in_flight=8, requests=120)
-    paper = simulate(MODEL, plan, [FAST, SLOW], in_flight=8, requests=120, dispatch="amp4ec")
-    assert ours.throughput_rps > paper.throughput_rps
-    assert simulate(MODEL, plan, [FAST, SLOW], in_flight=8, requests=120) == ours  # determinism
+def test_a_link_bound_stage_runs_at_bandwidth_over_bytes() -> None:
+    model = ModelCost("wide", input_bytes=2_000_000, segments=(Segment(1e3, 10, 1_000, 10),))
+    thin = Device("thin", gflops=100.0, memory_bytes=2**30, bandwidth_bps=1e6, rtt_s=0.01)
+    params = CostParams(per_message_s=0.0, min_compute_s=0.0, client_bandwidth_bps=1e12)
+    plan = build_plan(model, [thin], [(0, 1, ["thin"])], objective="x", strategy="x", params=params)
+    res = simulate(model, plan, [thin], Workload(requests=40, in_flight=4), params)
+    assert res.throughput_rps == pytest.approx(1e6 / 2_000_000, rel=1e-6)
+    assert res.devices["thin"].downlink > 0.99
+
+
+def test_amp4ec_scoring_spreads_requests_evenly_over_equal_replicas() -> None:
+    plan = _plan(TWINS, [(0, 2, [t.agent_id for t in TWINS])], strategy="amp4ec")
+    res = simulate(MODEL, plan, TWINS, Workload(requests=90, in_flight=6))
+    counts = res.stages[0].tasks
+    assert sum(counts.values()) == 90
+    assert max(counts.values()) - min(counts.values()) <= 2
+    rr = simulate(MODEL, plan, TWINS, Workload(requests=90, in_flight=6, dispatch="round-robin"))
+    assert set(rr.stages[0].tasks.values()) == {30}
+
+
+def test_dispatch_beside_a_slow_replica_favours_the_fast_one() -> None:
+    plan = _plan([FAST, SLOW], [(0, 2, ["fast", "slow"])])
+    work = Workload(requests=200, in_flight=8)
+    ours = simulate(MODEL, plan, [FAST, SLOW], work)
+    paper = simulate(MODEL, plan, [FAST, SLOW], dataclasses.replace(work, dispatch="amp4ec"))
+    rr = simulate(MODEL, plan, [FAST, SLOW], dataclasses.replace(work, dispatch="round-robin"))
+    assert ours.throughput_rps > paper.throughput_rps > 3 * rr.throughput_rps
+    assert ours.stages[0].tasks["fast"] > 4 * ours.stages[0].tasks["slow"]
+
+
+def test_runs_are_deterministic_and_jitter_follows_the_seed() -> None:
+    plan = _plan([FAST, SLOW], [(0, 1, ["fast"]), (1, 2, ["slow"])])
+    work = Workload(requests=30, in_flight=3, jitter=0.2, seed=1)
+    first = simulate(MODEL, plan, [FAST, SLOW], work)
+    assert simulate(MODEL, plan, [FAST, SLOW], work) == first
+    other = simulate(MODEL, plan, [FAST, SLOW], dataclasses.replace(work, seed=2))
+    assert other.latencies_s != first.latencies_s
+    assert len(set(first.latencies_s)) > 1
+
+
+def test_bad_inputs_say_what_is_wrong() -> None:
+    plan = _plan([FAST, SLOW], [(0, 1, ["fast"]), (1, 2, ["slow"])])
+    with pytest.raises(PlanningError, match="slow"):
+        simulate(MODEL, plan, [FAST])
+    with pytest.raises(ConfigError, match="in_flight"):
+        simulate(MODEL, plan, [FAST, SLOW], Workload(in_flight=0))
+    with pytest.raises(ConfigError, match="dispatch"):
+        simulate(MODEL, plan, [FAST, SLOW], Workload(dispatch="random"))
