@@ -107,6 +107,14 @@ class SimResult:
     makespan_s: float
     stages: tuple[StageStats, ...]
     devices: dict[str, DeviceStats] = field(default_factory=dict)
+    client: DeviceStats = DeviceStats(0.0, 0.0, 0.0, 0)  # the client's link shares
+
+    def bottleneck(self) -> tuple[str, float]:
+        """The busiest resource, e.g. ``("cpu rpi4-4gb-3", 0.98)`` or ``("client uplink", ..)``."""
+        shares = [(f"client {k}", getattr(self.client, k)) for k in ("uplink", "downlink")]
+        for agent, d in sorted(self.devices.items()):
+            shares += [(f"{k} {agent}", getattr(d, k)) for k in ("cpu", "uplink", "downlink")]
+        return max(shares, key=lambda x: x[1])
 
 
 @dataclass
@@ -378,12 +386,16 @@ def _result(run: _Run, latencies: list[float], done_at: list[float]) -> SimResul
                 mean_link_wait_s=sum(waits) / len(waits) if waits else 0.0,
             )
         )
+
+    def share(kind: str, agent: str) -> float:
+        return run.res[(kind, agent)].busy_s / makespan if makespan > 0 else 0.0
+
     devices = {
         a: DeviceStats(
-            cpu=run.res[("cpu", a)].busy_s / makespan if makespan > 0 else 0.0,
-            uplink=run.res[("up", a)].busy_s / makespan if makespan > 0 else 0.0,
-            downlink=run.res[("down", a)].busy_s / makespan if makespan > 0 else 0.0,
-            tasks=sum(n for (b, _), n in run.tasks_by_stage.items() if b == a),
+            share("cpu", a),
+            share("up", a),
+            share("down", a),
+            sum(n for (b, _), n in run.tasks_by_stage.items() if b == a),
         )
         for a in run.by_id
     }
@@ -395,4 +407,5 @@ def _result(run: _Run, latencies: list[float], done_at: list[float]) -> SimResul
         makespan_s=makespan,
         stages=tuple(stages),
         devices=devices,
+        client=DeviceStats(0.0, share("up", ""), share("down", ""), len(done_at)),
     )
