@@ -160,11 +160,6 @@ class _Request:
     compute: dict[int, float] = field(default_factory=dict)  # stage -> compute time
 
 
-def _percentile(ordered: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of sorted values."""
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
 class _Run:
     """The mutable state of one simulation (kept out of the public API)."""
 
@@ -273,17 +268,9 @@ class _Run:
                 duration *= 1.0 + self.rng.uniform(-self.work.jitter, self.work.jitter)
             tasks.append(_Task(0.0, ("cpu", agent), duration, stage.index))
             prev, prev_rtt = agent, dev.rtt_s
-        last = self.by_id[prev]
-        out = model.output_bytes
+        last, out, home = self.by_id[prev], model.output_bytes, 0.5 * (prev_rtt + p.client_rtt_s)
         tasks.append(_Task(0.0, ("up", prev), link_occupancy_s(out, last, p), len(route) - 1))
-        tasks.append(
-            _Task(
-                0.5 * (last.rtt_s + p.client_rtt_s),
-                ("down", ""),
-                link_occupancy_s(out, None, p),
-                -1,  # the client's link belongs to no stage
-            )
-        )
+        tasks.append(_Task(home, ("down", ""), link_occupancy_s(out, None, p), -1))  # no stage
         return tasks
 
 
@@ -402,7 +389,7 @@ def _result(run: _Run, latencies: list[float], done_at: list[float]) -> SimResul
     return SimResult(
         latencies_s=tuple(latencies),
         p50_s=statistics.median(ordered),
-        p95_s=_percentile(ordered, 0.95),
+        p95_s=ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)],  # nearest rank
         throughput_rps=(len(done_at) - skip) / span if span > 0 else 0.0,
         makespan_s=makespan,
         stages=tuple(stages),
