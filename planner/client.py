@@ -35,7 +35,7 @@ from broker.protocol.messages import Info, PlanMessage, Telemetry
 from broker.protocol.tensors import pack_tensors, unpack_tensors
 from broker.protocol.topics import Kind, Topics
 from broker.settings import BrokerSettings
-from planner.scoring import Candidate, Weights, choose, eligible
+from planner.scoring import Candidate, Weights, choose
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +185,11 @@ class InferenceClient:
     def choose_route(self, plan: PlanMessage) -> list[str]:
         """One agent per stage among the stage's replicas.
 
-        Both policies first drop replicas AMP4EC calls ineligible (load or link latency over
-        the thresholds; all of them if none is left). Plans of the ``amp4ec`` strategy then
-        take the paper's weighted score. edgeslice plans take the replica that should finish
+        Plans of the ``amp4ec`` strategy take the paper's eligibility filter and weighted
+        score. edgeslice plans take the replica that should finish
         soonest, ``(in flight + 1) x its stage time`` (measured by this client, else the
-        planner's prediction): the score's balance term spreads requests evenly, which
+        planner's prediction), among replicas within AMP4EC's link-latency threshold: the
+        score's balance term spreads requests evenly, which
         starves a fast replica beside a slow one, while the planner sized replicas assuming
         each serves in proportion to its speed.
         """
@@ -211,7 +211,11 @@ class InferenceClient:
             if plan.strategy == "amp4ec" or len(cands) == 1:
                 route.append(choose(cands, self.weights).agent_id)
                 continue
-            pool = [c for c in cands if eligible(c, self.weights)] or cands
+            # AMP4EC's link-latency threshold only: at saturation every fast replica is busier
+            # than max_load *because of our own requests*, and the finish estimate already
+            # counts those; filtering on load would hand everything to the idle slow ones
+            far = self.weights.max_latency_s
+            pool = [c for c in cands if c.latency_s <= far] or cands
             predicted = dict(zip(stage.agents, stage.replica_period_s, strict=False))
             finish = {
                 c.agent_id: (c.in_flight + 1)
