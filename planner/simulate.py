@@ -53,7 +53,7 @@ from planner.costmodel import (
     stage_period_s,
 )
 from planner.partition import Plan
-from planner.scoring import Candidate, Weights, choose, eligible
+from planner.scoring import Candidate, Weights, choose
 
 DISPATCH = ("auto", "edgeslice", "amp4ec", "round-robin")
 
@@ -237,7 +237,9 @@ class _Run:
             if policy == "amp4ec":
                 route.append(choose(cands, self.weights).agent_id)
                 continue
-            pool = [c for c in cands if eligible(c, self.weights)] or cands
+            # as planner.client: only AMP4EC's link-latency threshold, no load filter
+            far = self.weights.max_latency_s
+            pool = [c for c in cands if c.latency_s <= far] or cands
 
             def finish(c: Candidate, k: int = k) -> tuple[float, str]:
                 rate = self.compute_ewma.get((c.agent_id, k)) or self.predicted[(c.agent_id, k)]
