@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import signal
 from typing import Any
 
 import click
 
+from broker.lifecycle import run_until_signalled
 from broker.protocol.errors import EdgesliceError
 from broker.settings import BrokerSettings, connection_options
 
@@ -185,7 +185,7 @@ def agent_cmd(
             err=True,
         )
         try:
-            asyncio.run(_serve(service))
+            asyncio.run(run_until_signalled(service.run))
         except EdgesliceError as exc:
             raise click.ClickException(f"agent {config.agent_id}: {exc}") from None
     finally:
@@ -221,11 +221,3 @@ def _emulate(config: Any, firmware: Any, scale: float) -> tuple[Any, dict[str, A
         err=True,
     )
     return applied, limits
-
-
-async def _serve(service: Any) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await service.run(stop)

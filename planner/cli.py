@@ -10,12 +10,12 @@ import asyncio
 import importlib
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
 import click
 
+from broker.lifecycle import run_until_signalled
 from broker.protocol.errors import EdgesliceError
 from broker.settings import BrokerSettings, connection_options
 
@@ -117,17 +117,9 @@ def planner_cmd(
             )
         )
         click.echo(f"edgeslice planner: model {model_spec} -> {settings.url}", err=True)
-        asyncio.run(_serve(service))
+        asyncio.run(run_until_signalled(service.run))
     except EdgesliceError as exc:
         raise _fail(exc) from None
-
-
-async def _serve(service: object) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await service.run(stop)  # type: ignore[attr-defined]
 
 
 @click.command(name="infer")
