@@ -9,9 +9,9 @@ from typing import Any
 
 import click
 
-from broker.lifecycle import run_until_signalled
-from broker.protocol.errors import EdgesliceError
-from broker.settings import BrokerSettings, connection_options
+from edgeslice.broker.lifecycle import run_until_signalled
+from edgeslice.broker.protocol.errors import EdgesliceError
+from edgeslice.broker.settings import BrokerSettings, connection_options
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     if value is None:
         return
-    from agent.config import load_config_file
+    from edgeslice.agent.config import load_config_file
 
     try:
         ctx.default_map = {**(ctx.default_map or {}), **load_config_file(value)}
@@ -147,9 +147,9 @@ def agent_cmd(
     \b
         edgeslice agent --broker mqtt://192.168.1.10:1883 --id pi-1 --profile rpi4-4gb
     """
-    from agent.config import AgentConfig, default_agent_id
-    from agent.service import AgentService
-    from firmware_profiles import load_profile
+    from edgeslice.agent.config import AgentConfig, default_agent_id
+    from edgeslice.agent.service import AgentService
+    from edgeslice.firmware_profiles import load_profile
 
     try:
         config = AgentConfig(
@@ -196,7 +196,7 @@ def agent_cmd(
 
 def _emulate(config: Any, firmware: Any, scale: float) -> tuple[Any, dict[str, Any]]:
     """Apply --emulate before the service starts (so its calibration runs under the limits)."""
-    from agent.limits import emulate_profile
+    from edgeslice.agent.limits import emulate_profile
 
     applied, limits = emulate_profile(config.agent_id, firmware, scale)
     if applied is None:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker.protocol.errors import ConfigError
-from broker.protocol.topics import check_id, sanitize_id
-from broker.settings import BrokerSettings
+from edgeslice.broker.protocol.errors import ConfigError
+from edgeslice.broker.protocol.topics import check_id, sanitize_id
+from edgeslice.broker.settings import BrokerSettings
 
 
 def default_cache_dir() -> str:

@@ -20,12 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from agent.runtime import StageRuntime
-from broker.client import MqttClient
-from broker.protocol.chunking import Completed, Reassembler, Refused, encode_transfer
-from broker.protocol.errors import EdgesliceError
-from broker.protocol.tensors import pack_tensors, unpack_tensors
-from broker.protocol.topics import Topics
+from edgeslice.agent.runtime import StageRuntime
+from edgeslice.broker.client import MqttClient
+from edgeslice.broker.protocol.chunking import Completed, Reassembler, Refused, encode_transfer
+from edgeslice.broker.protocol.errors import EdgesliceError
+from edgeslice.broker.protocol.tensors import pack_tensors, unpack_tensors
+from edgeslice.broker.protocol.topics import Topics
 
 log = logging.getLogger(__name__)
 

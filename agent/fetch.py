@@ -14,13 +14,13 @@ import logging
 import time
 import uuid
 
-from agent.runtime import ArtifactCache
-from broker.client import MqttClient
-from broker.protocol import codec
-from broker.protocol.chunking import Completed, Reassembler, Refused
-from broker.protocol.errors import ArtifactError
-from broker.protocol.messages import Command
-from broker.protocol.topics import Topics
+from edgeslice.agent.runtime import ArtifactCache
+from edgeslice.broker.client import MqttClient
+from edgeslice.broker.protocol import codec
+from edgeslice.broker.protocol.chunking import Completed, Reassembler, Refused
+from edgeslice.broker.protocol.errors import ArtifactError
+from edgeslice.broker.protocol.messages import Command
+from edgeslice.broker.protocol.topics import Topics
 
 log = logging.getLogger(__name__)
 

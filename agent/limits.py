@@ -62,8 +62,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.protocol.errors import EdgesliceError
-from firmware_profiles.schema import MIB, FirmwareProfile
+from edgeslice.broker.protocol.errors import EdgesliceError
+from edgeslice.firmware_profiles.schema import MIB, FirmwareProfile
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +412,7 @@ def host_core_gflops(seconds: float = 0.3) -> float:
     ``measure_gflops`` with one thread runs its kernels on the calling thread, so scaling
     its wall-clock rate by wall/thread-CPU time removes the time other processes took.
     """
-    from agent.runtime import measure_gflops
+    from edgeslice.agent.runtime import measure_gflops
 
     wall, cpu = time.perf_counter(), time.thread_time()
     rate = measure_gflops(seconds, 1)
@@ -442,7 +442,7 @@ def emulate_profile(
     except CgroupUnavailable as exc:
         log.warning("agent=%s runs UNLIMITED (no emulation of %s): %s", agent_id, profile.name, exc)
         return None, {"mode": "unlimited", "reason": str(exc), **extra}
-    from agent.runtime import measure_gflops
+    from edgeslice.agent.runtime import measure_gflops
 
     measured = measure_gflops(plan.min_calibrate_seconds / 2, plan.threads)
     try:

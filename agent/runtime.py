@@ -26,15 +26,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from broker.calibration import measure_gflops as measure_gflops  # re-export for the agent
-from broker.protocol.artifacts import (
+from edgeslice.broker.calibration import measure_gflops as measure_gflops  # re-export for the agent
+from edgeslice.broker.protocol.artifacts import (
     STAGE_FORMAT,
     STAGE_KIND,
     TensorSpec,
     artifact_id,
     open_sealed,
 )
-from broker.protocol.errors import ArtifactError, DecodeError, InferenceError
+from edgeslice.broker.protocol.errors import ArtifactError, DecodeError, InferenceError
 
 log = logging.getLogger(__name__)
 

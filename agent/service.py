@@ -20,16 +20,16 @@ import struct
 import time
 from typing import Any
 
-from agent.config import AgentConfig
-from agent.dataplane import DataPlane
-from agent.fetch import ArtifactFetcher
-from agent.runtime import ArtifactCache, StageRuntime, measure_gflops, set_threads
-from agent.telemetry import TelemetrySampler, total_memory_bytes
-from broker.client import IncomingMessage, MqttClient, Will
-from broker.fleetkey import load_key
-from broker.protocol import codec
-from broker.protocol.errors import EdgesliceError
-from broker.protocol.messages import (
+from edgeslice.agent.config import AgentConfig
+from edgeslice.agent.dataplane import DataPlane
+from edgeslice.agent.fetch import ArtifactFetcher
+from edgeslice.agent.runtime import ArtifactCache, StageRuntime, measure_gflops, set_threads
+from edgeslice.agent.telemetry import TelemetrySampler, total_memory_bytes
+from edgeslice.broker.client import IncomingMessage, MqttClient, Will
+from edgeslice.broker.fleetkey import load_key
+from edgeslice.broker.protocol import codec
+from edgeslice.broker.protocol.errors import EdgesliceError
+from edgeslice.broker.protocol.messages import (
     OFFLINE,
     ONLINE,
     AssignmentDesired,
@@ -39,8 +39,8 @@ from broker.protocol.messages import (
     Info,
     Status,
 )
-from broker.protocol.topics import Kind, Topics
-from firmware_profiles import load_profile, profile_to_dict
+from edgeslice.broker.protocol.topics import Kind, Topics
+from edgeslice.firmware_profiles import load_profile, profile_to_dict
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 
-from broker.protocol.messages import Telemetry
+from edgeslice.broker.protocol.messages import Telemetry
 
 
 def read_temperature() -> float | None:

@@ -10,7 +10,17 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_SOURCE_RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def results_dir() -> Path:
+    """Where results go: $EDGESLICE_BENCH_RESULTS, else benchmarks/results/ in a source
+    checkout (the committed figures live there), else ./edgeslice-bench-results (an
+    installed wheel has no results folder, and site-packages is no place to write)."""
+    override = os.environ.get("EDGESLICE_BENCH_RESULTS")
+    if override:
+        return Path(override)
+    return _SOURCE_RESULTS if _SOURCE_RESULTS.is_dir() else Path.cwd() / "edgeslice-bench-results"
 
 
 def machine() -> dict[str, Any]:
@@ -48,7 +58,7 @@ def machine() -> dict[str, Any]:
 
 def write_result(name: str, result: dict[str, Any], out_dir: Path | None = None) -> Path:
     """Write ``{"benchmark", "machine", ...result}`` to results/NAME.json; returns the path."""
-    directory = out_dir or RESULTS_DIR
+    directory = out_dir or results_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
     rest = {k: v for k, v in result.items() if k not in ("benchmark", "machine")}
@@ -97,7 +107,7 @@ def chart(
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = (out_dir or RESULTS_DIR) / f"{name}.png"
+    path = (out_dir or results_dir()) / f"{name}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

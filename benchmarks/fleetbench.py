@@ -12,10 +12,10 @@ import statistics
 import time
 from typing import Any
 
-from broker.protocol.messages import PlanMessage
-from broker.settings import parse_broker_url
-from planner.client import InferenceClient, InferenceResult
-from planner.testbed import Testbed
+from edgeslice.broker.protocol.messages import PlanMessage
+from edgeslice.broker.settings import parse_broker_url
+from edgeslice.client.inference import InferenceClient, InferenceResult
+from edgeslice.lab.testbed import Testbed
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -26,9 +26,9 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from broker.protocol.errors import PlanningError
-from planner.costmodel import DEFAULT_PARAMS, Device, ModelCost, Segment
-from planner.partition import (
+from edgeslice.broker.protocol.errors import PlanningError
+from edgeslice.planner.costmodel import DEFAULT_PARAMS, Device, ModelCost, Segment
+from edgeslice.planner.partition import (
     STRATEGIES,
     Objective,
     Plan,
@@ -323,7 +323,7 @@ def _print(result: dict[str, Any]) -> None:
 
 def main(quick: bool = False) -> dict[str, Any]:
     """Run everything, print a table, write benchmarks/results/planner.json."""
-    from benchmarks.common import write_result
+    from edgeslice.benchmarks.common import write_result
 
     result = run(quick=quick)
     _print(result)

@@ -12,15 +12,15 @@ import itertools
 import tempfile
 from typing import Any
 
-from benchmarks.common import write_result
-from benchmarks.fleetbench import measure_plan
-from broker.settings import parse_broker_url
-from planner.client import InferenceClient
-from planner.testbed import Testbed, TestbedAgent, parse_fleet
+from edgeslice.benchmarks.common import write_result
+from edgeslice.benchmarks.fleetbench import measure_plan
+from edgeslice.broker.settings import parse_broker_url
+from edgeslice.client.inference import InferenceClient
+from edgeslice.lab.testbed import Testbed, TestbedAgent, parse_fleet
 
 
 def main(quick: bool = False, model: str = "mobilenetv2") -> dict[str, Any]:
-    from planner.modelspec import load_model
+    from edgeslice.planner.modelspec import load_model
 
     steps = 2 if quick else 4
     spec = parse_fleet(
@@ -94,7 +94,7 @@ def _chart(rows: list[dict[str, Any]], name: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    from benchmarks.common import RESULTS_DIR
+    from edgeslice.benchmarks.common import results_dir
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     xs = [r["devices"] for r in rows]
@@ -112,7 +112,7 @@ def _chart(rows: list[dict[str, Any]], name: str) -> None:
     ax.set_ylabel("throughput (req/s)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"{name}.png", dpi=110)
+    fig.savefig(results_dir() / f"{name}.png", dpi=110)
     plt.close(fig)
 
 

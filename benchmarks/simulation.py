@@ -18,9 +18,11 @@ import json
 import random
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, write_result
-from firmware_profiles import FirmwareProfile, list_profiles
-from planner.costmodel import (
+from edgeslice.benchmarks.common import results_dir, write_result
+from edgeslice.client.scoring import Weights
+from edgeslice.firmware_profiles import FirmwareProfile, list_profiles
+from edgeslice.lab.simulate import Workload, simulate
+from edgeslice.planner.costmodel import (
     DEFAULT_PARAMS,
     CostParams,
     Device,
@@ -28,9 +30,7 @@ from planner.costmodel import (
     compute_s,
     fit_correction,
 )
-from planner.partition import STRATEGIES, Plan, build_plan, plan_partition
-from planner.scoring import Weights
-from planner.simulate import Workload, simulate
+from edgeslice.planner.partition import STRATEGIES, Plan, build_plan, plan_partition
 
 NOTE = (
     "SIMULATED with planner.simulate (the planner's cost model plus queueing, link/compute "
@@ -61,8 +61,8 @@ def fleet(kind: str, n: int, seed: int = 7) -> list[Device]:
 
 
 def _costs(models: tuple[str, ...]) -> dict[str, ModelCost]:
-    from planner.modelspec import load_model
-    from planner.profile import profile_model
+    from edgeslice.planner.modelspec import load_model
+    from edgeslice.planner.profile import profile_model
 
     out = {}
     for name in models:
@@ -112,7 +112,7 @@ def _row(cost: ModelCost, plan: Plan, devices: list[Device]) -> dict[str, Any]:
 
 def _validate_file(name: str, costs: dict[str, ModelCost]) -> dict[str, Any]:
     """Simulated vs measured for every row of results/NAME.json (never invented)."""
-    path = RESULTS_DIR / name
+    path = results_dir() / name
     if not path.exists():
         return {
             "available": False,

@@ -14,9 +14,9 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-from benchmarks.common import chart, write_result
-from benchmarks.fleetbench import run_strategy
-from planner.testbed import Testbed, parse_fleet, wait_for_agents
+from edgeslice.benchmarks.common import chart, write_result
+from edgeslice.benchmarks.fleetbench import run_strategy
+from edgeslice.lab.testbed import Testbed, parse_fleet, wait_for_agents
 
 FLEETS = {
     "homogeneous": [{"profile": "rpi4-4gb", "count": 4}],
@@ -96,7 +96,7 @@ def _targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(quick: bool = False) -> dict[str, Any]:
-    from planner.modelspec import load_model
+    from edgeslice.planner.modelspec import load_model
 
     fleets = {"homogeneous": [{"profile": "rpi4-4gb", "count": 2}]} if quick else FLEETS
     models = ["mobilenetv2"] if quick else MODELS

@@ -32,12 +32,12 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from benchmarks.common import median, write_result
-from broker.client import MqttClient
-from broker.protocol.chunking import Completed, Reassembler, stream_transfer
-from broker.protocol.tensors import pack_tensors, unpack_tensors
-from broker.server import LocalBroker
-from broker.settings import parse_broker_url
+from edgeslice.benchmarks.common import median, write_result
+from edgeslice.broker.client import MqttClient
+from edgeslice.broker.protocol.chunking import Completed, Reassembler, stream_transfer
+from edgeslice.broker.protocol.tensors import pack_tensors, unpack_tensors
+from edgeslice.broker.settings import parse_broker_url
+from edgeslice.lab.server import LocalBroker
 
 MiB = 1024 * 1024
 CHUNK = 256 * 1024

@@ -33,8 +33,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from broker.protocol.errors import BrokerError
-from broker.settings import BrokerSettings
+from edgeslice.broker.protocol.errors import BrokerError
+from edgeslice.broker.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import secrets
 import stat
 from pathlib import Path
 
-from broker.protocol.artifacts import MIN_KEY_BYTES
-from broker.protocol.errors import ConfigError
+from edgeslice.broker.protocol.artifacts import MIN_KEY_BYTES
+from edgeslice.broker.protocol.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

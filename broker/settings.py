@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 import click
 
-from broker.protocol.errors import ConfigError
+from edgeslice.broker.protocol.errors import ConfigError
 
 DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
 DEFAULT_NAMESPACE = "edgeslice"

@@ -1,6 +1,6 @@
 """Device classes as data (one TOML file per class) and their validation."""
 
-from firmware_profiles.schema import (
+from edgeslice.firmware_profiles.schema import (
     FirmwareProfile,
     LinkProfile,
     list_profiles,

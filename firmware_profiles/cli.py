@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import click
 from click.shell_completion import CompletionItem
 
-from broker.protocol.errors import ProfileError
-from firmware_profiles.schema import (
+from edgeslice.broker.protocol.errors import ProfileError
+from edgeslice.firmware_profiles.schema import (
     FirmwareProfile,
     LinkProfile,
     list_profiles,

@@ -47,7 +47,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from broker.protocol.errors import ProfileError
+from edgeslice.broker.protocol.errors import ProfileError
 
 PACKAGE = "firmware_profiles"
 LINK_KINDS: tuple[str, ...] = ("ethernet", "wifi")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from math import inf
 
-from planner.costmodel import CostTable
+from edgeslice.planner.costmodel import CostTable
 
 Stage = tuple[int, int, int]  # (start, end, device index)
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from broker.protocol.errors import ConfigError
-from planner.models import BUILTIN_MODELS
+from edgeslice.broker.protocol.errors import ConfigError
+from edgeslice.planner.models import BUILTIN_MODELS
 
 log = logging.getLogger(__name__)
 

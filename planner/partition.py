@@ -70,8 +70,8 @@ from dataclasses import dataclass
 from itertools import combinations, pairwise, permutations
 from typing import Literal
 
-from broker.protocol.errors import PlanningError
-from planner.costmodel import (
+from edgeslice.broker.protocol.errors import PlanningError
+from edgeslice.planner.costmodel import (
     DEFAULT_PARAMS,
     CostParams,
     CostTable,
@@ -84,7 +84,7 @@ from planner.costmodel import (
     stage_period_s,
     transfer_s,
 )
-from planner.search import EXACT_BUDGET_US, device_classes, plan_groups
+from edgeslice.planner.search import EXACT_BUDGET_US, device_classes, plan_groups
 
 __all__ = [
     "EXACT_BUDGET_US",

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, fx, nn
 
-from broker.protocol.errors import ConfigError
-from planner.tracing import (
+from edgeslice.broker.protocol.errors import ConfigError
+from edgeslice.planner.tracing import (
     TracedGraph,
     crossing_after,
     is_view,
@@ -36,12 +36,12 @@ from planner.tracing import (
     trace,
     value_bytes,
 )
-from planner.tracing import (
+from edgeslice.planner.tracing import (
     count_flops as count_flops,  # re-exported: part of this module's API
 )
 
 if TYPE_CHECKING:
-    from planner.costmodel import ModelCost
+    from edgeslice.planner.costmodel import ModelCost
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ModelProfile:
 
     def to_cost(self) -> ModelCost:
         """The planner's pure cost view of this profile (no torch inside)."""
-        from planner.costmodel import ModelCost, Segment
+        from edgeslice.planner.costmodel import ModelCost, Segment
 
         segments = tuple(
             Segment(

@@ -1,75 +1,40 @@
-"""The fleet as the planner sees it, folded from retained status/info and live telemetry.
+"""The fleet as the planner sees it: :class:`~edgeslice.broker.fleetstate.FleetState`
+(the one fold of status/info/telemetry) plus what planning needs from it.
 
 Pure: ``apply(topic, payload, now)`` updates the view and says whether the set of
 usable agents changed (what triggers a re-plan); ``devices()`` turns usable agents into
-the cost model's :class:`~planner.costmodel.Device` values.
+the cost model's :class:`~edgeslice.planner.costmodel.Device` values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from broker.protocol import codec
-from broker.protocol.messages import AssignmentReported, Info, Status, Telemetry
-from broker.protocol.topics import Kind, Topics
-from planner.costmodel import Device
-
-
-@dataclass
-class AgentView:
-    """What the planner knows about one agent."""
-
-    agent_id: str
-    online: bool = False
-    session: int = 0
-    info: Info | None = None
-    telemetry: Telemetry | None = None
-    telemetry_at: float = 0.0
-    reported: AssignmentReported | None = None
-
-    @property
-    def usable(self) -> bool:
-        """Online and has told us what it is (info of the current session)."""
-        return self.online and self.info is not None and self.info.session == self.session
+from edgeslice.broker.fleetstate import DEFAULT_STALE_AFTER_S, AgentState, FleetState
+from edgeslice.broker.protocol.topics import Topics
+from edgeslice.planner.costmodel import Device
 
 
 class Registry:
-    """Agents by id; see the module docstring."""
+    """The planner's view of the fleet; see the module docstring."""
 
-    def __init__(self, topics: Topics, stale_after_s: float = 15.0) -> None:
-        self.topics = topics
-        self.stale_after_s = stale_after_s
-        self.agents: dict[str, AgentView] = {}
+    def __init__(self, topics: Topics, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> None:
+        self.fleet = FleetState(topics, stale_after_s)
+
+    @property
+    def agents(self) -> dict[str, AgentState]:
+        return self.fleet.agents
 
     def usable_ids(self) -> frozenset[str]:
-        return frozenset(a.agent_id for a in self.agents.values() if a.usable)
+        return self.fleet.usable_ids()
 
     def apply(self, topic: str, payload: bytes, now: float) -> bool:
         """Fold one message in; True when the set of usable agents changed."""
-        parsed = self.topics.parse(topic)
-        if not parsed.agent_id or not payload:
-            return False
         before = self.usable_ids()
-        view = self.agents.setdefault(parsed.agent_id, AgentView(parsed.agent_id))
-        if parsed.kind is Kind.STATUS:
-            status = codec.decode(payload, Status)
-            view.online = status.state == "online"
-            view.session = status.session
-        elif parsed.kind is Kind.INFO:
-            view.info = codec.decode(payload, Info)
-        elif parsed.kind is Kind.TELEMETRY:
-            view.telemetry = codec.decode(payload, Telemetry)
-            view.telemetry_at = now
-        elif parsed.kind is Kind.ASSIGNMENT_REPORTED:
-            view.reported = codec.decode(payload, AssignmentReported)
+        self.fleet.apply(topic, payload, now)
         return self.usable_ids() != before
 
     def load(self, agent_id: str, now: float) -> float:
-        """Live CPU load 0..1 from recent telemetry (0 when unknown or stale)."""
-        view = self.agents.get(agent_id)
-        if view is None or view.telemetry is None or now - view.telemetry_at > self.stale_after_s:
-            return 0.0
-        return max(0.0, min(1.0, view.telemetry.cpu_percent / 100.0))
+        """The agent's stage-worker busy fraction 0..1 (see FleetState for the meaning)."""
+        return self.fleet.load(agent_id, now)
 
     def devices(self, now: float, use_load: bool = False) -> list[Device]:
         """Usable agents as cost-model devices (measured rate, budget, link)."""

@@ -14,8 +14,8 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from planner.costmodel import CostParams, CostTable, Device, seconds_per_flop
-from planner.heuristics import best_order, greedy
+from edgeslice.planner.costmodel import CostParams, CostTable, Device, seconds_per_flop
+from edgeslice.planner.heuristics import best_order, greedy
 
 EXACT_BUDGET_US = 40_000  # the exact DP runs by default when estimated under this
 _INF = math.inf

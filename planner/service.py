@@ -20,12 +20,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, cast
 
-from broker.client import MqttClient, Will
-from broker.fleetkey import load_key
-from broker.protocol import codec
-from broker.protocol.chunking import stream_transfer
-from broker.protocol.errors import EdgesliceError, PlanningError
-from broker.protocol.messages import (
+from edgeslice.broker.client import MqttClient, Will
+from edgeslice.broker.fleetkey import load_key
+from edgeslice.broker.protocol import codec
+from edgeslice.broker.protocol.chunking import stream_transfer
+from edgeslice.broker.protocol.errors import EdgesliceError, PlanningError
+from edgeslice.broker.protocol.messages import (
     OFFLINE,
     ONLINE,
     AssignmentDesired,
@@ -34,11 +34,11 @@ from broker.protocol.messages import (
     PlanStage,
     StageAssignment,
 )
-from broker.protocol.topics import Kind, Topics
-from broker.settings import BrokerSettings
-from planner.costmodel import CostParams, stage_period_s
-from planner.partition import STRATEGIES, Objective, Plan, plan_partition
-from planner.registry import Registry
+from edgeslice.broker.protocol.topics import Kind, Topics
+from edgeslice.broker.settings import BrokerSettings
+from edgeslice.planner.costmodel import CostParams, stage_period_s
+from edgeslice.planner.partition import STRATEGIES, Objective, Plan, plan_partition
+from edgeslice.planner.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,9 @@ class PlannerService:
 
     # -- lifecycle -------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        from planner.modelspec import load_model
-        from planner.profile import profile_model
-        from planner.timing import timed_cost
+        from edgeslice.planner.modelspec import load_model
+        from edgeslice.planner.profile import profile_model
+        from edgeslice.planner.timing import timed_cost
 
         started = time.perf_counter()
         self.loaded = await asyncio.to_thread(load_model, self.config.model_spec)
@@ -265,7 +265,7 @@ class PlannerService:
         ]
 
     async def _make_plan(self) -> None:
-        from planner.stages import build_stages
+        from edgeslice.planner.stages import build_stages
 
         devices = self._candidates(time.time())
         if len(devices) < self.config.min_agents:
@@ -384,7 +384,7 @@ class PlannerService:
 
     def _correction(self) -> dict[str, float]:
         """FlexPie's learned correction, fitted on the stage timings agents report."""
-        from planner.costmodel import compute_s, fit_correction
+        from edgeslice.planner.costmodel import compute_s, fit_correction
 
         if self.plan_message is None:
             return {}

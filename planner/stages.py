@@ -34,9 +34,21 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from broker.protocol.artifacts import STAGE_FORMAT, STAGE_KIND, TensorSpec, artifact_id, seal
-from broker.protocol.errors import ArtifactError, PlanningError
-from planner.profile import ModelProfile, TracedGraph, crossing_after, live_ranges, reference_run
+from edgeslice.broker.protocol.artifacts import (
+    STAGE_FORMAT,
+    STAGE_KIND,
+    TensorSpec,
+    artifact_id,
+    seal,
+)
+from edgeslice.broker.protocol.errors import ArtifactError, PlanningError
+from edgeslice.planner.profile import (
+    ModelProfile,
+    TracedGraph,
+    crossing_after,
+    live_ranges,
+    reference_run,
+)
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from broker.calibration import measure_gflops
-from planner.costmodel import ModelCost
-from planner.profile import ModelProfile
+from edgeslice.broker.calibration import measure_gflops
+from edgeslice.planner.costmodel import ModelCost
+from edgeslice.planner.profile import ModelProfile
 
 
 class _Timed(fx.Interpreter):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils import flop_counter
 
-from broker.protocol.errors import ConfigError
+from edgeslice.broker.protocol.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import msgpack
 
-from broker.protocol.errors import ConfigError, DecodeError, SignatureError, VersionError
+from edgeslice.broker.protocol.errors import ConfigError, DecodeError, SignatureError, VersionError
 
 ENVELOPE_VERSION = 1
 STAGE_KIND = "edgeslice.stage"  # meta["kind"] of a stage artifact

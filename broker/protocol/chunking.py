@@ -42,9 +42,9 @@ from typing import Any
 
 import msgpack
 
-from broker.protocol import PROTOCOL_MAJOR, PROTOCOL_MINOR
-from broker.protocol.errors import ProtocolError, TransferError
-from broker.protocol.reassembly import (
+from edgeslice.broker.protocol import PROTOCOL_MAJOR, PROTOCOL_MINOR
+from edgeslice.broker.protocol.errors import ProtocolError, TransferError
+from edgeslice.broker.protocol.reassembly import (
     MAX_ID_LEN,
     MAX_SEQ,
     NON_ERROR_REASONS,

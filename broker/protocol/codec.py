@@ -16,9 +16,9 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 
 import msgpack
 
-from broker.protocol import PROTOCOL_MAJOR, PROTOCOL_MINOR
-from broker.protocol.errors import DecodeError, VersionError
-from broker.protocol.messages import MESSAGE_TYPES, Message
+from edgeslice.broker.protocol import PROTOCOL_MAJOR, PROTOCOL_MINOR
+from edgeslice.broker.protocol.errors import DecodeError, VersionError
+from edgeslice.broker.protocol.messages import MESSAGE_TYPES, Message
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # control messages are small; data uses chunking.py
 M = TypeVar("M", bound=Message)

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from broker.protocol import PROTOCOL_MAJOR
+from edgeslice.broker.protocol import PROTOCOL_MAJOR
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from broker.protocol.errors import DecodeError, ProtocolError
+from edgeslice.broker.protocol.errors import DecodeError, ProtocolError
 
 if TYPE_CHECKING:
     import torch

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from broker.protocol.errors import TopicError
+from edgeslice.broker.protocol.errors import TopicError
 
 VERSION_SEGMENT = "v1"
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")

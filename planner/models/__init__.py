@@ -21,12 +21,12 @@ def _lazy(module: str, attr: str) -> ModelBuilder:
     """A builder that imports its model module (and torch) only when called."""
 
     def build() -> tuple[nn.Module, tuple[Tensor, ...]]:
-        builder = getattr(importlib.import_module(f"planner.models.{module}"), attr)
+        builder = getattr(importlib.import_module(f".{module}", __package__), attr)
         result: tuple[nn.Module, tuple[Tensor, ...]] = builder()
         return result
 
     build.__name__ = attr
-    build.__doc__ = f"Build the built-in model via planner.models.{module}.{attr}()."
+    build.__doc__ = f"Build the built-in model via edgeslice.planner.models.{module}.{attr}()."
     return build
 
 

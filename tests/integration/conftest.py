@@ -17,9 +17,9 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.protocol.topics import Topics
-from broker.server import LocalBroker
-from planner.fleet import LocalFleet
+from edgeslice.broker.protocol.topics import Topics
+from edgeslice.lab.fleet import LocalFleet
+from edgeslice.lab.server import LocalBroker
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ import uuid
 import msgpack
 import pytest
 
-from broker.protocol import codec
-from broker.protocol.messages import (
+from edgeslice.broker.protocol import codec
+from edgeslice.broker.protocol.messages import (
     AssignmentDesired,
     AssignmentReported,
     Command,
@@ -23,7 +23,7 @@ from broker.protocol.messages import (
     Status,
     Telemetry,
 )
-from planner.fleet import AgentSpec
+from edgeslice.lab.fleet import AgentSpec
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ def test_three_agents_appear_in_monitor_json(fleet, broker, namespace) -> None:
         [
             sys.executable,
             "-m",
-            "broker.cli",
+            "edgeslice.lab.cli",
             "monitor",
             "--json",
             "--duration",
@@ -123,7 +123,7 @@ def test_desired_assignment_is_answered_by_a_reported_one(fleet, topics, watcher
     report = codec.decode(seen.payload, AssignmentReported)
     assert (report.plan_id, report.plan_version, report.state) == ("p1", 7, "idle")
     # an assignment that cannot fit the agent's memory is refused with a reason, not ignored
-    from broker.protocol.messages import StageAssignment
+    from edgeslice.broker.protocol.messages import StageAssignment
 
     huge = AssignmentDesired(
         agent_id="pi-a",

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("name", ["planner", "transport", "strategies", "scaling", "simulation"])
 def test_quick_benchmark_writes_results_with_machine(name: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "bench", name, "--quick"],
+        [sys.executable, "-m", "edgeslice.lab.cli", "bench", name, "--quick"],
         cwd=ROOT,
         capture_output=True,
         text=True,

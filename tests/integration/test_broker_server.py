@@ -20,8 +20,8 @@ import psutil
 import pytest
 from paho.mqtt.client import CallbackAPIVersion
 
-from broker.protocol.errors import BrokerError
-from broker.server import LocalBroker, amqtt_available, find_mosquitto, port_in_use
+from edgeslice.broker.protocol.errors import BrokerError
+from edgeslice.lab.server import LocalBroker, amqtt_available, find_mosquitto, port_in_use
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ KINDS = [
         "amqtt", marks=pytest.mark.skipif(not amqtt_available(), reason="amqtt not installed")
     ),
 ]
-CLI = [sys.executable, "-c", "from broker.cli import main; main()", "broker"]
+CLI = [sys.executable, "-c", "from edgeslice.lab.cli import main; main()", "broker"]
 
 
 class Peer:
@@ -126,7 +126,7 @@ def test_log_path_keeps_the_broker_log(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_broker_dies_with_the_process_that_started_it(kind: str) -> None:
     code = (
-        "import os, sys; from broker.server import LocalBroker;"
+        "import os, sys; from edgeslice.lab.server import LocalBroker;"
         f"b = LocalBroker(kind={kind!r}).start(); print(b.pid, os.getpid(), flush=True);"
         "os.kill(os.getpid(), 9)"
     )

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.limits import cgroup_problem
-from broker.protocol import codec
-from broker.protocol.messages import Info
-from broker.protocol.topics import Topics
-from planner.fleet import AgentSpec, LocalFleet
+from edgeslice.agent.limits import cgroup_problem
+from edgeslice.broker.protocol import codec
+from edgeslice.broker.protocol.messages import Info
+from edgeslice.broker.protocol.topics import Topics
+from edgeslice.lab.fleet import AgentSpec, LocalFleet
 
 pytestmark = pytest.mark.integration
 

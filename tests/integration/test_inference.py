@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from broker.settings import parse_broker_url
-from planner.client import InferenceClient
-from planner.fleet import AgentSpec, LocalFleet
-from planner.modelspec import load_model
+from edgeslice.broker.settings import parse_broker_url
+from edgeslice.client.inference import InferenceClient
+from edgeslice.lab.fleet import AgentSpec, LocalFleet
+from edgeslice.planner.modelspec import load_model
 
 pytestmark = pytest.mark.integration
 

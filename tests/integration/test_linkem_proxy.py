@@ -21,9 +21,9 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.linkem import LinkProxy, LinkProxyProcess, LinkSpec
-from broker.protocol.errors import BrokerError
-from broker.server import LocalBroker
+from edgeslice.broker.protocol.errors import BrokerError
+from edgeslice.lab.linkem import LinkProxy, LinkProxyProcess, LinkSpec
+from edgeslice.lab.server import LocalBroker
 
 pytestmark = pytest.mark.integration
 MIB = 1024 * 1024

@@ -23,9 +23,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.client import CallbackAPIVersion
 
-from broker.mosquitto_conf import MosquittoSetup, render_all
-from broker.protocol.topics import Topics
-from broker.server import find_mosquitto, free_port
+from edgeslice.broker.protocol.topics import Topics
+from edgeslice.lab.mosquitto_conf import MosquittoSetup, render_all
+from edgeslice.lab.server import find_mosquitto, free_port
 
 pytestmark = [
     pytest.mark.integration,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.testbed import _alive
+from edgeslice.lab.testbed import _alive
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ link = "none"
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "broker.cli", *args],
+        [sys.executable, "-m", "edgeslice.lab.cli", *args],
         capture_output=True,
         text=True,
         timeout=240,

@@ -9,7 +9,7 @@ import stat
 import msgpack
 import pytest
 
-from broker.fleetkey import (
+from edgeslice.broker.fleetkey import (
     ENV_KEY,
     ENV_KEY_FILE,
     generate_key,
@@ -17,14 +17,14 @@ from broker.fleetkey import (
     load_key,
     write_key,
 )
-from broker.protocol.artifacts import (
+from edgeslice.broker.protocol.artifacts import (
     TensorSpec,
     artifact_id,
     open_sealed,
     peek_meta,
     seal,
 )
-from broker.protocol.errors import ConfigError, DecodeError, SignatureError, VersionError
+from edgeslice.broker.protocol.errors import ConfigError, DecodeError, SignatureError, VersionError
 
 KEY = b"\x01" * 32
 OTHER = b"\x02" * 32

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.protocol.chunking import (
+from edgeslice.broker.protocol.chunking import (
     DEFAULT_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     Completed,
@@ -19,7 +19,7 @@ from broker.protocol.chunking import (
     encode_transfer,
     split_payload,
 )
-from broker.protocol.errors import ProtocolError, TransferError
+from edgeslice.broker.protocol.errors import ProtocolError, TransferError
 
 KNOWN_REASONS = {
     "malformed", "version", "too_large", "stale_plan", "expired", "checksum", "too_many_open",

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.costmodel import (
+from edgeslice.planner.costmodel import (
     CostParams,
     CostTable,
     Device,

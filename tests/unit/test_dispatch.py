@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from broker.protocol.messages import PlanMessage, PlanStage
-from broker.settings import parse_broker_url
-from planner.client import InferenceClient
+from edgeslice.broker.protocol.messages import PlanMessage, PlanStage
+from edgeslice.broker.settings import parse_broker_url
+from edgeslice.client.inference import InferenceClient
 
 
 def _plan(strategy: str) -> PlanMessage:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.limits import (
+from edgeslice.agent.limits import (
     CgroupUnavailable,
     apply_limits,
     cgroup_problem,
@@ -18,7 +18,7 @@ from agent.limits import (
     plan_emulation,
     remove_agent_cgroups,
 )
-from firmware_profiles import load_profile
+from edgeslice.firmware_profiles import load_profile
 
 MIB = 1024 * 1024
 
@@ -153,7 +153,7 @@ def test_missing_root_runs_unlimited_with_a_reason(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     missing = tmp_path / "nothing"
-    with caplog.at_level(logging.WARNING, logger="agent.limits"):
+    with caplog.at_level(logging.WARNING, logger="edgeslice.agent.limits"):
         applied, limits = emulate_profile("pi-1", load_profile("rpi4-4gb"), root=missing)
     assert applied is None
     assert limits["mode"] == "unlimited" and str(missing) in limits["reason"]

@@ -7,8 +7,10 @@ import math
 
 import pytest
 
-from broker.linkem import LinkProxy, main
-from broker.linkshape import (
+from edgeslice.broker.protocol.errors import ConfigError
+from edgeslice.firmware_profiles import load_profile
+from edgeslice.lab.linkem import LinkProxy, main
+from edgeslice.lab.linkshape import (
     MSS,
     DelayLine,
     LinkSpec,
@@ -17,8 +19,6 @@ from broker.linkshape import (
     is_loopback,
     piece_size,
 )
-from broker.protocol.errors import ConfigError
-from firmware_profiles import load_profile
 
 
 # -- LinkSpec -----------------------------------------------------------------------------

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from broker.protocol.errors import ConfigError
-from planner.models import BUILTIN_MODELS
-from planner.models.mobilenetv2 import build_mobilenetv2
-from planner.models.resnet import build_resnet18
-from planner.models.transformer import build_transformer
-from planner.modelspec import load_model, sanitize_name
+from edgeslice.broker.protocol.errors import ConfigError
+from edgeslice.planner.models import BUILTIN_MODELS
+from edgeslice.planner.models.mobilenetv2 import build_mobilenetv2
+from edgeslice.planner.models.resnet import build_resnet18
+from edgeslice.planner.models.transformer import build_transformer
+from edgeslice.planner.modelspec import load_model, sanitize_name
 
 REPO = Path(__file__).resolve().parents[2]
 BRANCHY = REPO / "examples" / "branchy_model.py"

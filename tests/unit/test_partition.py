@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.protocol.errors import PlanningError
-from planner.costmodel import (
+from edgeslice.broker.protocol.errors import PlanningError
+from edgeslice.planner.costmodel import (
     CostParams,
     Device,
     ModelCost,
@@ -21,7 +21,7 @@ from planner.costmodel import (
     stage_period_s,
     transfer_s,
 )
-from planner.partition import (
+from edgeslice.planner.partition import (
     STRATEGIES,
     Plan,
     amp4ec_balanced,

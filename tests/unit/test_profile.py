@@ -8,11 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from planner.models.mobilenetv2 import build_mobilenetv2
-from planner.models.resnet import build_resnet18
-from planner.models.transformer import build_transformer
-from planner.modelspec import load_model
-from planner.profile import MAX_CROSSING, ModelProfile, count_flops, format_profile, profile_model
+from edgeslice.planner.models.mobilenetv2 import build_mobilenetv2
+from edgeslice.planner.models.resnet import build_resnet18
+from edgeslice.planner.models.transformer import build_transformer
+from edgeslice.planner.modelspec import load_model
+from edgeslice.planner.profile import (
+    MAX_CROSSING,
+    ModelProfile,
+    count_flops,
+    format_profile,
+    profile_model,
+)
 
 BRANCHY = Path(__file__).resolve().parents[2] / "examples" / "branchy_model.py"
 ADD = torch.ops.aten.add.Tensor
@@ -153,7 +159,7 @@ def test_format_profile_lists_every_segment(branchy) -> None:
 
 
 def test_to_cost_matches_the_profile(branchy) -> None:
-    costmodel = pytest.importorskip("planner.costmodel")
+    costmodel = pytest.importorskip("edgeslice.planner.costmodel")
     _, _, profile = branchy
     cost = profile.to_cost()
     assert isinstance(cost, costmodel.ModelCost)

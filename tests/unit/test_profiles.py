@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from broker.protocol.errors import ConfigError, ProfileError
-from firmware_profiles import (
+from edgeslice.broker.protocol.errors import ConfigError, ProfileError
+from edgeslice.firmware_profiles import (
     FirmwareProfile,
     list_profiles,
     load_profile,
@@ -280,4 +280,4 @@ def test_received_dict_is_validated_too() -> None:
     data = profile_to_dict(load_profile("rpi3b"))
     data["cores"] = 0
     with pytest.raises(ProfileError, match=r"agent rpi-17.*'cores'"):
-        profile_from_dict(data, source="from agent rpi-17")
+        profile_from_dict(data, source="from edgeslice.agent rpi-17")

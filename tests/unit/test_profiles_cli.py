@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from broker.cli import cli
-from firmware_profiles import load_profile, profile_from_dict, profile_names, profile_to_dict
+from edgeslice.firmware_profiles import (
+    load_profile,
+    profile_from_dict,
+    profile_names,
+    profile_to_dict,
+)
+from edgeslice.lab.cli import cli
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / "firmware_profiles"
 
@@ -125,7 +130,7 @@ def test_help_texts(sub: str) -> None:
 
 def test_profiles_cli_does_not_import_torch() -> None:
     code = (
-        "import sys; import firmware_profiles.cli; from broker.cli import cli; "
+        "import sys; import firmware_profiles.cli; from edgeslice.lab.cli import cli; "
         "cli.get_command(None, 'profiles'); "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )

@@ -8,7 +8,7 @@ import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.protocol.chunking import Completed, Reassembler, Refused, split_payload
+from edgeslice.broker.protocol.chunking import Completed, Reassembler, Refused, split_payload
 
 
 def _chunks(payload: bytes, chunk_size: int = 1024) -> list[bytes]:

@@ -8,12 +8,12 @@ import msgpack
 import pytest
 import torch
 
-from agent.runtime import ArtifactCache, StageRuntime, measure_gflops, set_threads
-from broker.protocol.artifacts import artifact_id, seal
-from broker.protocol.errors import ArtifactError, InferenceError, SignatureError
-from planner.modelspec import load_model
-from planner.profile import profile_model
-from planner.stages import build_stages
+from edgeslice.agent.runtime import ArtifactCache, StageRuntime, measure_gflops, set_threads
+from edgeslice.broker.protocol.artifacts import artifact_id, seal
+from edgeslice.broker.protocol.errors import ArtifactError, InferenceError, SignatureError
+from edgeslice.planner.modelspec import load_model
+from edgeslice.planner.profile import profile_model
+from edgeslice.planner.stages import build_stages
 
 KEY = b"\x07" * 32
 BRANCHY = Path(__file__).resolve().parents[2] / "examples" / "branchy_model.py"

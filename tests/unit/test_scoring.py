@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from broker.protocol.errors import ConfigError, PlanningError
-from planner.scoring import Candidate, Weights, choose, eligible, parse_weights, rank, score
+from edgeslice.broker.protocol.errors import ConfigError, PlanningError
+from edgeslice.client.scoring import (
+    Candidate,
+    Weights,
+    choose,
+    eligible,
+    parse_weights,
+    rank,
+    score,
+)
 
 W = Weights()  # 0.2 resource, 0.2 load, 0.1 performance, 0.5 balance; max load 0.8, 0.5 s
 

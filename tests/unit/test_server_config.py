@@ -14,11 +14,11 @@ import pytest
 from click.testing import CliRunner
 from paho.mqtt.client import topic_matches_sub
 
-from broker.mosquitto_conf import MosquittoSetup, render_acl, render_all, split_names
-from broker.protocol.errors import ConfigError
-from broker.protocol.topics import Topics
-from broker.server import amqtt_dev_config, mosquitto_dev_config
-from broker.server_cli import broker_group
+from edgeslice.broker.protocol.errors import ConfigError
+from edgeslice.broker.protocol.topics import Topics
+from edgeslice.lab.broker_cli import broker_group
+from edgeslice.lab.mosquitto_conf import MosquittoSetup, render_acl, render_all, split_names
+from edgeslice.lab.server import amqtt_dev_config, mosquitto_dev_config
 
 SHA = "ab" * 32
 

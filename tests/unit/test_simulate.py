@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from broker.protocol.errors import ConfigError, PlanningError
-from planner.costmodel import CostParams, Device, ModelCost, Segment
-from planner.partition import Plan, build_plan
-from planner.simulate import Workload, simulate
+from edgeslice.broker.protocol.errors import ConfigError, PlanningError
+from edgeslice.lab.simulate import Workload, simulate
+from edgeslice.planner.costmodel import CostParams, Device, ModelCost, Segment
+from edgeslice.planner.partition import Plan, build_plan
 
 MODEL = ModelCost(
     "m",

@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from agent.runtime import StageRuntime
-from broker.protocol.artifacts import open_sealed
-from broker.protocol.errors import PlanningError
-from planner.models.mobilenetv2 import build_mobilenetv2
-from planner.models.resnet import build_resnet18
-from planner.models.transformer import build_transformer
-from planner.modelspec import load_model
-from planner.profile import profile_model
-from planner.stages import build_stages
+from edgeslice.agent.runtime import StageRuntime
+from edgeslice.broker.protocol.artifacts import open_sealed
+from edgeslice.broker.protocol.errors import PlanningError
+from edgeslice.planner.models.mobilenetv2 import build_mobilenetv2
+from edgeslice.planner.models.resnet import build_resnet18
+from edgeslice.planner.models.transformer import build_transformer
+from edgeslice.planner.modelspec import load_model
+from edgeslice.planner.profile import profile_model
+from edgeslice.planner.stages import build_stages
 
 KEY = bytes(range(32))
 BRANCHY = Path(__file__).resolve().parents[2] / "examples" / "branchy_model.py"

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.protocol.chunking import Completed, Reassembler, encode_transfer
-from broker.protocol.errors import DecodeError, ProtocolError
-from broker.protocol.tensors import DTYPE_SIZES, pack_tensors, unpack_tensors
+from edgeslice.broker.protocol.chunking import Completed, Reassembler, encode_transfer
+from edgeslice.broker.protocol.errors import DecodeError, ProtocolError
+from edgeslice.broker.protocol.tensors import DTYPE_SIZES, pack_tensors, unpack_tensors
 
 SHAPES = [(), (0,), (3, 0, 2), (7,), (2, 3), (2, 3, 4, 5)]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from planner.profile import profile_model
-from planner.timing import segment_seconds, timed_cost
+from edgeslice.planner.profile import profile_model
+from edgeslice.planner.timing import segment_seconds, timed_cost
 
 
 class _Mixed(nn.Module):

@@ -16,25 +16,34 @@ import click
 # name -> (import string, one-line help shown by `edgeslice --help` without importing)
 COMMANDS: dict[str, tuple[str, str]] = {
     "broker": (
-        "broker.server_cli:broker_group",
+        "edgeslice.lab.broker_cli:broker_group",
         "Run a local development broker, or write a production config.",
     ),
-    "monitor": ("broker.monitor:monitor_cmd", "Watch agents live, or decode raw topic traffic."),
+    "monitor": (
+        "edgeslice.client.monitor:monitor_cmd",
+        "Watch agents live, or decode raw topic traffic.",
+    ),
     "profiles": (
-        "firmware_profiles.cli:profiles_group",
+        "edgeslice.firmware_profiles.cli:profiles_group",
         "List and show firmware profiles (device classes).",
     ),
-    "agent": ("agent.cli:agent_cmd", "Run an agent on this device."),
-    "planner": ("planner.cli:planner_cmd", "Run the planner service for a model."),
-    "infer": ("planner.cli:infer_cmd", "Send an inference request to a running fleet."),
-    "profile": ("planner.cli:profile_cmd", "Print a model's cut points and per-segment costs."),
-    "keygen": ("planner.cli:keygen_cmd", "Create the fleet key that signs stage artifacts."),
+    "agent": ("edgeslice.agent.cli:agent_cmd", "Run an agent on this device."),
+    "planner": ("edgeslice.planner.cli:planner_cmd", "Run the planner service for a model."),
+    "infer": ("edgeslice.client.cli:infer_cmd", "Send an inference request to a running fleet."),
+    "profile": (
+        "edgeslice.planner.cli:profile_cmd",
+        "Print a model's cut points and per-segment costs.",
+    ),
+    "keygen": (
+        "edgeslice.planner.cli:keygen_cmd",
+        "Create the fleet key that signs stage artifacts.",
+    ),
     "demo": (
-        "planner.cli:demo_cmd",
+        "edgeslice.lab.commands:demo_cmd",
         "Broker + planner + agents + a partitioned model, on this machine.",
     ),
-    "testbed": ("planner.cli:testbed_group", "Start and stop emulated device fleets."),
-    "bench": ("planner.cli:bench_cmd", "Run a benchmark and write its JSON results."),
+    "testbed": ("edgeslice.lab.commands:testbed_group", "Start and stop emulated device fleets."),
+    "bench": ("edgeslice.benchmarks.cli:bench_cmd", "Run a benchmark and write its JSON results."),
 }
 
 

@@ -25,17 +25,16 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.protocol.errors import ConfigError, EdgesliceError
-from firmware_profiles import load_profile, profile_to_dict
-from planner.fleet import AgentSpec, LocalFleet
+from edgeslice.agent.limits import remove_agent_cgroups
+from edgeslice.broker.protocol.errors import ConfigError, EdgesliceError
+from edgeslice.firmware_profiles import load_profile, profile_to_dict
+from edgeslice.lab.fleet import AgentSpec, LocalFleet
 
 _ALLOWED = {"profile", "count", "link", "emulate", "id_prefix"}
 
@@ -200,7 +199,7 @@ class Testbed:
             port = _free_port()
             self.fleet.spawn_module(
                 f"link-{agent.agent_id}",
-                "broker.linkem",
+                "edgeslice.lab.linkem",
                 ["--listen-port", str(port), "--target", target, *agent.link.args()],
             )
             _wait_port(port, 15, f"the link proxy of {agent.agent_id}")
@@ -227,28 +226,9 @@ class Testbed:
 
 
 def remove_cgroups(agent_ids: list[str]) -> list[str]:
-    """Remove these agents' cgroups, via the agent package in a subprocess (planner never
-    imports agent); what could not be removed. Other fleets' cgroups are left alone."""
-    if not agent_ids:
-        return []
-    code = (
-        "import json,sys\nfrom agent.limits import remove_agent_cgroups\n"
-        "print(json.dumps([x for a in sys.argv[1:] for x in remove_agent_cgroups(a)]))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *agent_ids],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if proc.returncode != 0:
-        return [f"cgroup cleanup failed: {proc.stderr.strip()[-300:]}"]
-    try:
-        left = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return []
-    return [str(x) for x in left] if isinstance(left, list) else []
+    """Remove these agents' cgroups; what could not be removed. Other fleets' cgroups are
+    left alone."""
+    return [left for agent_id in agent_ids for left in remove_agent_cgroups(agent_id)]
 
 
 def down_from_state(path: str, timeout: float = 15.0) -> list[str]:
@@ -295,41 +275,38 @@ async def wait_for_agents(
     url: str, namespace: str, agent_ids: list[str], timeout: float = 120.0
 ) -> dict[str, Any]:
     """Each agent's retained ``info`` once all have announced themselves (current session)."""
-    import asyncio
 
-    from broker.client import MqttClient
-    from broker.protocol import codec
-    from broker.protocol.messages import Info, Status
-    from broker.protocol.topics import Kind, Topics
-    from broker.settings import parse_broker_url
+    from edgeslice.broker.client import MqttClient
+    from edgeslice.broker.fleetstate import FleetState
+    from edgeslice.broker.protocol.messages import Info
+    from edgeslice.broker.protocol.topics import Topics
+    from edgeslice.broker.settings import parse_broker_url
 
     settings = parse_broker_url(url, namespace)
     topics = Topics(namespace)
     client = MqttClient(settings, client_id=f"testbed-{os.getpid()}")
     await client.connect()
-    sessions: dict[str, int] = {}
-    infos: dict[str, Info] = {}
+    fleet = FleetState(topics)
     try:
         await client.subscribe(topics.all_agents("status"))
         await client.subscribe(topics.all_agents("info"))
         deadline = time.monotonic() + timeout
-        while not all(a in infos and infos[a].session == sessions.get(a) for a in agent_ids):
+        while not all(a in fleet.agents and fleet.agents[a].usable for a in agent_ids):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                missing = [a for a in agent_ids if a not in infos]
+                missing = [a for a in agent_ids if a not in fleet.usable_ids()]
                 raise EdgesliceError(
                     f"agents {missing} did not announce themselves within "
                     f"{timeout:.0f}s; see the logs in the testbed workdir"
                 )
             msg = await client.next_message(timeout=min(remaining, 1.0))
-            if msg is None or not msg.payload:
-                continue
-            parsed = topics.parse(msg.topic)
-            if parsed.kind is Kind.STATUS:
-                sessions[parsed.agent_id] = codec.decode(msg.payload, Status).session
-            elif parsed.kind is Kind.INFO:
-                infos[parsed.agent_id] = codec.decode(msg.payload, Info)
-        await asyncio.sleep(0)
-        return {a: infos[a] for a in agent_ids}
+            if msg is not None:
+                fleet.apply(msg.topic, msg.payload, time.time())
+        infos: dict[str, Info] = {}
+        for agent_id in agent_ids:
+            info = fleet.agents[agent_id].info
+            assert info is not None  # usable implies an info
+            infos[agent_id] = info
+        return infos
     finally:
         await client.close()

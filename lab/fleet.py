@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.protocol.errors import EdgesliceError
+from edgeslice.broker.protocol.errors import EdgesliceError
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class LocalFleet:
     def ensure_key(self) -> str:
         """Create the fleet key file if it does not exist yet."""
         if not os.path.exists(self.fleet_key_file):
-            from broker.fleetkey import write_key
+            from edgeslice.broker.fleetkey import write_key
 
             write_key(self.fleet_key_file)
         return self.fleet_key_file
@@ -74,7 +74,7 @@ class LocalFleet:
         self, name: str, args: Sequence[str], verbose: bool = True
     ) -> subprocess.Popen[bytes]:
         """Start ``edgeslice <args>`` as process ``name`` (a name may be reused after stop)."""
-        return self.spawn_module(name, "broker.cli", [*(["-v"] if verbose else []), *args])
+        return self.spawn_module(name, "edgeslice.lab.cli", [*(["-v"] if verbose else []), *args])
 
     def spawn_module(self, name: str, module: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
         """Start ``python -m module args`` (e.g. a ``broker.linkem`` proxy) as process ``name``."""

@@ -16,10 +16,10 @@ from typing import cast
 
 import click
 
-from broker.mosquitto_conf import MosquittoSetup, render_all, split_names
-from broker.protocol.errors import BrokerError, ConfigError
-from broker.server import BrokerKind, LocalBroker, port_in_use
-from broker.settings import DEFAULT_NAMESPACE
+from edgeslice.broker.protocol.errors import BrokerError, ConfigError
+from edgeslice.broker.settings import DEFAULT_NAMESPACE
+from edgeslice.lab.mosquitto_conf import MosquittoSetup, render_all, split_names
+from edgeslice.lab.server import BrokerKind, LocalBroker, port_in_use
 
 
 class _Terminated(Exception):

@@ -22,20 +22,20 @@ from typing import Any
 
 from torch import Tensor
 
-from broker.client import MqttClient
-from broker.protocol import codec
-from broker.protocol.chunking import Completed, Reassembler, Refused, stream_transfer
-from broker.protocol.errors import (
+from edgeslice.broker.client import MqttClient
+from edgeslice.broker.protocol import codec
+from edgeslice.broker.protocol.chunking import Completed, Reassembler, Refused, stream_transfer
+from edgeslice.broker.protocol.errors import (
     EdgesliceError,
     InferenceError,
     RemoteStageError,
     RequestTimeout,
 )
-from broker.protocol.messages import Info, PlanMessage, Telemetry
-from broker.protocol.tensors import pack_tensors, unpack_tensors
-from broker.protocol.topics import Kind, Topics
-from broker.settings import BrokerSettings
-from planner.scoring import Candidate, Weights, choose
+from edgeslice.broker.protocol.messages import Info, PlanMessage, Telemetry
+from edgeslice.broker.protocol.tensors import pack_tensors, unpack_tensors
+from edgeslice.broker.protocol.topics import Kind, Topics
+from edgeslice.broker.settings import BrokerSettings
+from edgeslice.client.scoring import Candidate, Weights, choose
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
-from broker.protocol.errors import ConfigError, PlanningError
+from edgeslice.broker.protocol.errors import ConfigError, PlanningError
 
 
 @dataclass(frozen=True)

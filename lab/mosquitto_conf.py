@@ -34,9 +34,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from broker.protocol.errors import ConfigError, TopicError
-from broker.protocol.topics import Topics, check_id
-from broker.settings import DEFAULT_NAMESPACE, parse_broker_url
+from edgeslice.broker.protocol.errors import ConfigError, TopicError
+from edgeslice.broker.protocol.topics import Topics, check_id
+from edgeslice.broker.settings import DEFAULT_NAMESPACE, parse_broker_url
 
 Access = Literal["read", "write", "readwrite"]
 

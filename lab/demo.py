@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from broker.settings import BrokerSettings, parse_broker_url
-from planner.fleet import AgentSpec, LocalFleet
+from edgeslice.broker.settings import BrokerSettings, parse_broker_url
+from edgeslice.lab.fleet import AgentSpec, LocalFleet
 
 DEMO_PROFILES = ("rpi5-8gb", "rpi4-4gb", "jetson-nano", "rpi4-8gb", "rpi5-4gb", "rpi3b")
 
@@ -48,7 +48,7 @@ async def _run_requests(
 ) -> dict[str, Any]:
     import torch
 
-    from planner.client import InferenceClient
+    from edgeslice.client.inference import InferenceClient
 
     async with InferenceClient(settings, model_name) as client:
         plan = await client.wait_ready(opts.timeout_s)
@@ -106,8 +106,8 @@ def run_demo(opts: DemoOptions) -> int:
     """Run the demo; 0 when every output matched the whole model, else 1."""
     import torch
 
-    from broker.server import LocalBroker
-    from planner.modelspec import load_model
+    from edgeslice.lab.server import LocalBroker
+    from edgeslice.planner.modelspec import load_model
 
     started = time.perf_counter()
     loaded = load_model(opts.model)

@@ -40,7 +40,7 @@ import weakref
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from broker.protocol.errors import BrokerError
+from edgeslice.broker.protocol.errors import BrokerError
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class LocalBroker:
             if main_thread and setpriv and sys.platform.startswith("linux"):
                 cmd = [setpriv, "--pdeathsig", "TERM", *cmd]
         else:
-            cmd = [sys.executable, "-m", "broker.server", "--amqtt", "--host", self.host]
+            cmd = [sys.executable, "-m", "edgeslice.lab.server", "--amqtt", "--host", self.host]
             cmd += ["--port", str(self.port), "--parent-pid", str(os.getpid())]
         logger.debug("starting broker: %s", " ".join(cmd))
         self._proc = subprocess.Popen(

@@ -63,7 +63,8 @@ import time
 import weakref
 from typing import Any
 
-from broker.linkshape import (
+from edgeslice.broker.protocol.errors import BrokerError, ConfigError
+from edgeslice.lab.linkshape import (
     MAX_PIECE,
     DelayLine,
     LinkSpec,
@@ -73,8 +74,7 @@ from broker.linkshape import (
     is_loopback,
     piece_size,
 )
-from broker.protocol.errors import BrokerError, ConfigError
-from broker.server import free_port
+from edgeslice.lab.server import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ class LinkProxyProcess:
         elif self.log_path is not None:
             self._log = self.log_path
         host = f"[{self.target_host}]" if ":" in self.target_host else self.target_host
-        cmd = [sys.executable, "-m", "broker.linkem", "--listen-host", self.listen_host]
+        cmd = [sys.executable, "-m", "edgeslice.lab.linkem", "--listen-host", self.listen_host]
         cmd += ["--listen-port", str(self.port), "--target", f"{host}:{self.target_port}"]
         cmd += ["--bandwidth-mbit", repr(self.spec.bandwidth_bps * 8 / 1e6)]
         cmd += ["--latency-ms", repr(self.spec.latency_s * 1000)]

@@ -40,8 +40,9 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from broker.protocol.errors import ConfigError, PlanningError
-from planner.costmodel import (
+from edgeslice.broker.protocol.errors import ConfigError, PlanningError
+from edgeslice.client.scoring import Candidate, Weights, choose
+from edgeslice.planner.costmodel import (
     DEFAULT_PARAMS,
     CostParams,
     Device,
@@ -52,8 +53,7 @@ from planner.costmodel import (
     stage_out_bytes,
     stage_period_s,
 )
-from planner.partition import Plan
-from planner.scoring import Candidate, Weights, choose
+from edgeslice.planner.partition import Plan
 
 DISPATCH = ("auto", "edgeslice", "amp4ec", "round-robin")
 

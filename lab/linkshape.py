@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from broker.protocol.errors import ConfigError
+from edgeslice.broker.protocol.errors import ConfigError
 
 MSS = 1448  # TCP payload per segment on Ethernet (1500 MTU, IPv4 + TCP timestamps)
 MIN_RTO_S = 0.2  # Linux's minimum retransmission timeout

@@ -1,0 +1,1 @@
+"""The inference client: the Python API and `edgeslice infer`, replica choice, fleet monitor."""
