@@ -39,10 +39,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Create the fleet key that signs stage artifacts.",
     ),
     "demo": (
-        "edgeslice.lab.commands:demo_cmd",
+        "edgeslice.lab.demo_cli:demo_cmd",
         "Broker + planner + agents + a partitioned model, on this machine.",
     ),
-    "testbed": ("edgeslice.lab.commands:testbed_group", "Start and stop emulated device fleets."),
+    "testbed": (
+        "edgeslice.lab.testbed_cli:testbed_group",
+        "Start and stop emulated device fleets.",
+    ),
     "bench": ("edgeslice.benchmarks.cli:bench_cmd", "Run a benchmark and write its JSON results."),
 }
 
