@@ -9,8 +9,8 @@ decides whether a malformed message is worth a log line.
 What "load" means, in one place: :meth:`AgentState.load` is the fraction of the last
 telemetry interval the agent's **stage worker** spent computing (``Telemetry.busy``,
 0..1). That is what says whether more requests fit on the agent; host CPU use (which
-counts the agent's own MQTT loop and anything else on the device) is kept beside it as
-:attr:`AgentState.cpu_fraction` and shown by the monitor, but never called load.
+counts the agent's own MQTT loop and anything else on the device) stays
+``Telemetry.cpu_percent``: the monitor shows it, nothing calls it load.
 """
 
 from __future__ import annotations
@@ -61,11 +61,6 @@ class AgentState:
         """Stage-worker busy fraction 0..1 from fresh telemetry (0 when unknown or stale)."""
         tel = self.fresh_telemetry(now, stale_after_s)
         return 0.0 if tel is None else max(0.0, min(1.0, tel.busy))
-
-    def cpu_fraction(self, now: float, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> float:
-        """Host CPU use 0..1 from fresh telemetry (0 when unknown or stale); not load."""
-        tel = self.fresh_telemetry(now, stale_after_s)
-        return 0.0 if tel is None else max(0.0, min(1.0, tel.cpu_percent / 100.0))
 
 
 class FleetState:
