@@ -4,28 +4,11 @@
 benchmarks and the testbed see realistic, *uneven* devices. How:
 
 * **CPU.** Before limiting anything the agent measures this host's single-core
-  rate ``host`` (``measure_gflops(0.3, threads=1)``). The profile's rate
-  ``gflops_fp32`` then needs ``cores = gflops_fp32 / host * scale`` cores of
-  this host; a CFS bandwidth quota (cgroup v1 ``cpu.cfs_quota_us`` /
-  ``cpu.cfs_period_us``, or v2 ``cpu.max``) grants exactly that, capped at the
-  host's CPU count and floored at 0.01 core. The calibration the agent
-  publishes afterwards runs under the quota, so measured rates keep the ratios
-  between profiles (an rpi5 agent measures ~2.5x an rpi4 agent). torch gets one
-  thread unless the quota exceeds one core, then ``ceil(cores)`` (at most the
-  profile's cores): more threads than the quota only stall together at the end
-  of each period. The period is the kernel's default 100 ms: measured on a
-  2-core x86 host, a 10 ms period delivered only 55-75 % of the granted
-  quota's work at 0.15-0.4 core (every period restarts with cold caches and
-  pays the unthrottle latency) while 100 ms delivered ~100 %, so the ratios
-  between profiles hold; the price is bursts (0.15 core = 15 ms of full speed,
-  85 ms stalled), which average out over a stage or a calibration run. A
-  run only counts whole periods to within one burst, so a calibration must
-  span many: under emulation the CLI raises ``--calibrate-seconds`` to at least
-  :attr:`EmulationPlan.min_calibrate_seconds` (20 periods, about 2 s, within
-  ~10 %; the default 0.5 s measured an rpi4 quota anywhere from 60 to 110 %).
-  ``host`` counts the calibration's *CPU* time, not its wall time: on a busy
-  host (other agents, other work) wall time would make the core look slow and
-  every quota too large.
+  rate (:func:`host_core_gflops`); :mod:`agent.quota` turns it and the profile
+  into a CFS bandwidth quota (cgroup v1 ``cpu.cfs_quota_us`` /
+  ``cpu.cfs_period_us``, or v2 ``cpu.max``) and a torch thread count (that
+  module explains the arithmetic and the 100 ms period); one trial run under
+  the quota corrects it (:func:`agent.quota.corrected_plan`).
 * **Memory.** ``ram_mb`` MiB as the cgroup memory limit (v1
   ``memory.limit_in_bytes``, v2 ``memory.max``): a stage that would not fit
   the board gets the board's fate (OOM). Pages charged before the move stay
@@ -55,13 +38,13 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeslice.agent.quota import EmulationPlan, corrected_plan, plan_emulation
 from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.firmware_profiles.schema import MIB, FirmwareProfile
 
@@ -69,87 +52,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("/sys/fs/cgroup")
 PREFIX = "edgeslice"
-MIN_CORES = 0.01
-MIN_QUOTA_US = 1_000  # the kernel's minimum CFS quota
-PERIOD_US = 100_000  # the kernel's default CFS period (see the module docstring)
-MAX_CORRECTION = 2.5  # most corrected_plan may raise a quota
 CONTROLLERS = ("cpu", "memory")
 _MAX_DEPTH = 8  # how deep remove_agent_cgroups looks for edgeslice/ groups
 
 
 class CgroupUnavailable(EdgesliceError):
     """Limits cannot be applied on this machine; the message says why (shown to the user)."""
-
-
-@dataclass(frozen=True)
-class EmulationPlan:
-    """The limits that make this host behave like one profile (pure arithmetic, no I/O)."""
-
-    cores: float
-    threads: int
-    memory_bytes: int
-    host_core_gflops: float
-    scale: float
-    period_us: int
-    quota_us: int
-    correction: float = 1.0  # factor applied by corrected_plan (1.0 = open-loop estimate)
-
-    @property
-    def min_calibrate_seconds(self) -> float:
-        """Shortest calibration that sees enough CFS periods to measure the quota's rate."""
-        return 20 * self.period_us / 1e6
-
-
-def cpu_period_quota(cores: float) -> tuple[int, int]:
-    """CFS (period, quota) in µs granting ``cores`` (the quota never below the kernel's 1 ms)."""
-    return PERIOD_US, max(MIN_QUOTA_US, round(cores * PERIOD_US))
-
-
-def plan_emulation(
-    profile: FirmwareProfile,
-    host_core_gflops: float,
-    scale: float = 1.0,
-    host_cpus: int | None = None,
-) -> EmulationPlan:
-    """Cores, threads and memory that make this host run like ``profile`` (see module doc)."""
-    if host_core_gflops <= 0:
-        raise ValueError(f"host single-core rate must be > 0 GFLOP/s, got {host_core_gflops}")
-    if scale <= 0:
-        raise ValueError(f"--emulate-scale must be > 0, got {scale}")
-    cpus = host_cpus or os.cpu_count() or 1
-    cores = min(max(profile.gflops_fp32 / host_core_gflops * scale, MIN_CORES), float(cpus))
-    threads = 1 if cores <= 1.0 else min(math.ceil(cores), profile.cores)
-    period, quota = cpu_period_quota(cores)
-    return EmulationPlan(
-        cores=round(cores, 4),
-        threads=threads,
-        memory_bytes=profile.ram_mb * MIB,
-        host_core_gflops=round(host_core_gflops, 3),
-        scale=scale,
-        period_us=period,
-        quota_us=quota,
-    )
-
-
-def corrected_plan(
-    plan: EmulationPlan, measured_gflops: float, host_cpus: int | None = None
-) -> EmulationPlan:
-    """``plan`` with its quota scaled so the rate measured under it meets the target.
-
-    Small quotas deliver less than their share of a core (after each stall the caches are
-    cold; an rpi3b's 0.05 core measured ~60 % of its target, an rpi5's 0.47 core ~95 %),
-    which would bend the ratios between profiles. One measurement under the quota fixes
-    that; the factor is bounded so a momentarily busy host cannot inflate the quota much.
-    """
-    target = plan.cores * plan.host_core_gflops
-    factor = target / measured_gflops if measured_gflops > 0 else MAX_CORRECTION
-    factor = min(max(factor, 1 / 1.25), MAX_CORRECTION)
-    cpus = host_cpus or os.cpu_count() or 1
-    cores = min(max(plan.cores * factor, MIN_CORES), float(cpus))
-    _period, quota = cpu_period_quota(cores)
-    return dataclasses.replace(
-        plan, cores=round(cores, 4), quota_us=quota, correction=round(factor, 3)
-    )
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,23 @@
 """Starts local fleets as real processes through the CLI: for the demo, tests and benchmarks.
 
-Every process is ``python -m broker.cli ...`` exactly as a user would start it, in its own
-process group, with its output in a log file; :class:`LocalFleet` remembers them all and
-stops them (SIGTERM, then SIGKILL) on ``close()`` so nothing is left behind.
+Every process is ``python -m edgeslice.lab.cli ...`` exactly as a user would start it, run
+by :class:`lab.supervisor.Supervised` (own process group, log file in the fleet's workdir,
+SIGTERM then SIGKILL); :class:`LocalFleet` names them and stops them all on ``close()`` so
+nothing is left behind. ``detached=True`` fleets (``edgeslice testbed up``) outlive the
+process that started them and are stopped later, by the pids ``testbed up`` recorded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgeslice.broker.protocol.errors import EdgesliceError
+from edgeslice.lab.supervisor import Ready, Supervised, stop_all
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,8 @@ class LocalFleet:
         workdir: str | None = None,
         fleet_key_file: str | None = None,
         threads_per_agent: int | None = 1,
+        detached: bool = False,
+        on_start: Callable[[str, Supervised], None] | None = None,
     ) -> None:
         self.broker_url = broker_url
         self.namespace = namespace
@@ -48,7 +49,9 @@ class LocalFleet:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.fleet_key_file = fleet_key_file or str(self.workdir / "fleet.key")
         self.threads_per_agent = threads_per_agent
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.detached = detached
+        self.on_start = on_start  # called as soon as a process is started (testbed state)
+        self.procs: dict[str, Supervised] = {}
 
     def ensure_key(self) -> str:
         """Create the fleet key file if it does not exist yet."""
@@ -71,30 +74,38 @@ class LocalFleet:
         return self.workdir / f"{name}.log"
 
     def spawn(
-        self, name: str, args: Sequence[str], verbose: bool = True
-    ) -> subprocess.Popen[bytes]:
+        self,
+        name: str,
+        args: Sequence[str],
+        verbose: bool = True,
+        ready: Ready = None,
+        timeout: float = 15.0,
+    ) -> Supervised:
         """Start ``edgeslice <args>`` as process ``name`` (a name may be reused after stop)."""
-        return self.spawn_module(name, "edgeslice.lab.cli", [*(["-v"] if verbose else []), *args])
+        args = [*(["-v"] if verbose else []), *args]
+        return self.spawn_module(name, "edgeslice.lab.cli", args, ready, timeout)
 
-    def spawn_module(self, name: str, module: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
-        """Start ``python -m module args`` (e.g. a ``broker.linkem`` proxy) as process ``name``."""
-        if name in self.procs and self.procs[name].poll() is None:
+    def spawn_module(
+        self,
+        name: str,
+        module: str,
+        args: Sequence[str],
+        ready: Ready = None,
+        timeout: float = 15.0,
+    ) -> Supervised:
+        """Start ``python -m module args`` as process ``name``; wait for ``ready`` if given."""
+        if self.alive(name):
             raise EdgesliceError(f"fleet process {name!r} is already running")
-        log = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env(),
-                start_new_session=True,
-            )
-        finally:
-            log.close()
-        self.procs[name] = proc
-        return proc
+        cmd = [sys.executable, "-m", module, *args]
+        child = Supervised(name, cmd, self.log_path(name), env=self.env(), detached=self.detached)
+        self.procs[name] = child
+        child.spawn()
+        if self.on_start is not None:
+            self.on_start(name, child)
+        child.wait_ready(ready, timeout)
+        return child
 
-    def start_agent(self, spec: AgentSpec) -> subprocess.Popen[bytes]:
+    def start_agent(self, spec: AgentSpec) -> Supervised:
         args = [
             "agent",
             "--id",
@@ -110,33 +121,22 @@ class LocalFleet:
             args += ["--threads", str(self.threads_per_agent)]
         return self.spawn(spec.agent_id, [*args, *spec.extra])
 
-    def start_planner(self, model: str, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    def start_planner(self, model: str, extra: Sequence[str] = ()) -> Supervised:
         self.ensure_key()
         return self.spawn("planner", ["planner", "--model", model, *extra])
 
     def signal(self, name: str, sig: int) -> None:
-        proc = self.procs[name]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+        """Send ``sig`` to process ``name``'s whole process group."""
+        self.procs[name].signal(sig)
 
     def stop(self, name: str, timeout: float = 10.0) -> int | None:
         """SIGTERM ``name`` and wait; SIGKILL if it does not exit. Its exit code."""
-        proc = self.procs.get(name)
-        if proc is None:
-            return None
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if proc.poll() is not None:
-                break
-            self.signal(name, sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                continue
-        return proc.wait()
+        child = self.procs.get(name)
+        return child.stop(grace=timeout) if child is not None else None
 
     def alive(self, name: str) -> bool:
-        proc = self.procs.get(name)
-        return proc is not None and proc.poll() is None
+        child = self.procs.get(name)
+        return child is not None and child.is_running()
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.log_path(name)
@@ -152,18 +152,7 @@ class LocalFleet:
             return 2 if name == "broker" else 1 if name.startswith("link-") else 0
 
         for level in (0, 1, 2):
-            names = [n for n in self.procs if tier(n) == level]
-            deadline = time.monotonic() + 15.0
-            for name in names:
-                if self.alive(name):
-                    self.signal(name, signal.SIGTERM)
-            for name in names:
-                proc = self.procs[name]
-                try:
-                    proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    self.signal(name, signal.SIGKILL)
-                    proc.wait()
+            stop_all([c for n, c in self.procs.items() if tier(n) == level], grace=15.0)
 
     def __enter__(self) -> LocalFleet:
         return self

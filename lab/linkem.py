@@ -34,11 +34,11 @@ Per direction, data passes three stages, all on the event loop's clock:
    whereas real TCP also loses rate (Mathis: about MSS/RTT x 1.22/sqrt(p)).
 
 The pure parts (:class:`LinkSpec`, :class:`Pacer`, :class:`DelayLine`,
-:class:`LossModel`) live in :mod:`broker.linkshape`, tested without sockets.
-:class:`LinkProxy` is the in-process asyncio shell; ``python -m broker.linkem``
-and :class:`LinkProxyProcess` run it as a subprocess for the testbed, in the
-style of :class:`broker.server.LocalBroker`; the subprocess stops itself when
-the process that started it is gone (it polls its parent pid). Only loopback
+:class:`LossModel`) live in :mod:`lab.linkshape`, tested without sockets.
+:class:`LinkProxy` is the in-process asyncio shell; ``python -m edgeslice.lab.linkem``
+runs it as a process, which :class:`LinkProxyProcess` starts and stops through
+:class:`lab.supervisor.Supervised`; the process also stops itself when the
+process that started it is gone (``--parent-pid``: it polls its parent pid). Only loopback
 listen addresses are accepted unless ``allow_remote`` is set: an emulator is
 not a service. Accuracy measured on a shared 2-core machine (raw TCP): within
 3 % from 2 to 200 Mbit/s; a 940 Mbit/s link reaches ~800 Mbit/s, the limit of
@@ -49,21 +49,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
-import functools
 import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
-import time
-import weakref
 from typing import Any
 
-from edgeslice.broker.protocol.errors import BrokerError, ConfigError
+from edgeslice.broker.protocol.errors import BrokerError, ConfigError, EdgesliceError
 from edgeslice.lab.linkshape import (
     MAX_PIECE,
     DelayLine,
@@ -74,14 +68,12 @@ from edgeslice.lab.linkshape import (
     is_loopback,
     piece_size,
 )
-from edgeslice.lab.server import free_port
+from edgeslice.lab.supervisor import Ready, Supervised
 
 logger = logging.getLogger(__name__)
 
 _MIN_QUEUE = 16 * 1024 * 1024  # delay-line bytes before the reader stops reading
 _READY_LINE = "linkem: listening on"
-_running: weakref.WeakSet[LinkProxyProcess] = weakref.WeakSet()
-_LOG_TAIL_BYTES = 3000
 
 
 class _Direction:
@@ -277,9 +269,13 @@ class LinkProxy:
             logger.debug("linkem client=%s connection ended: %r", peer, errors.exceptions[0])
 
 
-# -- process form: `python -m broker.linkem`, driven by LinkProxyProcess ------------------
-class LinkProxyProcess:
-    """A ``python -m broker.linkem`` subprocess; context manager, or start()/stop()."""
+# -- process form: `python -m edgeslice.lab.linkem`, driven by LinkProxyProcess -------------
+class LinkProxyProcess(Supervised):
+    """A ``python -m edgeslice.lab.linkem`` child process (a :class:`Supervised`).
+
+    With ``listen_port=0`` the proxy binds a free port itself and names it in its ready
+    line, so no other process can take the port between choosing and binding it.
+    """
 
     def __init__(
         self,
@@ -293,90 +289,25 @@ class LinkProxyProcess:
     ) -> None:
         self.target_host, self.target_port, self.spec = target_host, target_port, spec
         self.listen_host, self.port, self.seed = listen_host, listen_port, seed
-        self.log_path = log_path
-        self.returncode: int | None = None
-        self._auto_port = listen_port == 0
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: str | None = None
-        self._own_log = False
+        super().__init__("linkem", self.command(), log_path)
 
     @property
     def url(self) -> str:
         host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
         return f"mqtt://{host}:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self, timeout: float = 10.0) -> LinkProxyProcess:
+    def start(self, ready: Ready = None, timeout: float = 10.0) -> LinkProxyProcess:
         """Start the proxy; return once it listens. BrokerError (with the log tail) if not."""
-        if self.is_running():
-            return self
-        attempts = 3 if self._auto_port else 1
-        for attempt in range(attempts):
-            if self._auto_port:
-                self.port = free_port(self.listen_host)
-            self._spawn()
-            try:
-                self._wait_ready(timeout)
-            except BrokerError as exc:
-                tail = self.log_tail()
-                self.stop()
-                if attempt + 1 < attempts and "already in use" in tail:
-                    continue  # the free port was taken meanwhile
-                raise BrokerError(f"{exc}\n--- linkem log tail ---\n{tail}") from None
-            break
-        logger.info("linkem pid=%s url=%s -> %s:%d", self.pid, self.url, *self._target())
+        try:
+            super().start(ready or self._listening, timeout)
+        except EdgesliceError as exc:
+            raise BrokerError(f"linkem on {self.url}: {exc}") from None
+        target = f"{self.target_host}:{self.target_port}"
+        logger.info("linkem pid=%s url=%s -> %s", self.pid, self.url, target)
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM the proxy's process group, SIGKILL after ``timeout``; safe to call twice."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            _running.discard(self)
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                if proc.poll() is not None:
-                    break
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(timeout)
-                except ProcessLookupError:
-                    break
-                except subprocess.TimeoutExpired:
-                    logger.warning("linkem pid=%d ignored %s", proc.pid, sig.name)
-            self.returncode = proc.wait()
-        if self._own_log and self._log is not None:
-            os.unlink(self._log)
-            self._log, self._own_log = None, False
-
-    def log_tail(self, limit: int = _LOG_TAIL_BYTES) -> str:
-        """The last ``limit`` bytes of the proxy's output (empty if there is none)."""
-        if self._log is None or not os.path.exists(self._log):
-            return ""
-        with open(self._log, "rb") as fh:
-            fh.seek(max(0, os.path.getsize(self._log) - limit))
-            return fh.read().decode("utf-8", "replace")
-
-    def __enter__(self) -> LinkProxyProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _target(self) -> tuple[str, int]:
-        return self.target_host, self.target_port
-
-    def _spawn(self) -> None:
-        if self.log_path is None and self._log is None:
-            fd, self._log = tempfile.mkstemp(prefix="edgeslice-linkem-", suffix=".log")
-            os.close(fd)
-            self._own_log = True
-        elif self.log_path is not None:
-            self._log = self.log_path
+    def command(self) -> list[str]:
+        """The ``python -m edgeslice.lab.linkem`` command line for this proxy."""
         host = f"[{self.target_host}]" if ":" in self.target_host else self.target_host
         cmd = [sys.executable, "-m", "edgeslice.lab.linkem", "--listen-host", self.listen_host]
         cmd += ["--listen-port", str(self.port), "--target", f"{host}:{self.target_port}"]
@@ -387,40 +318,15 @@ class LinkProxyProcess:
             cmd += ["--seed", str(self.seed)]
         if not is_loopback(self.listen_host):
             cmd.append("--allow-remote")
-        assert self._log is not None
-        with open(self._log, "ab") as log:
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        _running.add(self)
-        _register_atexit()
+        return cmd
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self._proc is not None
-            if _READY_LINE in self.log_tail():
-                return
-            code = self._proc.poll()
-            if code is not None:
-                raise BrokerError(f"linkem exited with code {code} before listening on {self.url}")
-            if time.monotonic() > deadline:
-                raise BrokerError(
-                    f"linkem did not listen on {self.url} within {timeout:.0f} s "
-                    "(machine overloaded? try a longer timeout)"
-                )
-            time.sleep(0.02)
-
-
-@functools.cache
-def _register_atexit() -> None:
-    atexit.register(_stop_all)
-
-
-def _stop_all() -> None:
-    for proxy in list(_running):
-        proxy.stop(timeout=2.0)
+    def _listening(self) -> bool:
+        """Ready check: the ready line is in the log; takes the port it names."""
+        for line in self.log_tail().splitlines():
+            if line.startswith(_READY_LINE):
+                self.port = int(line.split()[3].rpartition(":")[2])
+                return True
+        return False
 
 
 def _say(text: str) -> None:

@@ -4,16 +4,12 @@ Development, tests, the demo and the benchmarks need a broker that starts in
 a second and leaves nothing behind. :class:`LocalBroker` runs mosquitto when
 its binary is installed, else amqtt (the ``broker`` extra, run by this
 module's ``__main__``), returns once a real MQTT CONNECT gets a CONNACK, and
-stops it with SIGTERM, then SIGKILL. Process handling, and why:
+stops it through :class:`lab.supervisor.Supervised` (own process group, SIGTERM, then
+SIGKILL, atexit, and the parent-death signal on Linux; see that module). Here:
 
-* Own session (``start_new_session``): a Ctrl-C in the terminal reaches only
-  the Python process, which then stops the broker in order.
-* Parent killed abruptly (SIGKILL, crash): the broker must not keep the port.
-  mosquitto runs under ``setpriv --pdeathsig TERM`` when started from the
-  main thread (the kernel ties that signal to the forking *thread*, so from
-  other threads it would die with the thread, and is not used); the amqtt
-  runner polls its parent pid instead. Only the temp dir is left then.
-* ``atexit`` stops brokers still running at a normal interpreter exit.
+* The amqtt runner also polls its parent pid (``--parent-pid``), which covers a broker
+  started from a thread other than the main one, where no parent-death signal is set.
+  If the parent is killed outright, only the temp dir is left; the next start sweeps it.
 * No packet cap below MQTT's 256 MiB, deep queues, no persistence; amqtt 0.12
   has no packet or queue limit to configure at all (unbounded).
 """
@@ -21,9 +17,7 @@ stops it with SIGTERM, then SIGKILL. Process handling, and why:
 from __future__ import annotations
 
 import argparse
-import atexit
 import errno
-import functools
 import importlib.util
 import logging
 import os
@@ -31,24 +25,19 @@ import pwd
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import threading
-import time
-import weakref
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
-from edgeslice.broker.protocol.errors import BrokerError
+from edgeslice.broker.protocol.errors import BrokerError, EdgesliceError
+from edgeslice.lab.supervisor import LOG_TAIL_BYTES, Supervised
 
 logger = logging.getLogger(__name__)
 
 BrokerKind = Literal["auto", "mosquitto", "amqtt"]
 _MOSQUITTO_FALLBACK = "/usr/sbin/mosquitto"
-_LOG_TAIL_BYTES = 3000
 _TMP_PREFIX = "edgeslice-broker-"
-_running: weakref.WeakSet[LocalBroker] = weakref.WeakSet()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -176,10 +165,8 @@ class LocalBroker:
         self.kind: str = kind
         self.log_path = log_path
         self._auto_port = port == 0
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._child: Supervised | None = None
         self._tmpdir: str | None = None
-        self._log_file: IO[bytes] | None = None
-        self._current_log: str | None = None
 
     @property
     def url(self) -> str:
@@ -188,10 +175,10 @@ class LocalBroker:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._child.pid if self._child is not None else None
 
     def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._child is not None and self._child.is_running()
 
     def start(self, timeout: float = 10.0) -> LocalBroker:
         """Start the broker and return once it answers an MQTT CONNECT; BrokerError if not."""
@@ -207,58 +194,35 @@ class LocalBroker:
                     f"port {self.port} on {self.host} is already in use (another broker?): "
                     "stop it, pick another port, or use port 0 for a free one"
                 )
+            child = self._child = self._prepare()
             try:
-                self._spawn()
-                self._wait_ready(timeout)
+                child.start(lambda: mqtt_probe(self.host, self.port, timeout=1.0), timeout)
                 break
-            except BrokerError as exc:
-                tail = self.log_tail()
+            except EdgesliceError as exc:
                 self.stop()
-                if attempt + 1 < attempts and "address already in use" in tail.lower():
+                if attempt + 1 < attempts and "address already in use" in str(exc).lower():
                     logger.info("port %d was taken meanwhile; retrying on another", self.port)
                     continue
-                raise BrokerError(f"{exc}\n--- broker log tail ---\n{tail}") from None
+                raise BrokerError(f"{self.kind} on {self.url}: {exc}") from None
         logger.info("broker=%s url=%s pid=%s started", self.kind, self.url, self.pid)
         return self
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the broker process to exit; its return code, or None on timeout."""
-        try:
-            return self._proc.wait(timeout) if self._proc is not None else None
-        except subprocess.TimeoutExpired:
-            return None
+        return self._child.wait(timeout) if self._child is not None else None
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM the broker's process group, SIGKILL after ``timeout``; safe to call twice."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            _running.discard(self)
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                if proc.poll() is not None:
-                    break
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    logger.warning("broker pid=%d ignored %s", proc.pid, sig.name)
-            proc.wait()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        child, self._child = self._child, None
+        if child is not None:
+            child.stop(grace=timeout)
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
 
-    def log_tail(self, limit: int = _LOG_TAIL_BYTES) -> str:
+    def log_tail(self, limit: int = LOG_TAIL_BYTES) -> str:
         """The last ``limit`` bytes of the broker's output (empty if there is none)."""
-        if not self._current_log or not os.path.exists(self._current_log):
-            return ""
-        with open(self._current_log, "rb") as fh:
-            fh.seek(max(0, os.path.getsize(self._current_log) - limit))
-            return fh.read().decode("utf-8", "replace")
+        return self._child.log_tail(limit) if self._child is not None else ""
 
     def __enter__(self) -> LocalBroker:
         return self.start()
@@ -266,55 +230,20 @@ class LocalBroker:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- internals ----------------------------------------------------------
-    def _spawn(self) -> None:
+    def _prepare(self) -> Supervised:
+        """A temp dir (config, log, owner pid) and the supervised broker command."""
         _sweep_stale_dirs()
         self._tmpdir = tempfile.mkdtemp(prefix=_TMP_PREFIX)
         Path(self._tmpdir, "owner.pid").write_text(str(os.getpid()))
-        self._current_log = self.log_path or os.path.join(self._tmpdir, "broker.log")
-        self._log_file = open(self._current_log, "ab")  # noqa: SIM115 - closed in stop()
-        main_thread = threading.current_thread() is threading.main_thread()
+        log = self.log_path or os.path.join(self._tmpdir, "broker.log")
         if self.kind == "mosquitto":
             conf = os.path.join(self._tmpdir, "mosquitto.conf")
             Path(conf).write_text(mosquitto_dev_config(self.host, self.port), encoding="utf-8")
             cmd = [str(find_mosquitto()), "-c", conf]
-            setpriv = shutil.which("setpriv")
-            if main_thread and setpriv and sys.platform.startswith("linux"):
-                cmd = [setpriv, "--pdeathsig", "TERM", *cmd]
         else:
             cmd = [sys.executable, "-m", "edgeslice.lab.server", "--amqtt", "--host", self.host]
             cmd += ["--port", str(self.port), "--parent-pid", str(os.getpid())]
-        logger.debug("starting broker: %s", " ".join(cmd))
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=self._tmpdir,
-        )
-        _running.add(self)
-        _register_atexit()
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        delay = 0.02
-        while True:
-            assert self._proc is not None
-            code = self._proc.poll()
-            if code is not None:
-                raise BrokerError(
-                    f"{self.kind} exited with code {code} before listening on {self.url}"
-                )
-            if mqtt_probe(self.host, self.port, timeout=1.0) and self._proc.poll() is None:
-                return
-            if time.monotonic() > deadline:
-                raise BrokerError(
-                    f"{self.kind} did not accept an MQTT connection on {self.url} within "
-                    f"{timeout:.0f} s (machine overloaded? try a longer timeout)"
-                )
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.2)
+        return Supervised(f"broker-{self.kind}", cmd, log, cwd=self._tmpdir)
 
 
 def _sweep_stale_dirs() -> None:
@@ -330,16 +259,6 @@ def _sweep_stale_dirs() -> None:
             shutil.rmtree(path, ignore_errors=True)
         except (OSError, ValueError):  # not ours to judge: being created, or another user's
             continue
-
-
-@functools.cache
-def _register_atexit() -> None:
-    atexit.register(_stop_all)
-
-
-def _stop_all() -> None:
-    for broker in list(_running):
-        broker.stop(timeout=2.0)
 
 
 # -- amqtt runner (this module's __main__) -----------------------------------

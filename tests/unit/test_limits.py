@@ -1,4 +1,4 @@
-"""agent.limits: quota arithmetic, v1/v2 files on a fake cgroup root, the unlimited fallback."""
+"""agent.quota (arithmetic) and agent.limits (v1/v2 files on a fake root, unlimited fallback)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ from edgeslice.agent.limits import (
     CgroupUnavailable,
     apply_limits,
     cgroup_problem,
-    cpu_period_quota,
     detect_layout,
     emulate_profile,
-    plan_emulation,
     remove_agent_cgroups,
 )
+from edgeslice.agent.quota import cpu_period_quota, plan_emulation
 from edgeslice.firmware_profiles import load_profile
 
 MIB = 1024 * 1024
