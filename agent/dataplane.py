@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeslice.agent.runtime import StageRuntime
-from edgeslice.broker.client import MqttClient
 from edgeslice.broker.protocol.chunking import Completed, Reassembler, Refused, encode_transfer
 from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.broker.protocol.tensors import pack_tensors, unpack_tensors
 from edgeslice.broker.protocol.topics import Topics
+from edgeslice.broker.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class DataPlane:
     def __init__(
         self,
         agent_id: str,
-        client: MqttClient,
+        client: Transport,
         topics: Topics,
         runtime: StageRuntime,
         max_queue: int = 64,

@@ -15,12 +15,12 @@ import time
 import uuid
 
 from edgeslice.agent.runtime import ArtifactCache
-from edgeslice.broker.client import MqttClient
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.chunking import Completed, Reassembler, Refused
 from edgeslice.broker.protocol.errors import ArtifactError
 from edgeslice.broker.protocol.messages import Command
 from edgeslice.broker.protocol.topics import Topics
+from edgeslice.broker.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class ArtifactFetcher:
     def __init__(
         self,
         agent_id: str,
-        client: MqttClient,
+        client: Transport,
         topics: Topics,
         cache: ArtifactCache,
         timeout_s: float = 120.0,

@@ -1,11 +1,13 @@
-"""The agent service: birth/status/telemetry, assignments, commands, and the data plane's shell.
+"""The agent service: birth/status/telemetry, commands, and the shell around the data plane.
 
-Lifecycle: connect with a retained last will (``status`` offline), publish ``status``
-online, measure (calibration GFLOP/s, link round trip and throughput through the broker),
-publish ``info`` (retained), then serve: telemetry every interval, desired assignments
-answered on ``assignment/reported``, ``cmd/*`` answered on ``cmd-res/*``, inbox chunks to
-the data plane. SIGTERM/SIGINT publish ``status`` offline and return. A malformed message
-on any topic is logged with the agent and topic, counted in telemetry, and ignored.
+Lifecycle: make sure no other live agent runs under this id (agent/probe.py), connect
+with a retained last will (``status`` offline), publish ``status`` online, measure
+(calibration GFLOP/s, link round trip and throughput through the broker), publish
+``info`` (retained), then serve: telemetry every interval, desired assignments to
+agent/assignments.py (answered on ``assignment/reported``), ``cmd/*`` answered on
+``cmd-res/*``, inbox chunks to the data plane. SIGTERM/SIGINT publish ``status`` offline
+and return. A malformed message on any topic is logged with the agent and topic, counted
+in telemetry, and ignored.
 """
 
 from __future__ import annotations
@@ -15,31 +17,29 @@ import logging
 import os
 import platform
 import socket
-import statistics
-import struct
 import time
 from typing import Any
 
+from edgeslice.agent.assignments import Assignments
 from edgeslice.agent.config import AgentConfig
 from edgeslice.agent.dataplane import DataPlane
 from edgeslice.agent.fetch import ArtifactFetcher
+from edgeslice.agent.probe import LinkTest, claim_id, decode_presence, here, is_link_probe
 from edgeslice.agent.runtime import ArtifactCache, StageRuntime, measure_gflops, set_threads
 from edgeslice.agent.telemetry import TelemetrySampler, total_memory_bytes
-from edgeslice.broker.client import IncomingMessage, MqttClient, Will
-from edgeslice.broker.fleetkey import load_key
+from edgeslice.broker.client import IncomingMessage, Will
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.broker.protocol.messages import (
     OFFLINE,
     ONLINE,
-    AssignmentDesired,
-    AssignmentReported,
     Command,
     CommandResult,
     Info,
     Status,
 )
 from edgeslice.broker.protocol.topics import Kind, Topics
+from edgeslice.broker.transport import TransportFactory, mqtt_transport
 from edgeslice.firmware_profiles import load_profile, profile_to_dict
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,21 @@ def _versions() -> dict[str, str]:
 
 
 class AgentService:
-    """One agent process (see module docstring). ``await run(stop)`` until ``stop`` is set."""
+    """One agent process (see module docstring). ``await run(stop)`` until ``stop`` is set.
 
-    def __init__(self, config: AgentConfig, limits: dict[str, Any] | None = None) -> None:
+    ``transport`` opens its broker connections (default: MqttClient to ``config.broker``;
+    unit tests pass an in-memory broker's factory).
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        limits: dict[str, Any] | None = None,
+        transport: TransportFactory | None = None,
+    ) -> None:
         self.config = config
+        self.connect = transport or mqtt_transport(config.broker)
+        self.hostname = socket.gethostname()
         self.profile = load_profile(config.profile)
         self.topics = Topics(config.broker.namespace)
         self.session = int(time.time() * 1000)
@@ -71,26 +82,28 @@ class AgentService:
         self.link_bandwidth_bps = 0.0
         self.malformed = 0
         self.started = time.time()
-        self.assignment: AssignmentDesired | None = None
-        self.reported: AssignmentReported | None = None
-        self._assign_task: asyncio.Task[None] | None = None
-        self._probe_waiters: dict[int, asyncio.Future[float]] = {}
-        self._key: bytes | None = None
-        self._previous_keep: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
         self.runtime = StageRuntime()
         will = Will(self.topics.status(config.agent_id), self._status(OFFLINE, "lost"))
-        self.client = MqttClient(
-            config.broker,
-            client_id=f"agent-{config.agent_id}",
-            will=will,
-            on_connect=self._on_connect,
+        self.client = self.connect(
+            f"agent-{config.agent_id}", will=will, on_connect=self._on_connect
         )
+        self.link = LinkTest(self.client, self.topics.probe(config.agent_id))
         self.dataplane = DataPlane(
             config.agent_id, self.client, self.topics, self.runtime, max_queue=config.max_queue
         )
         self.fetcher = ArtifactFetcher(
             config.agent_id, self.client, self.topics, ArtifactCache(config.artifact_dir)
+        )
+        self.assignments = Assignments(
+            config.agent_id,
+            self.client,
+            self.topics,
+            self.runtime,
+            self.fetcher,
+            self.dataplane,
+            lambda: self.memory_budget_bytes,
+            config.fleet_key_file,
         )
 
     @property
@@ -107,6 +120,7 @@ class AgentService:
     async def run(self, stop: asyncio.Event) -> None:
         if self.config.threads:
             set_threads(self.config.threads)
+        await claim_id(self.connect, self.topics, self.agent_id, self.session, self.hostname)
         await self.client.connect()
         log.info(
             "agent=%s connected to %s (profile %s)",
@@ -124,6 +138,7 @@ class AgentService:
             tasks.append(asyncio.create_task(self._telemetry_loop(), name="telemetry"))
             await stop.wait()
         finally:
+            self.assignments.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -175,7 +190,9 @@ class AgentService:
             self.config.threads,
         )
         try:
-            self.link_rtt_s, self.link_bandwidth_bps = await self._link_test()
+            self.link_rtt_s, self.link_bandwidth_bps = await self.link.run(
+                self.config.link_test_bytes
+            )
         except (TimeoutError, EdgesliceError) as exc:
             log.warning("agent=%s link test failed: %s", self.agent_id, exc)
         log.info(
@@ -186,38 +203,15 @@ class AgentService:
             self.link_bandwidth_bps / 1e6,
         )
 
-    async def _link_test(self) -> tuple[float, float]:
-        """Round trip and throughput agent -> broker -> agent, on the agent's own probe topic."""
-        topic = self.topics.probe(self.agent_id)
-        rtts = []
-        for i in range(5):
-            rtts.append(await self._probe_roundtrip(topic, i, 8))
-        rtt = statistics.median(rtts)
-        size = max(self.config.link_test_bytes, 16 * 1024)
-        count = 4
-        start = time.perf_counter()
-        waits = [self._probe_roundtrip(topic, 100 + i, size // count) for i in range(count)]
-        await asyncio.wait_for(asyncio.gather(*waits), 30.0)
-        elapsed = time.perf_counter() - start
-        return rtt, size / max(elapsed - rtt, 1e-6)
-
-    async def _probe_roundtrip(self, topic: str, seq: int, size: int) -> float:
-        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._probe_waiters[seq] = fut
-        start = time.perf_counter()
-        payload = struct.pack("!Q", seq) + os.urandom(max(0, size - 8))
-        await self.client.publish(topic, payload, qos=1)
-        try:
-            await asyncio.wait_for(fut, 10.0)
-        finally:
-            self._probe_waiters.pop(seq, None)
-        return time.perf_counter() - start
-
-    def _on_probe(self, payload: bytes) -> None:
-        if len(payload) >= 8:
-            fut = self._probe_waiters.get(struct.unpack("!Q", payload[:8])[0])
-            if fut is not None and not fut.done():
-                fut.set_result(time.perf_counter())
+    async def _on_probe(self, payload: bytes) -> None:
+        """A link-test echo, or someone's presence hello: answer it, this id is ours."""
+        if is_link_probe(payload):
+            self.link.on_probe(payload)
+            return
+        seen = decode_presence(payload)
+        if isinstance(seen, Command) and seen.args.get("session") != self.session:
+            answer = here(self.agent_id, seen, self.session, self.hostname)
+            await self.client.publish(self.topics.probe(self.agent_id), codec.encode(answer))
 
     async def _publish_info(self) -> None:
         import torch
@@ -230,7 +224,7 @@ class AgentService:
             cpu_count=os.cpu_count() or 1,
             ram_bytes=total_memory_bytes(),
             memory_budget_bytes=self.memory_budget_bytes,
-            hostname=socket.gethostname(),
+            hostname=self.hostname,
             versions=_versions(),
             emulated=self.config.emulate,
             limits=self.limits,
@@ -282,14 +276,9 @@ class AgentService:
         elif parsed.kind is Kind.ARTIFACT_DATA:
             self.fetcher.on_chunk(parsed.name, msg.payload)
         elif parsed.kind is Kind.PROBE:
-            self._on_probe(msg.payload)
+            await self._on_probe(msg.payload)
         elif parsed.kind is Kind.ASSIGNMENT_DESIRED:
-            if not msg.payload:  # retained message cleared
-                return
-            desired = codec.decode(msg.payload, AssignmentDesired)
-            if desired.agent_id != self.agent_id:
-                raise EdgesliceError(f"assignment is addressed to {desired.agent_id!r}")
-            self._start_assignment(desired)
+            self.assignments.on_desired(msg.payload)
         elif parsed.kind is Kind.CMD:
             # its own task: a command may wait for messages this loop must keep consuming
             task = asyncio.create_task(
@@ -297,88 +286,6 @@ class AgentService:
             )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-
-    # -- assignments ------------------------------------------------------------
-    def _start_assignment(self, desired: AssignmentDesired) -> None:
-        current = self.assignment
-        if (
-            current is not None
-            and (current.plan_id, current.plan_version) == (desired.plan_id, desired.plan_version)
-            and self.reported is not None
-            and self.reported.state in ("ready", "idle")
-        ):
-            return  # a redelivery of what we already run
-        self.assignment = desired
-        previous = self._assign_task
-        if previous is not None and not previous.done():
-            previous.cancel()
-        self._assign_task = asyncio.create_task(self._apply(desired))
-
-    async def _apply(self, desired: AssignmentDesired) -> None:
-        started = time.perf_counter()
-        stages = [s.stage for s in desired.stages]
-        try:
-            if not desired.stages:
-                await self._report(desired, "idle", [], "", 0.0)
-                return
-            total = sum(s.size for s in desired.stages)
-            if total > self.memory_budget_bytes:
-                raise EdgesliceError(
-                    f"agent {self.agent_id}: stages {stages} need {total / 2**20:.1f} MiB, "
-                    f"memory budget is {self.memory_budget_bytes / 2**20:.1f} MiB"
-                )
-            await self._report(desired, "loading", stages, "", 0.0)
-            if self._key is None:
-                self._key = load_key(self.config.fleet_key_file)
-            keep = set()
-            for stage in desired.stages:
-                data = await self.fetcher.get(stage.artifact)
-                loaded = await asyncio.to_thread(self.runtime.load, data, self._key)
-                if loaded.info.index != stage.stage:
-                    raise EdgesliceError(
-                        f"artifact {stage.artifact[:12]} is stage {loaded.info.index}, "
-                        f"assignment says stage {stage.stage}"
-                    )
-                keep.add(stage.artifact)
-            self._unload_old(keep)
-            self.dataplane.reassembler.set_min_plan_version(desired.plan_id, 0)
-            await self._report(desired, "ready", stages, "", time.perf_counter() - started)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.error(
-                "agent=%s plan=%s v%d assignment failed: %s",
-                self.agent_id,
-                desired.plan_id,
-                desired.plan_version,
-                exc,
-            )
-            await self._report(desired, "error", stages, str(exc), time.perf_counter() - started)
-
-    def _unload_old(self, keep: set[str]) -> None:
-        """Keep this plan's stages and the previous plan's (in-flight requests finish)."""
-        for sha in self.runtime.loaded():
-            if sha not in keep and sha not in self._previous_keep:
-                self.runtime.unload(sha)
-        self._previous_keep = keep
-
-    async def _report(
-        self, desired: AssignmentDesired, state: str, stages: list[int], error: str, load_s: float
-    ) -> None:
-        report = AssignmentReported(
-            agent_id=self.agent_id,
-            plan_id=desired.plan_id,
-            plan_version=desired.plan_version,
-            state=state,
-            stages=stages,
-            error=error,
-            load_s=load_s,
-            ts=time.time(),
-        )
-        self.reported = report
-        await self.client.publish(
-            self.topics.assignment_reported(self.agent_id), codec.encode(report), qos=1, retain=True
-        )
 
     # -- commands ----------------------------------------------------------------
     async def _on_command(self, name: str, cmd: Command) -> None:

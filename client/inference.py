@@ -22,7 +22,6 @@ from typing import Any
 
 from torch import Tensor
 
-from edgeslice.broker.client import MqttClient
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.chunking import Completed, Reassembler, Refused, stream_transfer
 from edgeslice.broker.protocol.errors import (
@@ -35,6 +34,7 @@ from edgeslice.broker.protocol.messages import Info, PlanMessage, Telemetry
 from edgeslice.broker.protocol.tensors import pack_tensors, unpack_tensors
 from edgeslice.broker.protocol.topics import Kind, Topics
 from edgeslice.broker.settings import BrokerSettings
+from edgeslice.broker.transport import TransportFactory, mqtt_transport
 from edgeslice.client.scoring import Candidate, Weights, choose
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class InferenceClient:
         client_id: str | None = None,
         weights: Weights | None = None,
         chunk_size: int = 256 * 1024,
+        transport: TransportFactory | None = None,
     ) -> None:
         self.settings = settings
         self.model = model
@@ -87,7 +88,7 @@ class InferenceClient:
         self._waiting: dict[str, asyncio.Future[Completed]] = {}
         self._reassembler = Reassembler(max_open=512, max_age_s=120.0)
         self._task: asyncio.Task[None] | None = None
-        self.client = MqttClient(settings, client_id=self.client_id)
+        self.client = (transport or mqtt_transport(settings))(self.client_id)
 
     async def connect(self, timeout: float = 10.0) -> None:
         await self.client.connect(timeout)

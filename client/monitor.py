@@ -18,12 +18,12 @@ from typing import Any, TextIO
 
 import click
 
-from edgeslice.broker.client import MqttClient
 from edgeslice.broker.fleetstate import AgentState, FleetState
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.errors import EdgesliceError, ProtocolError
 from edgeslice.broker.protocol.topics import Topics
 from edgeslice.broker.settings import BrokerSettings, connection_options
+from edgeslice.broker.transport import TransportFactory, mqtt_transport
 
 
 def agent_row(state: AgentState, now: float) -> dict[str, Any]:
@@ -121,10 +121,15 @@ async def run_monitor(
     as_json: bool,
     duration: float | None,
     out: TextIO = sys.stdout,
+    transport: TransportFactory | None = None,
 ) -> None:
-    """Subscribe and print until ``duration`` (seconds) passes or the task is cancelled."""
+    """Subscribe and print until ``duration`` (seconds) passes or the task is cancelled.
+
+    ``transport`` opens the connection (default: an MqttClient to ``settings``' broker).
+    """
     topics = Topics(settings.namespace)
-    client = MqttClient(settings, client_id=f"monitor-{int(time.time() * 1000) % 10**9}")
+    connect = transport or mqtt_transport(settings)
+    client = connect(f"monitor-{int(time.time() * 1000) % 10**9}")
     await client.connect()
     try:
         if raw:

@@ -94,7 +94,8 @@ def planner_cmd(
     (a DP over cut points and agents, with replicas on spare agents), signs and
     serves the stage artifacts, and re-plans when agents join or leave.
     """
-    from edgeslice.planner.service import PlannerConfig, PlannerService
+    from edgeslice.planner.config import PlannerConfig
+    from edgeslice.planner.service import PlannerService, describe_plan
 
     try:
         service = PlannerService(
@@ -109,7 +110,9 @@ def planner_cmd(
                 replan_delay_s=replan_delay,
                 strategy=strategy,
                 compression=None if compression == "none" else compression,
-            )
+            ),
+            # one line per plan on stderr, shown without -v (logging defaults to WARNING)
+            on_plan=lambda plan: click.echo(f"edgeslice planner: {describe_plan(plan)}", err=True),
         )
         click.echo(f"edgeslice planner: model {model_spec} -> {settings.url}", err=True)
         asyncio.run(run_until_signalled(service.run))

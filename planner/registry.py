@@ -3,14 +3,16 @@
 
 Pure: ``apply(topic, payload, now)`` updates the view and says whether the set of
 usable agents changed (what triggers a re-plan); ``devices()`` turns usable agents into
-the cost model's :class:`~edgeslice.planner.costmodel.Device` values.
+the cost model's :class:`~edgeslice.planner.costmodel.Device` values, and ``correction()``
+fits the cost model's per-agent correction to the stage timings agents report.
 """
 
 from __future__ import annotations
 
 from edgeslice.broker.fleetstate import DEFAULT_STALE_AFTER_S, AgentState, FleetState
+from edgeslice.broker.protocol.messages import PlanStage
 from edgeslice.broker.protocol.topics import Topics
-from edgeslice.planner.costmodel import Device
+from edgeslice.planner.costmodel import Device, ModelCost, compute_s, fit_correction
 
 
 class Registry:
@@ -70,3 +72,19 @@ class Registry:
             for a in self.agents.values()
             if a.telemetry is not None
         }
+
+    def correction(self, cost: ModelCost, stages: list[PlanStage], now: float) -> dict[str, float]:
+        """FlexPie's learned correction: measured / predicted compute of the current stages."""
+        if not stages:
+            return {}
+        devices = {d.agent_id: d for d in self.devices(now)}
+        ranges = {s.artifact: (s.start_segment, s.end_segment) for s in stages}
+        samples = []
+        for agent_id, timings in self.stage_timings().items():
+            for sha, t in timings.items():
+                if sha not in ranges or agent_id not in devices or t.get("count", 0) < 3:
+                    continue
+                predicted = compute_s(cost, *ranges[sha], devices[agent_id])
+                if predicted > 0 and t.get("compute_s", 0) > 0:
+                    samples.append((agent_id, predicted, float(t["compute_s"])))
+        return fit_correction(samples) if samples else {}

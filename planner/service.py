@@ -8,7 +8,8 @@ the artifacts (cached, so a known cut only re-signs), each agent gets its retain
 ``assignment/desired``, and ``plans/{model}`` is published with ``ready=False``; once
 every agent of the plan reports ``ready`` for that version it is republished with
 ``ready=True``. Clients route by the ready plan. An agent that reports an error is left
-out of the next plan until it restarts.
+out of the next plan until it restarts. Artifacts are served by planner/artifact_server.py;
+each new plan is also handed to ``on_plan`` (the CLI prints :func:`describe_plan`).
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, cast
 
-from edgeslice.broker.client import MqttClient, Will
+from edgeslice.broker.client import Will
 from edgeslice.broker.fleetkey import load_key
 from edgeslice.broker.protocol import codec
-from edgeslice.broker.protocol.chunking import stream_transfer
-from edgeslice.broker.protocol.errors import EdgesliceError, PlanningError
+from edgeslice.broker.protocol.errors import PlanningError
 from edgeslice.broker.protocol.messages import (
     OFFLINE,
     ONLINE,
@@ -35,7 +35,9 @@ from edgeslice.broker.protocol.messages import (
     StageAssignment,
 )
 from edgeslice.broker.protocol.topics import Kind, Topics
-from edgeslice.broker.settings import BrokerSettings
+from edgeslice.broker.transport import TransportFactory, mqtt_transport
+from edgeslice.planner.artifact_server import ArtifactServer
+from edgeslice.planner.config import PlannerConfig
 from edgeslice.planner.costmodel import CostParams, stage_period_s
 from edgeslice.planner.partition import STRATEGIES, Objective, Plan, plan_partition
 from edgeslice.planner.registry import Registry
@@ -43,34 +45,32 @@ from edgeslice.planner.registry import Registry
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PlannerConfig:
-    """What the planner serves and how it plans."""
-
-    model_spec: str
-    broker: BrokerSettings
-    objective: str = "throughput"
-    min_agents: int = 1
-    max_segments: int = 48
-    max_stages: int | None = None
-    fleet_key_file: str | None = None
-    replan_delay_s: float = 2.0
-    compression: str | None = None  # activation compression between stages: None|fp16|int8
-    planner_id: str = "planner"
-    strategy: str = "edgeslice"  # or a baseline of planner.partition.STRATEGIES (benchmarks)
+def describe_plan(plan: PlanMessage) -> str:
+    """One line per published plan: version, model, stages with their agents, prediction."""
+    stages = " ".join(
+        f"[{s.start_segment}-{s.end_segment - 1} on {','.join(s.agents)}]" for s in plan.stages
+    )
+    count = len(plan.stages)
+    return (
+        f"plan v{plan.plan_version} for {plan.model}: {count} stage{'s' * (count != 1)} "
+        f"{stages}; predicted {plan.predicted_period_s * 1e3:.1f} ms/req, "
+        f"{plan.predicted_latency_s * 1e3:.1f} ms latency ({plan.objective})"
+    )
 
 
 class PlannerService:
-    """See the module docstring. ``await run(stop)``."""
+    """See the module docstring. ``await run(stop)``.
 
-    def __init__(self, config: PlannerConfig) -> None:
-        if config.objective not in ("latency", "throughput"):
-            raise EdgesliceError(
-                f"--objective must be latency or throughput, not {config.objective!r}"
-            )
-        if config.strategy != "edgeslice" and config.strategy not in STRATEGIES:
-            known = ", ".join(["edgeslice", *STRATEGIES])
-            raise EdgesliceError(f"--strategy {config.strategy!r} is unknown; use one of {known}")
+    ``transport`` opens the broker connection (default: MqttClient to ``config.broker``);
+    ``on_plan`` is called with every new plan version as it is published.
+    """
+
+    def __init__(
+        self,
+        config: PlannerConfig,
+        transport: TransportFactory | None = None,
+        on_plan: Callable[[PlanMessage], None] | None = None,
+    ) -> None:
         self.config = config
         self.topics = Topics(config.broker.namespace)
         self.registry = Registry(self.topics)
@@ -84,16 +84,15 @@ class PlannerService:
         self.plan: Plan | None = None
         self.plan_message: PlanMessage | None = None
         self.assigned: dict[str, list[int]] = {}
-        self.artifacts: dict[str, bytes] = {}
         self.excluded: dict[str, int] = {}  # agent -> session in which it failed
-        self._serving: set[str] = set()
+        self.on_plan = on_plan
         self._replan = asyncio.Event()
-        self.client = MqttClient(
-            config.broker,
-            client_id=f"planner-{config.planner_id}-{uuid.uuid4().hex[:6]}",
+        self.client = (transport or mqtt_transport(config.broker))(
+            f"planner-{config.planner_id}-{uuid.uuid4().hex[:6]}",
             will=Will(self.topics.planner_status(), codec.encode(PlannerStatus(state=OFFLINE))),
             on_connect=self._on_connect,
         )
+        self.artifacts = ArtifactServer(self.client, self.topics)
 
     # -- lifecycle -------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -134,6 +133,7 @@ class PlannerService:
         finally:
             for task in tasks:
                 task.cancel()
+            self.artifacts.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             # nobody serves or re-plans this plan any more: clients must not route by it
             await self.client.publish(
@@ -182,7 +182,7 @@ class PlannerService:
             try:
                 parsed = self.topics.parse(msg.topic)
                 if parsed.kind is Kind.ARTIFACT_GET:
-                    self._serve_artifact(parsed.name)
+                    self.artifacts.on_get(parsed.name)
                     continue
                 if self.registry.apply(msg.topic, msg.payload, time.time()):
                     self._replan.set()
@@ -222,24 +222,6 @@ class PlannerService:
             and rep.state == "ready"
         )
 
-    def _serve_artifact(self, sha: str) -> None:
-        data = self.artifacts.get(sha)
-        if data is None:
-            log.warning("asked for unknown artifact %s", sha[:12])
-            return
-        if sha in self._serving:
-            return  # a send is under way; every waiting agent receives it
-        self._serving.add(sha)
-        task = asyncio.create_task(self._send_artifact(sha, data))
-        task.add_done_callback(lambda _t: self._serving.discard(sha))
-
-    async def _send_artifact(self, sha: str, data: bytes) -> None:
-        topic = self.topics.artifact_data(sha)
-        _header, chunks = stream_transfer(data, request_id=sha[:16], kind="artifact")
-        acks = [self.client.publish_nowait(topic, chunk, qos=1) for chunk in chunks]
-        await asyncio.gather(*acks)
-        log.info("served artifact=%s bytes=%d", sha[:12], len(data))
-
     # -- planning ------------------------------------------------------------------
     async def _planning_loop(self) -> None:
         while True:
@@ -275,7 +257,9 @@ class PlannerService:
             await self._publish_status()
             return
         cost = self.cost
-        params = CostParams(correction=self._correction())
+        now = time.time()
+        previous = self.plan_message.stages if self.plan_message is not None else []
+        params = CostParams(correction=self.registry.correction(cost, previous, now))
         if self.config.strategy == "edgeslice":
             objective = cast(Objective, self.config.objective)
             plan = plan_partition(
@@ -296,7 +280,7 @@ class PlannerService:
         )
         self.version += 1
         for art in artifacts:
-            self.artifacts[art.sha256] = art.data
+            self.artifacts.add(art.sha256, art.data)
         log.info(
             "plan model=%s v%d built %d artifacts in %.1fs",
             self.model_name,
@@ -339,6 +323,9 @@ class PlannerService:
         await self._publish_assignments(artifacts)
         await self._publish_plan()
         await self._publish_status()
+        log.info("%s", describe_plan(self.plan_message))
+        if self.on_plan is not None:
+            self.on_plan(self.plan_message)
 
     async def _publish_assignments(self, artifacts: list[Any]) -> None:
         assert self.plan is not None
@@ -381,22 +368,3 @@ class PlannerService:
         await self.client.publish(
             self.topics.plan(self.model_name), codec.encode(self.plan_message), qos=1, retain=True
         )
-
-    def _correction(self) -> dict[str, float]:
-        """FlexPie's learned correction, fitted on the stage timings agents report."""
-        from edgeslice.planner.costmodel import compute_s, fit_correction
-
-        if self.plan_message is None:
-            return {}
-        cost = self.cost
-        devices = {d.agent_id: d for d in self.registry.devices(time.time())}
-        ranges = {s.artifact: (s.start_segment, s.end_segment) for s in self.plan_message.stages}
-        samples = []
-        for agent_id, timings in self.registry.stage_timings().items():
-            for sha, t in timings.items():
-                if sha not in ranges or agent_id not in devices or t.get("count", 0) < 3:
-                    continue
-                predicted = compute_s(cost, *ranges[sha], devices[agent_id])
-                if predicted > 0 and t.get("compute_s", 0) > 0:
-                    samples.append((agent_id, predicted, float(t["compute_s"])))
-        return fit_correction(samples) if samples else {}

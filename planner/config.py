@@ -1,0 +1,41 @@
+"""The planner's frozen configuration: what it serves and how it plans, checked on creation.
+
+planner/cli.py builds one from its flags; tests and benchmarks build one directly. Bad
+values fail here with the flag's name, before any model is loaded or broker contacted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgeslice.broker.protocol.errors import ConfigError
+from edgeslice.broker.settings import BrokerSettings
+from edgeslice.planner.partition import STRATEGIES
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """What the planner serves and how it plans."""
+
+    model_spec: str
+    broker: BrokerSettings
+    objective: str = "throughput"
+    min_agents: int = 1
+    max_segments: int = 48
+    max_stages: int | None = None
+    fleet_key_file: str | None = None
+    replan_delay_s: float = 2.0
+    compression: str | None = None  # activation compression between stages: None|fp16|int8
+    planner_id: str = "planner"
+    strategy: str = "edgeslice"  # or a baseline of planner.partition.STRATEGIES (benchmarks)
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("latency", "throughput"):
+            raise ConfigError(f"--objective must be latency or throughput, not {self.objective!r}")
+        if self.strategy != "edgeslice" and self.strategy not in STRATEGIES:
+            known = ", ".join(["edgeslice", *STRATEGIES])
+            raise ConfigError(f"--strategy {self.strategy!r} is unknown; use one of {known}")
+        if self.min_agents < 1:
+            raise ConfigError("--min-agents must be >= 1")
+        if self.replan_delay_s < 0:
+            raise ConfigError("--replan-delay must be >= 0 seconds")

@@ -1,0 +1,80 @@
+"""Helpers for the service tests: a tiny model, configs, and services run on a MemoryBroker.
+
+Not a test module (no ``test_`` prefix); the service tests import it by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeslice.agent.config import AgentConfig
+from edgeslice.broker.fleetkey import write_key
+from edgeslice.broker.settings import BrokerSettings
+
+SETTINGS = BrokerSettings(host="memory", port=0, namespace="unit")
+MLP_SPEC = f"{Path(__file__).resolve()}:build_mlp"
+
+
+def build_mlp() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """A 3-layer MLP: cheap to profile, cut, export and run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    ).eval()
+    return model, (torch.randn(1, 16),)
+
+
+def key_file(tmp_path: Path) -> str:
+    path = tmp_path / "fleet.key"
+    if not path.exists():
+        write_key(path)
+    return str(path)
+
+
+def agent_config(agent_id: str, tmp_path: Path, **changes: object) -> AgentConfig:
+    """An agent that calibrates and tests its link quickly and reports often."""
+    values: dict[str, object] = {
+        "agent_id": agent_id,
+        "profile": "x86-laptop",
+        "broker": SETTINGS,
+        "telemetry_interval": 0.2,
+        "cache_dir": str(tmp_path / agent_id),
+        "fleet_key_file": key_file(tmp_path),
+        "calibrate_seconds": 0.05,
+        "link_test_bytes": 16 * 1024,
+    }
+    values.update(changes)
+    return AgentConfig(**values)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def running(
+    run: Callable[[asyncio.Event], Awaitable[None]],
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Run a service's ``run(stop)`` as a task; on exit set ``stop`` (SIGTERM) and await it."""
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(run(stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10.0)
+
+
+async def eventually(check: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
+    """Poll ``check`` until it returns something truthy; AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.01)
