@@ -1,11 +1,21 @@
-"""``edgeslice agent``: parse flags/env/config file into an AgentConfig and run the service."""
+"""``edgeslice agent``: parse flags/env/config file into an AgentConfig and run the service.
+
+A stop signal must end the agent within seconds whenever it arrives. Before the event
+loop runs (imports, ``--emulate``'s measurements) SIGTERM raises ``SystemExit(143)``, so
+the ``finally`` blocks still remove the cgroups. Once the service runs, SIGTERM/SIGINT set
+its stop event; the service only looks at it after start-up (connect, calibration, link
+test: tens of seconds on a slow, shaped link), so a service still running
+:data:`STOP_GRACE_S` after the signal is cancelled.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
-from typing import Any
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
 
 import click
 
@@ -14,6 +24,8 @@ from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.broker.settings import BrokerSettings, connection_options
 
 log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 1.5  # a running agent stops in well under this; one still starting is cancelled
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -147,6 +159,7 @@ def agent_cmd(
     \b
         edgeslice agent --broker mqtt://192.168.1.10:1883 --id pi-1 --profile rpi4-4gb
     """
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # until the event loop takes over
     from edgeslice.agent.config import AgentConfig, default_agent_id
     from edgeslice.agent.service import AgentService
     from edgeslice.firmware_profiles import load_profile
@@ -167,8 +180,11 @@ def agent_cmd(
         firmware = load_profile(profile)
     except EdgesliceError as exc:
         raise click.ClickException(str(exc)) from None
-    applied, limits = _emulate(config, firmware, emulate_scale) if emulate else (None, {})
+    applied: Any = None
+    limits: dict[str, Any] = {}
     try:
+        if emulate:
+            applied, limits = _emulate(config, firmware, emulate_scale)
         if applied is not None:
             config = dataclasses.replace(
                 config,
@@ -185,13 +201,42 @@ def agent_cmd(
             err=True,
         )
         try:
-            asyncio.run(run_until_signalled(service.run))
+            asyncio.run(run_until_signalled(_stop_promptly(service.run)))
         except EdgesliceError as exc:
             raise click.ClickException(f"agent {config.agent_id}: {exc}") from None
     finally:
         if applied is not None:
             for problem in applied.release():
                 log.warning("agent=%s cgroup left behind: %s", config.agent_id, problem)
+
+
+def _exit_on_sigterm(_sig: int, _frame: object) -> NoReturn:
+    """SIGTERM before the event loop runs: unwind (cgroups are released) and exit 143."""
+    raise SystemExit(128 + signal.SIGTERM)
+
+
+def _stop_promptly(
+    run: Callable[[asyncio.Event], Awaitable[None]],
+) -> Callable[[asyncio.Event], Awaitable[None]]:
+    """``run``, cancelled if it is still going :data:`STOP_GRACE_S` after ``stop`` is set."""
+
+    async def bounded(stop: asyncio.Event) -> None:
+        task = asyncio.ensure_future(run(stop))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and not (await asyncio.wait({task}, timeout=STOP_GRACE_S))[0]:
+                log.warning(
+                    "agent still starting %.1f s after the stop signal: cancelling", STOP_GRACE_S
+                )
+                task.cancel()
+                await asyncio.wait({task})
+        finally:
+            stopping.cancel()
+        if not task.cancelled():
+            task.result()  # re-raise what the service raised
+
+    return bounded
 
 
 def _emulate(config: Any, firmware: Any, scale: float) -> tuple[Any, dict[str, Any]]:

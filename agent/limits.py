@@ -352,11 +352,15 @@ def emulate_profile(
         return None, {"mode": "unlimited", "reason": str(exc), **extra}
     from edgeslice.agent.runtime import measure_gflops
 
-    measured = measure_gflops(plan.min_calibrate_seconds / 2, plan.threads)
-    try:
-        applied = applied.retune(corrected_plan(plan, measured))
-    except OSError as exc:
-        log.warning("agent=%s keeps the uncorrected quota: %s", agent_id, exc)
+    try:  # an interrupt (SIGTERM -> SystemExit) here must not leave the groups behind
+        measured = measure_gflops(plan.min_calibrate_seconds / 2, plan.threads)
+        try:
+            applied = applied.retune(corrected_plan(plan, measured))
+        except OSError as exc:
+            log.warning("agent=%s keeps the uncorrected quota: %s", agent_id, exc)
+    except BaseException:
+        applied.release()
+        raise
     plan = applied.plan
     log.info(
         "agent=%s emulates %s: %s %.3f cores (x%.2f after a trial %.2f GFLOP/s), "

@@ -13,18 +13,21 @@ benchmarks (the :class:`Testbed` API). A fleet file::
                                    # { bandwidth_mbit = 20, latency_ms = 5, loss_pct = 0.1 }
     emulate = true                 # cgroup CPU/memory limits from the profile (default)
 
-Every process (broker, one ``broker.linkem`` proxy per shaped agent, agents, a planner)
-is a real process in its own process group; ``up`` writes their pids to a state file so
-``down`` can stop them from another shell, then removes the agents' cgroups.
+Every process (broker, one ``lab.linkem`` proxy per shaped agent, agents, a planner) is a
+real process run by :class:`lab.supervisor.Supervised`, detached so it outlives ``testbed
+up``. ``up`` rewrites a state file as soon as each process starts, so ``down`` finds even
+a partial start from another shell; an error or interrupt during ``up`` stops and removes
+everything started so far. ``down`` stops the processes, then removes the agents' cgroups,
+waiting (bounded) for the kernel to empty them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import os
 import signal
-import socket
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -35,6 +38,10 @@ from edgeslice.agent.limits import remove_agent_cgroups
 from edgeslice.broker.protocol.errors import ConfigError, EdgesliceError
 from edgeslice.firmware_profiles import load_profile, profile_to_dict
 from edgeslice.lab.fleet import AgentSpec, LocalFleet
+from edgeslice.lab.server import free_port
+from edgeslice.lab.supervisor import stop_groups
+
+logger = logging.getLogger(__name__)
 
 _ALLOWED = {"profile", "count", "link", "emulate", "id_prefix"}
 
@@ -147,45 +154,40 @@ def load_fleet_file(path: str) -> FleetSpec:
     return parse_fleet(data, path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise EdgesliceError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
-
-
 @dataclass
 class Testbed:
     """A running emulated fleet (see the module docstring)."""
 
     spec: FleetSpec
     workdir: str
+    state_file: str | None = None
+    detached: bool = False  # True: processes outlive this one (`testbed up`)
     fleet: LocalFleet | None = None
     broker_url: str = ""
     agents: list[str] = field(default_factory=list)
 
     def up(self) -> Testbed:
-        url = self.spec.broker_url
-        if url is None:
-            port = _free_port()
-            self.fleet = LocalFleet(f"mqtt://127.0.0.1:{port}", self.spec.namespace, self.workdir)
-            self.fleet.spawn("broker", ["broker", "--port", str(port)])
-            _wait_port(port, 15, "the testbed broker")
-            url = f"mqtt://127.0.0.1:{port}"
-        else:
-            self.fleet = LocalFleet(url, self.spec.namespace, self.workdir)
-        self.broker_url = url
-        self.fleet.ensure_key()
-        for agent in self.spec.agents:
-            self.add_agent(agent)
+        """Start broker, links and agents; on any error or interrupt, undo it all and re-raise."""
+        port = None if self.spec.broker_url else free_port()
+        self.broker_url = self.spec.broker_url or f"mqtt://127.0.0.1:{port}"
+        self.fleet = LocalFleet(
+            self.broker_url,
+            self.spec.namespace,
+            self.workdir,
+            detached=self.detached,
+            on_start=lambda _name, _child: self.record(),
+        )
+        try:
+            self.fleet.ensure_key()
+            self.record()
+            if port is not None:
+                args = ["broker", "--port", str(port)]
+                self.fleet.spawn("broker", args, ready=("127.0.0.1", port), timeout=30)
+            for agent in self.spec.agents:
+                self.add_agent(agent)
+        except BaseException:
+            self.abort()
+            raise
         return self
 
     def add_agent(self, agent: TestbedAgent) -> None:
@@ -196,39 +198,74 @@ class Testbed:
         if agent.emulate:
             extra.append("--emulate")
         if agent.link is not None:
-            port = _free_port()
+            port = free_port()
             self.fleet.spawn_module(
                 f"link-{agent.agent_id}",
                 "edgeslice.lab.linkem",
                 ["--listen-port", str(port), "--target", target, *agent.link.args()],
+                ready=("127.0.0.1", port),
+                timeout=30,
             )
-            _wait_port(port, 15, f"the link proxy of {agent.agent_id}")
             extra += ["--broker", f"mqtt://127.0.0.1:{port}"]
+        self.agents.append(agent.agent_id)  # before it starts: down removes its cgroup
         self.fleet.start_agent(AgentSpec(agent.agent_id, agent.profile, tuple(extra)))
-        self.agents.append(agent.agent_id)
 
     def state(self) -> dict[str, Any]:
         assert self.fleet is not None
+        running = {n: c.pid for n, c in self.fleet.procs.items() if c.is_running()}
         return {
             "namespace": self.spec.namespace,
             "broker": self.broker_url,
             "workdir": self.workdir,
             "fleet_key_file": self.fleet.fleet_key_file,
             "agents": self.agents,
-            "processes": {n: p.pid for n, p in self.fleet.procs.items() if p.poll() is None},
+            "processes": running,
         }
 
+    def record(self) -> None:
+        """Write :meth:`state` to the state file (if any), atomically."""
+        if self.state_file is None:
+            return
+        path = Path(self.state_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.state(), indent=2), encoding="utf-8")
+        tmp.replace(path)
+
     def down(self) -> list[str]:
-        """Stop every process and remove the agents' cgroups; what could not be removed."""
+        """Stop every process, remove the agents' cgroups and the state file; what is left."""
         if self.fleet is not None:
             self.fleet.close()
-        return remove_cgroups(self.agents)
+        left = remove_cgroups(self.agents)
+        if self.state_file is not None:
+            Path(self.state_file).unlink(missing_ok=True)
+        return left
+
+    def abort(self) -> None:
+        """:meth:`down` after a failed or interrupted start; a second Ctrl-C cannot cut it short."""
+        main = threading.current_thread() is threading.main_thread()
+        stops = (signal.SIGINT, signal.SIGTERM) if main else ()
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stops}
+        try:
+            for problem in self.down():
+                logger.warning("testbed: left behind: %s", problem)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
-def remove_cgroups(agent_ids: list[str]) -> list[str]:
-    """Remove these agents' cgroups; what could not be removed. Other fleets' cgroups are
-    left alone."""
-    return [left for agent_id in agent_ids for left in remove_agent_cgroups(agent_id)]
+def remove_cgroups(agent_ids: list[str], wait: float = 15.0) -> list[str]:
+    """Remove these agents' cgroups; what could not be removed. Other fleets' are left alone.
+
+    A stopped agent's cgroup can still list it for a moment (the kernel empties the group
+    after the process is gone; slower on a loaded machine), so this retries for ``wait`` s.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        left = [problem for agent_id in agent_ids for problem in remove_agent_cgroups(agent_id)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
 
 
 def down_from_state(path: str, timeout: float = 15.0) -> list[str]:
@@ -237,38 +274,21 @@ def down_from_state(path: str, timeout: float = 15.0) -> list[str]:
         state = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"no testbed state at {path!r}: is a testbed up?") from None
-    pids = [int(pid) for name, pid in state.get("processes", {}).items() if name != "broker"]
-    broker = state.get("processes", {}).get("broker")
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"testbed state {path!r} is not valid JSON ({exc}); stop its processes by hand "
+            "(their logs are in the testbed workdir), then delete the file"
+        ) from None
+    processes = {str(name): int(pid) for name, pid in state.get("processes", {}).items()}
+    broker = [pid for name, pid in processes.items() if name == "broker"]
+    links = [pid for name, pid in processes.items() if name.startswith("link-")]
+    others = [pid for pid in processes.values() if pid not in broker + links]
     left: list[str] = []
-    for group in (pids, [int(broker)] if broker else []):  # the broker goes last
-        for pid in group:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(_alive(p) for p in group):
-            time.sleep(0.1)
-        for pid in group:
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-    time.sleep(0.2)
-    left += [f"pid {p}" for p in [*pids, *([int(broker)] if broker else [])] if _alive(p)]
+    for tier in (others, links, broker):  # agents first, so they can say goodbye
+        left += [f"process group {pgid}" for pgid in stop_groups(tier, timeout)]
     left += remove_cgroups([str(a) for a in state.get("agents", [])])
     Path(path).unlink(missing_ok=True)
     return left
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):  # a zombie is not alive
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.split(")")[-1].split()[0] != "Z"
-    return True
 
 
 async def wait_for_agents(

@@ -7,13 +7,14 @@ group can list and describe these commands without loading torch.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-from pathlib import Path
+import shlex
+import signal
 
 import click
 
 from edgeslice.broker.protocol.errors import EdgesliceError
+from edgeslice.broker.settings import DEFAULT_NAMESPACE
 
 
 def _fail(exc: Exception) -> click.ClickException:
@@ -53,7 +54,10 @@ def testbed_group() -> None:
     help="Seconds to wait for every agent to announce itself.",
 )
 def testbed_up(fleet_file: str, state_file: str, timeout: float) -> None:
-    """Start a fleet in the background and print each agent's emulated rate and limits."""
+    """Start a fleet in the background and print each agent's emulated rate and limits.
+
+    Ctrl-C or SIGTERM while it starts stops and removes everything started so far.
+    """
     from edgeslice.lab.testbed import Testbed, load_fleet_file, wait_for_agents
 
     if os.path.exists(state_file):
@@ -62,20 +66,57 @@ def testbed_up(fleet_file: str, state_file: str, timeout: float) -> None:
         )
     try:
         spec = load_fleet_file(fleet_file)
-        workdir = os.path.join(os.path.dirname(state_file), "run")
-        bed = Testbed(spec, workdir).up()
-        Path(state_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(state_file).write_text(json.dumps(bed.state(), indent=2), encoding="utf-8")
-        infos = asyncio.run(wait_for_agents(bed.broker_url, spec.namespace, bed.agents, timeout))
     except EdgesliceError as exc:
         raise _fail(exc) from None
+    workdir = os.path.join(os.path.dirname(os.path.abspath(state_file)), "run")
+    bed = Testbed(spec, workdir, state_file=state_file, detached=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        bed.up()  # undoes itself on an error or interrupt
+        try:
+            infos = asyncio.run(
+                wait_for_agents(bed.broker_url, spec.namespace, bed.agents, timeout)
+            )
+        except BaseException:
+            bed.abort()
+            raise
+    except EdgesliceError as exc:
+        raise click.ClickException(f"{exc}\ntestbed stopped; logs kept in {workdir}") from None
+    except KeyboardInterrupt:
+        click.echo("testbed up: interrupted; stopped and removed what had started", err=True)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert bed.fleet is not None
     click.echo(
         f"testbed up: broker {bed.broker_url}, namespace {spec.namespace}, logs in {workdir}"
     )
     for agent_id, info in infos.items():
         mode = info.limits.get("mode", "unlimited") if info.limits else "unlimited"
         click.echo(f"  {agent_id:<20} {info.profile:<17} {info.gflops:7.2f} GFLOP/s  {mode}")
-    click.echo(f"stop it with: edgeslice testbed down --state {state_file}")
+    key = bed.fleet.fleet_key_file
+    click.echo(
+        f"fleet key: {key} (this testbed's own; its agents load only artifacts signed with it)"
+    )
+    click.echo("plan a model on it with (any --model):")
+    click.echo("  " + planner_command(bed.broker_url, spec.namespace, key))
+    click.echo(f"stop it with: edgeslice testbed down --state {shlex.quote(state_file)}")
+
+
+def planner_command(
+    broker_url: str, namespace: str, key_file: str, model: str = "mobilenetv2"
+) -> str:
+    """The ``edgeslice planner`` command line that works with this testbed."""
+    args = ["edgeslice", "planner", "--broker", broker_url]
+    if namespace != DEFAULT_NAMESPACE:
+        args += ["--namespace", namespace]
+    args += ["--fleet-key-file", key_file, "--model", model]
+    return shlex.join(args)
+
+
+def _interrupt(_sig: int, _frame: object) -> None:
+    """SIGTERM during `testbed up` is handled like Ctrl-C: stop what started, then exit."""
+    raise KeyboardInterrupt
 
 
 @testbed_group.command(name="down")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import glob
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -61,3 +64,34 @@ def test_emulated_agents_measure_rates_in_the_ratio_of_their_profiles(
     for agent_id, info in infos.items():
         assert fleet.stop(agent_id) == 0, fleet.log_tail(agent_id)
         assert not [g for g in info.limits["cgroups"] if Path(g).exists()]
+
+
+def _groups_of(agent_id: str) -> list[str]:
+    return glob.glob(f"/sys/fs/cgroup/**/edgeslice/{agent_id}/", recursive=True)
+
+
+@pytest.mark.parametrize("moment", ["trial run under the quota", "service start-up"])
+def test_sigterm_during_start_up_ends_an_emulated_agent_promptly(
+    fleet: LocalFleet, moment: str
+) -> None:
+    """SIGTERM once the agent is limited: while it measures its quota (before the event
+    loop runs), or while the service connects, calibrates and tests its link."""
+    agent_id = "pi-term-" + moment.split()[0]
+    fleet.start_agent(AgentSpec(agent_id, "rpi4-4gb", EMULATE))
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and fleet.alive(agent_id):
+        if moment.startswith("trial") and _groups_of(agent_id):
+            break  # the groups exist: emulate_profile is measuring under the quota
+        if moment.startswith("service") and "emulating rpi4-4gb" in fleet.log_tail(agent_id):
+            break  # the CLI printed its emulation line: the service is starting
+        time.sleep(0.01)
+    else:
+        pytest.fail(f"agent never reached the {moment}:\n{fleet.log_tail(agent_id)}")
+    sent = time.monotonic()
+    fleet.signal(agent_id, signal.SIGTERM)
+    code = fleet.procs[agent_id].wait(timeout=15)  # generous: a loaded machine is slow
+    took = time.monotonic() - sent
+    print(f"\nSIGTERM during the {moment}: agent exited {took:.2f} s later with code {code}")
+    assert code is not None, f"agent ignored SIGTERM for 15 s:\n{fleet.log_tail(agent_id)}"
+    assert "Traceback" not in fleet.log_tail(agent_id), fleet.log_tail(agent_id)
+    assert not _groups_of(agent_id)  # it removed its own cgroups on the way out

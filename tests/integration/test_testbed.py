@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from edgeslice.lab.testbed import _alive
+from edgeslice.lab.supervisor import pid_alive, port_open
 
 pytestmark = pytest.mark.integration
 
@@ -41,12 +44,8 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def _edgeslice_cgroups() -> list[str]:
-    found = []
-    for controller in ("cpu", "memory"):
-        root = Path("/sys/fs/cgroup") / controller / "edgeslice"
-        if root.is_dir():
-            found += [str(p) for p in root.iterdir() if p.is_dir()]
-    return found
+    """Every edgeslice/<agent> cgroup on the machine (v1 or v2, at any depth)."""
+    return glob.glob("/sys/fs/cgroup/**/edgeslice/*/", recursive=True)
 
 
 def test_testbed_up_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -59,17 +58,25 @@ def test_testbed_up_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
         assert up.returncode == 0, up.stderr[-3000:]
         assert "rpi4-4gb-1" in up.stdout and "rpi5-8gb-2" in up.stdout
         recorded = json.loads(state.read_text())
+        # a planner with the user's own key could not sign for these agents: say which key
+        key = recorded["fleet_key_file"]
+        assert os.path.isfile(key) and f"fleet key: {key}" in up.stdout
+        planner = (
+            f"edgeslice planner --broker {recorded['broker']} --namespace tb-test "
+            f"--fleet-key-file {key} --model "
+        )
+        assert planner in up.stdout, up.stdout
         pids = list(recorded["processes"].values())
         names = set(recorded["processes"])
         assert {"broker", "rpi4-4gb-1", "rpi5-8gb-2", "link-rpi4-4gb-1"} <= names
-        assert all(_alive(pid) for pid in pids)
+        assert all(pid_alive(pid) for pid in pids)
         again = _cli("testbed", "up", "--fleet", str(fleet), "--state", str(state), env=env)
         assert again.returncode == 1 and "already up" in again.stderr
     finally:
         down = _cli("testbed", "down", "--state", str(state), env=env)
     assert down.returncode == 0, down.stderr[-3000:]
     assert "no process or cgroup left" in down.stdout
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(pid_alive(pid) for pid in pids)
     assert not state.exists()
     assert not [c for c in _edgeslice_cgroups() if "rpi4-4gb-1" in c or "rpi5-8gb-2" in c]
 
@@ -89,3 +96,78 @@ def test_bad_fleet_file_names_the_file_and_entry(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert "bad.toml" in res.stderr and "agents[0]" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+SLOW_FLEET = """
+namespace = "tb-sigint"
+
+[[agents]]
+profile = "rpi4-4gb"
+count = 2
+link = { bandwidth_mbit = 20, latency_ms = 5 }
+"""
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            if text in Path(cmdline).read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.split("/")[2]))
+        except OSError:
+            continue
+    return [pid for pid in found if pid != os.getpid() and pid_alive(pid)]
+
+
+def test_ctrl_c_during_up_stops_and_removes_everything(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(SLOW_FLEET)
+    state = tmp_path / "state.json"
+    cmd = [sys.executable, "-m", "edgeslice.lab.cli", "testbed"]
+    up = subprocess.Popen(
+        [*cmd, "up", "--fleet", str(fleet), "--state", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen: dict[str, int] = {}
+    broker = ""
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and up.poll() is None:
+            if state.exists():  # `up` rewrites it (atomically) as each process starts
+                recorded = json.loads(state.read_text())
+                seen.update(recorded["processes"])
+                broker = recorded["broker"]
+            if "rpi4-4gb-1" in seen:  # the broker, a link and an agent that is starting
+                break
+            time.sleep(0.05)
+        assert "rpi4-4gb-1" in seen and up.poll() is None, f"up never got going: {seen}"
+        up.send_signal(signal.SIGINT)
+        _out, err = up.communicate(timeout=120)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "edgeslice.lab.cli",
+                    "testbed",
+                    "down",
+                    "--state",
+                    str(state),
+                ],
+                timeout=120,
+                check=False,
+            )
+    print(f"processes recorded before Ctrl-C: {seen}")
+    assert up.returncode == 130, err[-3000:]
+    assert "interrupted" in err
+    assert {"broker", "link-rpi4-4gb-1", "rpi4-4gb-1"} <= set(seen)
+    assert not [name for name, pid in seen.items() if pid_alive(pid)]
+    assert not _processes_mentioning(str(tmp_path))  # agents' --cache-dir is in the workdir
+    port = int(broker.rsplit(":", 1)[1])
+    assert not port_open("127.0.0.1", port)  # the broker (and its mosquitto) are gone
+    assert not state.exists()
+    assert not [c for c in _edgeslice_cgroups() if "rpi4-4gb-" in c]
