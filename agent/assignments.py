@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 
 from edgeslice.agent.dataplane import DataPlane
 from edgeslice.agent.fetch import ArtifactFetcher
-from edgeslice.agent.runtime import StageRuntime
+from edgeslice.agent.runtime import LoadedStage, StageRuntime
 from edgeslice.broker.fleetkey import load_key
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.errors import EdgesliceError
@@ -26,6 +27,16 @@ from edgeslice.broker.protocol.topics import Topics
 from edgeslice.broker.transport import Transport
 
 log = logging.getLogger(__name__)
+
+# torch.export.load keeps process-global state while it runs: two loads at once in one
+# process fail ("_CURRENT_DESERIALIZER is already set"). One agent per process never
+# overlaps with itself, but agents sharing a process (unit tests) must take turns.
+_LOAD_LOCK = threading.Lock()
+
+
+def _load(runtime: StageRuntime, data: bytes, key: bytes) -> LoadedStage:
+    with _LOAD_LOCK:
+        return runtime.load(data, key)
 
 
 class Assignments:
@@ -101,7 +112,7 @@ class Assignments:
             keep = set()
             for stage in desired.stages:
                 data = await self.fetcher.get(stage.artifact)
-                loaded = await asyncio.to_thread(self.runtime.load, data, self._key)
+                loaded = await asyncio.to_thread(_load, self.runtime, data, self._key)
                 if loaded.info.index != stage.stage:
                     raise EdgesliceError(
                         f"artifact {stage.artifact[:12]} is stage {loaded.info.index}, "

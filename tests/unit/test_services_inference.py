@@ -1,0 +1,123 @@
+"""Requests end to end in one process: InferenceClient -> agents' data planes -> results.
+
+Written against public behaviour only (plans, assignments, ``infer``), so the request
+envelope's wire format can change underneath.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from memfleet import MLP_SPEC, SETTINGS, agent_config, build_mlp, eventually, key_file, running
+
+from edgeslice.agent.runtime import ArtifactCache
+from edgeslice.agent.service import AgentService
+from edgeslice.broker.fleetkey import load_key
+from edgeslice.broker.memory import MemoryBroker
+from edgeslice.broker.protocol import codec
+from edgeslice.broker.protocol.errors import InferenceError
+from edgeslice.broker.protocol.messages import (
+    AssignmentDesired,
+    AssignmentReported,
+    PlanMessage,
+    PlanStage,
+    StageAssignment,
+)
+from edgeslice.broker.protocol.topics import Topics
+from edgeslice.client.inference import InferenceClient
+from edgeslice.planner.config import PlannerConfig
+from edgeslice.planner.profile import profile_model
+from edgeslice.planner.service import PlannerService
+from edgeslice.planner.stages import build_stages
+
+T = Topics("unit")
+
+
+def test_one_stage_request_returns_the_result_and_a_stale_plan_an_error(tmp_path: Path) -> None:
+    model, inputs = build_mlp()
+    profile = profile_model(model, inputs, max_segments=4)
+    bounds = [0, len(profile.segments)]
+    (art,) = build_stages(model, inputs, profile, bounds, load_key(key_file(tmp_path)))
+    ArtifactCache(tmp_path / "a1" / "artifacts").put(art.sha256, art.data)
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        planner = broker.client("planner")
+        await planner.connect()
+        agent = AgentService(agent_config("a1", tmp_path), transport=broker.factory)
+        async with running(agent.run):
+            stage = StageAssignment(stage=0, artifact=art.sha256, size=art.size)
+            desired = AssignmentDesired("a1", "p1", 1, model="mlp", stages=[stage])
+            await planner.publish(
+                T.assignment_desired("a1"), codec.encode(desired), qos=1, retain=True
+            )
+
+            def ready() -> bool:
+                payload = broker.retained_payload(T.assignment_reported("a1"))
+                return bool(payload) and codec.decode(payload, AssignmentReported).state == "ready"
+
+            await eventually(ready, what="stage loaded")
+            plan = PlanMessage(
+                model="mlp",
+                plan_id="p1",
+                plan_version=1,
+                objective="latency",
+                strategy="edgeslice",
+                stages=[PlanStage(0, 0, bounds[1], ["a1"], artifact=art.sha256)],
+                input_specs=[s.to_wire() for s in art.input_specs],
+                ready=True,
+            )
+            await planner.publish(T.plan("mlp"), codec.encode(plan), qos=1, retain=True)
+            async with InferenceClient(SETTINGS, "mlp", transport=broker.factory) as client:
+                result = await client.infer(inputs[0], timeout=10.0)
+                with torch.no_grad():
+                    assert torch.allclose(result.outputs[0], model(*inputs), atol=1e-6)
+                assert result.route == ["a1"]
+                stale_stage = dataclasses.replace(plan.stages[0], artifact="0" * 64)
+                stale = dataclasses.replace(plan, plan_version=2, stages=[stale_stage])
+                await planner.publish(T.plan("mlp"), codec.encode(stale), qos=1, retain=True)
+                await eventually(lambda: client.plan and client.plan.plan_version == 2)
+                with pytest.raises(InferenceError) as caught:
+                    # a short deadline: the client waits for a newer plan until then
+                    await client.infer(inputs[0], timeout=0.5, retries=0)
+                assert caught.value.retryable and "a1" in str(caught.value)
+
+    asyncio.run(scenario())
+
+
+def test_two_agents_and_a_planner_serve_the_whole_model(tmp_path: Path) -> None:
+    model, _ = build_mlp()
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        config = PlannerConfig(
+            model_spec=MLP_SPEC,
+            broker=SETTINGS,
+            objective="throughput",
+            min_agents=2,
+            max_segments=4,
+            replan_delay_s=0.05,
+            fleet_key_file=key_file(tmp_path),
+        )
+        planner = PlannerService(config, transport=broker.factory)
+        agents = [
+            AgentService(agent_config(name, tmp_path), transport=broker.factory)
+            for name in ("a1", "a2")
+        ]
+        async with running(planner.run), running(agents[0].run), running(agents[1].run):
+            await eventually(lambda: planner.model_name, what="model loaded")
+            async with InferenceClient(
+                SETTINGS, planner.model_name, transport=broker.factory
+            ) as client:
+                await client.wait_ready(timeout=20.0)
+                batch = [torch.randn(1, 16) for _ in range(4)]
+                results = await asyncio.gather(*(client.infer(x, timeout=20.0) for x in batch))
+        with torch.no_grad():
+            for x, result in zip(batch, results, strict=True):
+                assert torch.allclose(result.outputs[0], model(x), atol=1e-5)
+
+    asyncio.run(scenario())
