@@ -24,6 +24,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -83,6 +84,7 @@ class MqttClient:
         self._connected = asyncio.Event()
         self._first_connect: asyncio.Future[None] | None = None
         self._last_error = ""
+        self._connect_error = ""  # why the last connect attempt failed (describe_connect_error)
         self._closing = False
         self.connect_count = 0
 
@@ -132,6 +134,8 @@ class MqttClient:
             await asyncio.wait_for(asyncio.shield(self._first_connect), timeout)
         except TimeoutError:
             self._paho.loop_stop()
+            if self._connect_error:  # the last attempt's cause, already a full sentence
+                raise BrokerError(f"{self._connect_error} (gave up after {timeout:.0f}s)") from None
             cause = self._last_error or "no answer"
             raise BrokerError(
                 f"cannot reach the MQTT broker at {self.settings.url} within {timeout:.0f}s "
@@ -298,7 +302,16 @@ class MqttClient:
             task.add_done_callback(_log_task_error)
 
     def _cb_connect_fail(self, _client: paho.Client, _u: Any) -> None:
-        self._last_error = "connection refused or unreachable"
+        # paho calls this from inside its ``except OSError`` around the connect attempt,
+        # so the exception that made the attempt fail is still the one being handled
+        try:
+            message, final = describe_connect_error(self.settings, sys.exc_info()[1])
+            self._last_error = "connection refused or unreachable"
+            self._connect_error = message
+            if final:  # retrying cannot help (no such host, not a TLS port): say so now
+                self._call(self._fail_first, BrokerError(message))
+        except Exception:  # never let paho's thread die
+            log.exception("error in on_connect_fail for %s", self.client_id)
 
     def _cb_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._call(self._connected.clear)
@@ -326,6 +339,47 @@ class MqttClient:
                     self._early_acks.popitem(last=False)
                 return
         self._call(_resolve, fut)
+
+
+def describe_connect_error(settings: BrokerSettings, exc: BaseException | None) -> tuple[str, bool]:
+    """One line saying why a connect attempt failed and what to check; and whether it is
+    final (retrying cannot help: an unknown host, a TLS/plain port mismatch)."""
+    where = f"{settings.host}:{settings.port}"
+    if isinstance(exc, socket.gaierror):
+        unknown = exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+        return (
+            f"cannot resolve host {settings.host!r} ({settings.url}): check the --broker URL "
+            "(EDGESLICE_BROKER) / DNS",
+            unknown,
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"TLS certificate of {where} not trusted ({exc.verify_message}): give the broker's "
+            "CA with --tls-ca (EDGESLICE_TLS_CA), and use the host name in the certificate",
+            True,
+        )
+    plain_answer = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+    if isinstance(exc, ssl.SSLError) or (settings.tls and isinstance(exc, plain_answer)):
+        return (
+            f"TLS handshake with {where} failed: is the port a TLS listener? (mqtts:// needs a "
+            "TLS port, usually 8883; use mqtt:// for a plain one)",
+            True,
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return (
+            f"nothing listens on {where}: is the broker running? (for a local one run "
+            "`edgeslice broker`; check --broker / EDGESLICE_BROKER)",
+            False,
+        )
+    if isinstance(exc, TimeoutError):
+        return (
+            f"no answer from {where}: check the address in --broker (EDGESLICE_BROKER) and "
+            "any firewall between here and the broker",
+            False,
+        )
+    if exc is None:
+        return f"cannot connect to {where}: is the broker running?", False
+    return f"cannot connect to {where}: {type(exc).__name__}: {exc}", False
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -112,13 +112,29 @@ def run_foreground(host: str, port: int, kind: str, log_file: str | None) -> Non
     click.echo("edgeslice broker: stopped")
 
 
+def _refuse_non_empty(out_dir: str, force: bool) -> None:
+    """Exit 1 if ``out_dir`` holds anything and ``--force`` was not given."""
+    try:
+        present = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    except OSError as exc:
+        raise click.ClickException(f"cannot read --out {out_dir!r}: {exc.strerror}") from None
+    if present and not force:
+        more = f" and {len(present) - 5} more" if len(present) > 5 else ""
+        shown = ", ".join(present[:5]) + more
+        raise click.ClickException(
+            f"--out {out_dir!r} is not empty (it holds {shown}); use --force to write over "
+            "it, or choose another folder"
+        )
+
+
 @broker_group.command("config")
 @click.option(
     "--out",
     "out_dir",
     required=True,
     type=click.Path(file_okay=False),
-    help="Directory to write mosquitto.conf, acl and README-broker.md into (created).",
+    help="Directory to write mosquitto.conf, acl and README-broker.md into (created; "
+    "must be empty unless --force).",
 )
 @click.option(
     "--namespace",
@@ -167,6 +183,7 @@ def run_foreground(host: str, port: int, kind: str, log_file: str | None) -> Non
 @click.option("--no-persistence", is_flag=True, help="Keep nothing across broker restarts.")
 @click.option("--max-packet-mib", type=click.IntRange(1, 256), default=64, show_default=True)
 @click.option("--require-client-cert", is_flag=True, help="Devices also need a certificate.")
+@click.option("--force", is_flag=True, help="Write into --out even if it is not empty.")
 def config_cmd(
     out_dir: str,
     namespace: str,
@@ -184,6 +201,7 @@ def config_cmd(
     no_persistence: bool,
     max_packet_mib: int,
     require_client_cert: bool,
+    force: bool,
 ) -> None:
     """Write a production mosquitto set-up: TLS, one password per account, an ACL."""
     try:
@@ -205,6 +223,7 @@ def config_cmd(
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    _refuse_non_empty(out_dir, force)
     try:
         os.makedirs(out_dir, exist_ok=True)
         for name, text in render_all(setup).items():

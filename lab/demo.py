@@ -10,13 +10,21 @@ the same torch thread count as each agent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import signal
 import statistics
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import click
 
+from edgeslice.broker.protocol.errors import ConfigError
 from edgeslice.broker.settings import BrokerSettings, parse_broker_url
 from edgeslice.lab.fleet import AgentSpec, LocalFleet
 
@@ -102,28 +110,85 @@ def _whole_model(module: Any, inputs: tuple[Any, ...], threads: int, n: int) -> 
     return {"p50_s": statistics.median(times), "throughput_rps": n / sum(times)}
 
 
-def run_demo(opts: DemoOptions) -> int:
-    """Run the demo; 0 when every output matched the whole model, else 1."""
+def _reference_outputs(opts: DemoOptions, loaded: Any) -> list[Any]:
+    """The whole model's outputs on its example input: what every fleet output must equal."""
     import torch
 
-    from edgeslice.lab.server import LocalBroker
+    try:
+        with torch.inference_mode():
+            out = loaded.module(*loaded.example_inputs)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(
+            f"model {opts.model!r}: forward() on its example input raised "
+            f"{type(exc).__name__}: {first}; fix the model or its example input "
+            "(`edgeslice profile --model ...` checks it without a fleet)"
+        ) from exc
+    return list(torch.utils._pytree.tree_leaves(out))
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM while cleaning up (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_demo(opts: DemoOptions) -> int:
+    """Run the demo; 0 when every output matched the whole model, else 1.
+
+    The model spec is loaded and checked before anything is started (a bad spec is a
+    :class:`ConfigError`). Everything started lives in one temporary folder (logs, agent
+    caches, the fleet key), removed when the demo ends, also on error, Ctrl-C or SIGTERM.
+    """
     from edgeslice.planner.modelspec import load_model
 
     started = time.perf_counter()
     loaded = load_model(opts.model)
-    with torch.inference_mode():
-        expected = list(torch.utils._pytree.tree_leaves(loaded.module(*loaded.example_inputs)))
-    broker = None
-    if opts.broker_url is None:
-        broker = LocalBroker(port=0).start()
-        url = broker.url
-        _say(f"broker: {broker.kind} on {url}")
-    else:
-        url = opts.broker_url
-    namespace = f"demo{int(time.time()) % 100000}"
-    settings = parse_broker_url(url, namespace)
-    fleet = LocalFleet(url, namespace, threads_per_agent=opts.threads)
+    expected = _reference_outputs(opts, loaded)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
+    workdir = tempfile.mkdtemp(prefix="edgeslice-demo-")
     try:
+        out = _run_fleet(opts, loaded, expected, workdir)
+    finally:
+        with _uninterrupted():  # a second Ctrl-C must not leave the fleet key behind
+            shutil.rmtree(workdir, ignore_errors=True)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+    whole = _whole_model(loaded.module, loaded.example_inputs, opts.threads, 16)
+    _report(out, whole, opts)
+    _say(f"demo finished in {time.perf_counter() - started:.0f}s")
+    return 0 if out["mismatches"] == 0 else 1
+
+
+def _run_fleet(opts: DemoOptions, loaded: Any, expected: list[Any], workdir: str) -> dict[str, Any]:
+    """Start broker (unless given), planner and agents in ``workdir``; run the requests."""
+    from edgeslice.lab.server import LocalBroker
+
+    broker = None
+    fleet = None
+    try:
+        if opts.broker_url is None:
+            broker = LocalBroker(port=0).start()
+            url = broker.url
+            _say(f"broker: {broker.kind} on {url}")
+        else:
+            url = opts.broker_url
+        namespace = f"demo{int(time.time()) % 100000}"
+        settings = parse_broker_url(url, namespace)
+        fleet = LocalFleet(url, namespace, workdir=workdir, threads_per_agent=opts.threads)
         fleet.start_planner(
             opts.model, ["--objective", opts.objective, "--min-agents", str(opts.agents)]
         )
@@ -133,26 +198,24 @@ def run_demo(opts: DemoOptions) -> int:
                 AgentSpec(f"{profile}-{i + 1}", profile, ("--calibrate-seconds", "0.2"))
             )
         _say(
-            f"started planner and {opts.agents} agents (logs in {fleet.workdir}); "
-            "waiting for the plan..."
+            f"started planner and {opts.agents} agents (logs in {workdir}, removed at the "
+            "end); waiting for the plan..."
         )
-        out = asyncio.run(
+        return asyncio.run(
             _run_requests(settings, loaded.name, loaded.example_inputs, expected, opts)
         )
     except Exception as exc:
-        for name in fleet.procs:
-            tail = fleet.log_tail(name, 8)
+        for name in fleet.procs if fleet is not None else ():
+            tail = fleet.log_tail(name, 8) if fleet is not None else ""
             if tail:
                 _say(f"--- {name} log tail ---\n{tail}")
         raise click.ClickException(f"demo failed: {exc}") from None
     finally:
-        fleet.close()
-        if broker is not None:
-            broker.stop()
-    whole = _whole_model(loaded.module, loaded.example_inputs, opts.threads, 16)
-    _report(out, whole, opts)
-    _say(f"demo finished in {time.perf_counter() - started:.0f}s")
-    return 0 if out["mismatches"] == 0 else 1
+        with _uninterrupted():  # a second Ctrl-C must not leave processes behind
+            if fleet is not None:
+                fleet.close()
+            if broker is not None:
+                broker.stop()
 
 
 def _report(out: dict[str, Any], whole: dict[str, float], opts: DemoOptions) -> None:

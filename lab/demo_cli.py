@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.planner.cli import MODEL_HELP
 
 
@@ -53,14 +54,20 @@ def demo_cmd(
 
     if agents < 1 or requests < 1 or concurrency < 1:
         raise click.UsageError("--agents, --requests and --concurrency must be >= 1")
-    code = run_demo(
-        DemoOptions(
-            model=model,
-            agents=agents,
-            requests=requests,
-            concurrency=concurrency,
-            objective=objective,
-            broker_url=broker_url,
+    try:
+        code = run_demo(
+            DemoOptions(
+                model=model,
+                agents=agents,
+                requests=requests,
+                concurrency=concurrency,
+                objective=objective,
+                broker_url=broker_url,
+            )
         )
-    )
+    except EdgesliceError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        click.echo("demo interrupted: everything it started is stopped and its folder removed")
+        sys.exit(130)
     sys.exit(code)

@@ -114,7 +114,22 @@ def planner_cmd(
             # one line per plan on stderr, shown without -v (logging defaults to WARNING)
             on_plan=lambda plan: click.echo(f"edgeslice planner: {describe_plan(plan)}", err=True),
         )
-        click.echo(f"edgeslice planner: model {model_spec} -> {settings.url}", err=True)
+        from edgeslice.broker.modelname import model_name_for_spec
+
+        served = model_name_for_spec(model_spec)
+        namespace = (
+            "" if settings.namespace == "edgeslice" else f" --namespace {settings.namespace}"
+        )
+        click.echo(
+            f"edgeslice planner: model {model_spec} served as {served!r} on {settings.url} "
+            f"(namespace {settings.namespace})",
+            err=True,
+        )
+        click.echo(
+            f"edgeslice planner: send requests with: edgeslice infer --broker {settings.url}"
+            f"{namespace} --model {served} --random",
+            err=True,
+        )
         asyncio.run(run_until_signalled(service.run))
     except EdgesliceError as exc:
         raise _fail(exc) from None

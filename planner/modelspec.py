@@ -10,6 +10,12 @@ The callable takes no arguments and returns either ``(module, example_input)``
 (a tensor or a tuple of tensors) or an ``nn.Module`` that carries an
 ``example_input`` method or attribute. The example input fixes the shapes the
 planner profiles and exports with, so it must look like a real request.
+
+The model is served under :func:`broker.modelname.model_name_for_spec` of the spec
+(``path/net.py:build`` -> ``build``). A user's callable must build the same weights on
+every call (seeded): :func:`load_model` builds twice and refuses it otherwise. Every
+failure is one :class:`ConfigError` line naming the spec, the file, the exception and
+what to do.
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import re
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from edgeslice.broker.modelname import model_name_for_spec, sanitize_model_name
 from edgeslice.broker.protocol.errors import ConfigError
 from edgeslice.planner.models import BUILTIN_MODELS
 
@@ -44,25 +52,41 @@ class LoadedModel:
     example_inputs: tuple[Tensor, ...]
 
 
-def sanitize_name(raw: str) -> str:
-    """A topic-safe model id: lowercase letters, digits, ``-`` and ``_`` only."""
-    name = re.sub(r"[^a-z0-9_-]+", "-", raw.lower()).strip("-_")
-    return name or "model"
+sanitize_name = sanitize_model_name  # the naming lives in broker.modelname (client uses it too)
 
 
 def _help() -> str:
     return _SPEC_HELP.format(builtins=", ".join(sorted(BUILTIN_MODELS)))
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: first line of the message`` plus where in user code it was raised."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith("<") and Path(f.filename).resolve() != Path(__file__).resolve()
+    ]
+    if frames and not isinstance(exc, SyntaxError):  # a SyntaxError names file and line itself
+        text += f" (at {frames[-1].filename}:{frames[-1].lineno})"
+    return text
+
+
 def _import_target(spec: str) -> Any:
     """Resolve ``file.py:attr`` or ``pkg.mod:attr`` to the object it names."""
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
-        raise ConfigError(f"model spec {spec!r} is not a built-in model name; {_help()}")
+        hint = f" (did you mean '{spec}:build'?)" if spec.endswith(".py") else ""
+        raise ConfigError(f"model spec {spec!r} is not a built-in model name{hint}; {_help()}")
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target).expanduser()
         if not path.is_file():
-            raise ConfigError(f"model spec {spec!r}: file {str(path)!r} does not exist")
+            where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+            raise ConfigError(
+                f"model spec {spec!r}: file {str(path)!r} does not exist{where}; "
+                "check the path before ':'"
+            )
         module_name = "_edgeslice_user_" + sanitize_name(path.stem).replace("-", "_")
         file_spec = importlib.util.spec_from_file_location(module_name, path)
         if file_spec is None or file_spec.loader is None:
@@ -74,7 +98,8 @@ def _import_target(spec: str) -> Any:
         except Exception as exc:
             sys.modules.pop(module_name, None)
             raise ConfigError(
-                f"model spec {spec!r}: importing {str(path)!r} failed: {exc}"
+                f"model spec {spec!r}: importing {str(path)!r} raised {_describe(exc)}; "
+                f"fix the file (`python {path}` shows the full traceback) and try again"
             ) from exc
     else:
         try:
@@ -83,6 +108,11 @@ def _import_target(spec: str) -> Any:
             raise ConfigError(
                 f"model spec {spec!r}: cannot import module {target!r} ({exc}); "
                 "check the spelling and that it is installed or on PYTHONPATH"
+            ) from exc
+        except Exception as exc:
+            raise ConfigError(
+                f"model spec {spec!r}: importing module {target!r} raised {_describe(exc)}; "
+                f"fix the module (`python -c 'import {target}'` shows the full traceback)"
             ) from exc
     try:
         return getattr(module, attr)
@@ -123,26 +153,61 @@ def _unpack(spec: str, result: Any) -> tuple[nn.Module, tuple[Tensor, ...]]:
     )
 
 
-def load_model(spec: str) -> LoadedModel:
-    """Load a model spec (see module docstring); errors are :class:`ConfigError`."""
-    spec = spec.strip()
-    if not spec:
-        raise ConfigError(f"empty model spec; {_help()}")
-    if spec in BUILTIN_MODELS:
-        module, inputs = BUILTIN_MODELS[spec]()
-        return LoadedModel(spec, module.eval(), tuple(inputs))
-    factory = _import_target(spec)
-    if not callable(factory):
-        raise ConfigError(f"model spec {spec!r} names {type(factory).__name__}, not a callable")
+def _build(spec: str, factory: Any) -> tuple[nn.Module, tuple[Tensor, ...]]:
+    attr = spec.rpartition(":")[2]
     try:
         result = factory()
     except ConfigError:
         raise
     except Exception as exc:
         raise ConfigError(
-            f"model spec {spec!r}: calling it raised {type(exc).__name__}: {exc}"
+            f"model spec {spec!r}: calling {attr}() raised {_describe(exc)}; fix {attr}() "
+            "(calling it in Python shows the full traceback) and try again"
         ) from exc
-    module, inputs = _unpack(spec, result)
-    name = sanitize_name(getattr(factory, "__name__", spec.rpartition(":")[2]))
+    return _unpack(spec, result)
+
+
+def _first_difference(a: nn.Module, b: nn.Module) -> str | None:
+    """The first state_dict entry (weight or buffer) that differs between two builds."""
+    sa, sb = a.state_dict(), b.state_dict()
+    if list(sa) != list(sb):
+        return "its parameter names"
+    for key, value in sa.items():
+        other = sb[key]
+        if not isinstance(value, Tensor) or not isinstance(other, Tensor):
+            continue
+        if value.shape != other.shape or not torch.equal(value, other):
+            return repr(key)
+    return None
+
+
+def load_model(spec: str) -> LoadedModel:
+    """Load a model spec (see module docstring); errors are :class:`ConfigError`.
+
+    A user's callable is called twice and the two models' weights compared: a build()
+    with unseeded random weights would give the planner, a restarted planner and the
+    demo's reference run different models, which shows up much later as wrong outputs.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ConfigError(f"empty model spec; {_help()}")
+    if spec in BUILTIN_MODELS:  # built from a fixed seed (tests check it)
+        module, inputs = BUILTIN_MODELS[spec]()
+        return LoadedModel(spec, module.eval(), tuple(inputs))
+    factory = _import_target(spec)
+    if not callable(factory):
+        raise ConfigError(f"model spec {spec!r} names {type(factory).__name__}, not a callable")
+    module, inputs = _build(spec, factory)
+    again, _ = _build(spec, factory)
+    if again is not module:
+        differs = _first_difference(module, again)
+        if differs is not None:
+            attr = spec.rpartition(":")[2]
+            raise ConfigError(
+                f"model spec {spec!r}: {attr}() returns different weights on each call "
+                f"({differs} differs); seed it (torch.manual_seed(0) at the top of {attr}()) "
+                "so the planner and the demo build the same model"
+            )
+    name = model_name_for_spec(spec)
     log.info("loaded model spec=%s name=%s inputs=%s", spec, name, [tuple(t.shape) for t in inputs])
     return LoadedModel(name, module.eval(), inputs)

@@ -9,9 +9,16 @@ shapes inside ``forward`` trace too.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import operator
+import re
+import sys
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,6 +106,68 @@ def _functionalize(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     return gm
 
 
+@contextlib.contextmanager
+def _quiet_torch_export() -> Iterator[None]:
+    """Hold torch's own noise about a failed export unless we log at INFO (``-v``).
+
+    torch logs warnings and ``print``s the partial graph (dozens of lines) to stderr before
+    raising; the one-line reason is what a user needs first. Captured stderr is written
+    back without the graph dump, so nothing else written meanwhile is lost.
+    """
+    if log.isEnabledFor(logging.INFO):
+        yield
+        return
+    names = ["torch", *(n for n in logging.root.manager.loggerDict if n.startswith("torch."))]
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [(lg, lg.level) for lg in loggers if lg.name == "torch" or lg.level != logging.NOTSET]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    captured = io.StringIO()
+    real_stderr = sys.stderr
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    except Exception as exc:
+        text = captured.getvalue()
+        graph = getattr(exc, "partial_fx_graph", None)
+        if graph:
+            text = text.replace(f"{graph}\n", "")
+        captured = io.StringIO(text)
+        raise
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+        if captured.getvalue().strip():
+            real_stderr.write(captured.getvalue())
+
+
+_RAISED_AT = re.compile(
+    r"The following call raised this error:\s*\n\s*File \"([^\"]+)\", line (\d+), in \S+\n\s*(.+)"
+)
+
+
+def export_failure(module: nn.Module, exc: BaseException) -> str:
+    """One line: why torch.export failed, where in the user's code, and what to do."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+    found = _RAISED_AT.search(str(exc))
+    if found:
+        where = f" at {found.group(1)}:{found.group(2)} (`{found.group(3).strip()[:120]}`)"
+    else:
+        torch_dir = str(Path(torch.__file__).parent)
+        frames = [
+            f
+            for f in traceback.extract_tb(exc.__traceback__)
+            if not f.filename.startswith(("<", torch_dir)) and f.filename != __file__
+        ]
+        where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return (
+        f"torch.export could not trace {type(module).__name__}: {reason}{where}; make "
+        "forward() exportable (no Python if/while on tensor values: see the torch.export "
+        "docs on data-dependent control flow); run with -v for torch's full report"
+    )
+
+
 def count_flops(module: nn.Module, inputs: tuple[Tensor, ...]) -> float:
     """FLOPs of one no-grad forward pass, counted the same way as the segments are."""
     with torch.no_grad(), _flop_mode() as counter:
@@ -110,13 +179,11 @@ def trace(module: nn.Module, example_inputs: tuple[Tensor, ...]) -> TracedGraph:
     """Export ``module`` and list its compute nodes, inputs and flat outputs."""
     module.eval()
     try:
-        ep = torch.export.export(module, tuple(example_inputs))
+        with _quiet_torch_export():
+            ep = torch.export.export(module, tuple(example_inputs))
     except Exception as exc:
-        raise ConfigError(
-            f"torch.export could not trace {type(module).__name__}: {type(exc).__name__}: "
-            f"{str(exc)[:2000]}\nMake forward() exportable (see the torch.export docs on "
-            "graph breaks and data-dependent control flow)"
-        ) from exc
+        log.info("torch.export report for %s:\n%s", type(module).__name__, exc)
+        raise ConfigError(export_failure(module, exc)) from exc
     try:
         gm = _functionalize(ep)
     except Exception as exc:  # e.g. a submodule named like a GraphModule attribute ("meta")

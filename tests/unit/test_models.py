@@ -90,6 +90,7 @@ def test_module_spec_with_example_input_method(tmp_path, monkeypatch) -> None:
                 return torch.ones(1, 4)
 
         def My_Model():
+            torch.manual_seed(0)
             return Tiny()
         """,
         name="es_user_pkg_model.py",
