@@ -1,7 +1,8 @@
 """The agent's data plane: inbox chunks -> reassembly -> stage compute -> next hop or client.
 
-Requests carry their route (``meta["route"]``: one ``[agent_id, artifact_sha]`` per stage,
-chosen by the client with AMP4EC scoring) and a reply-to client id. This agent runs the
+Requests carry a typed :class:`RequestEnvelope` in the transfer header: their route (one
+``(agent_id, artifact)`` hop per stage, chosen by the client) and a reply-to client id; an
+envelope that does not decode is answered with an error, never a crash. This agent runs the
 stage named by the header's ``stage`` with the artifact the route names, so a request
 planned under an older plan version still finishes while its stages stay loaded. Compute
 runs on one worker thread (torch never blocks the MQTT loop); reassembly and publishing
@@ -17,12 +18,25 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 from edgeslice.agent.runtime import StageRuntime
-from edgeslice.broker.protocol.chunking import Completed, Reassembler, Refused, encode_transfer
-from edgeslice.broker.protocol.errors import EdgesliceError
+from edgeslice.broker.protocol import codec
+from edgeslice.broker.protocol.chunking import (
+    Completed,
+    Reassembler,
+    Refused,
+    TransferHeader,
+    encode_transfer,
+)
+from edgeslice.broker.protocol.errors import (
+    AgentBusyError,
+    EdgesliceError,
+    InferenceError,
+    StageUnavailableError,
+    TransferError,
+)
+from edgeslice.broker.protocol.messages import ErrorReply, RequestEnvelope, StageTiming
 from edgeslice.broker.protocol.tensors import pack_tensors, unpack_tensors
 from edgeslice.broker.protocol.topics import Topics
 from edgeslice.broker.transport import Transport
@@ -53,6 +67,13 @@ class StageStats:
         alpha = 1.0 / min(self.count, 20)  # mean of the first 20, then an EWMA
         self.compute_s += alpha * (compute_s - self.compute_s)
         self.queue_s += alpha * (queue_s - self.queue_s)
+
+
+@dataclass(frozen=True)
+class _ReplyAddress:
+    """The one envelope field an error reply needs, for envelopes that do not decode whole."""
+
+    reply_to: str
 
 
 @dataclass(frozen=True)
@@ -132,14 +153,11 @@ class DataPlane:
             return
         job = Job(result, received_at=now, recv_s=max(0.0, now - result.first_chunk_at))
         if self.queue.qsize() >= self.max_queue:
-            self._reply_error(
-                result.header.meta,
-                result.header.request_id,
-                result.header.stage,
+            busy = AgentBusyError(
                 f"agent {self.agent_id} is overloaded ({self.queue.qsize()} requests queued); "
-                "retry, or add agents",
-                retryable=True,
+                "retry, or add agents"
             )
+            self._reply_error(result.header, busy)
             return
         self.queue.put_nowait(job)
 
@@ -161,14 +179,12 @@ class DataPlane:
             refused.detail,
         )
         if header is not None and header.kind in ("request", "activation"):
-            self._reply_error(
-                header.meta,
-                header.request_id,
-                header.stage,
+            error = TransferError(
                 f"agent {self.agent_id} refused stage {header.stage} input: "
                 f"{refused.reason} ({refused.detail})",
-                retryable=refused.reason not in ("malformed", "too_large"),
+                reason=refused.reason,
             )
+            self._reply_error(header, error)
 
     # -- compute ----------------------------------------------------------------
     async def run(self) -> None:
@@ -189,24 +205,24 @@ class DataPlane:
     def _compute(self, job: Job, started: float) -> Outbound:
         """Worker thread: unpack, run the stage, pack the next hop's transfer (or an error)."""
         header = job.done.header
-        meta = header.meta
         stage = header.stage
         try:
-            route = _route(meta)
-            if not 0 <= stage < len(route) or route[stage][0] != self.agent_id:
-                raise EdgesliceError(
+            env = codec.from_wire(header.meta, RequestEnvelope)
+            route = env.route
+            if not 0 <= stage < len(route) or route[stage].agent_id != self.agent_id:
+                raise InferenceError(
                     f"request {header.request_id} routes stage {stage} to "
-                    f"{route[stage][0] if 0 <= stage < len(route) else 'nobody'}, "
+                    f"{route[stage].agent_id if 0 <= stage < len(route) else 'nobody'}, "
                     f"not to agent {self.agent_id}"
                 )
-            sha = route[stage][1]
+            sha = route[stage].artifact
             loaded = self.runtime.get(sha)
             if loaded is None:
-                raise EdgesliceError(
+                raise StageUnavailableError(
                     f"agent {self.agent_id} has no stage {stage} loaded for artifact {sha[:12]} "
                     f"(plan {header.plan_id} v{header.plan_version}); the plan changed: retry"
                 )
-            inputs = unpack_tensors(meta["tensors"], job.done.payload, share=True)
+            inputs = unpack_tensors(env.tensors, job.done.payload, share=True)
             t0 = time.perf_counter()
             outputs = loaded.run(inputs)
             compute_s = time.perf_counter() - t0
@@ -214,28 +230,28 @@ class DataPlane:
             queue_s = max(0.0, started - job.received_at)
             stats = self.stats.setdefault(sha, StageStats(stage))
             stats.add(compute_s, queue_s)
-            timing = {
-                "stage": stage,
-                "agent": self.agent_id,
-                "recv_s": job.recv_s,
-                "transfer_s": max(0.0, job.done.first_chunk_at - float(meta.get("sent_at", 0.0)))
-                if meta.get("sent_at")
-                else 0.0,
-                "queue_s": queue_s,
-                "compute_s": compute_s,
-            }
+            timing = StageTiming(
+                stage=stage,
+                agent=self.agent_id,
+                recv_s=job.recv_s,
+                transfer_s=max(0.0, job.done.first_chunk_at - env.sent_at) if env.sent_at else 0.0,
+                queue_s=queue_s,
+                compute_s=compute_s,
+            )
             last = stage == len(route) - 1
-            compression = None if last else (meta.get("compression") or None)
+            compression = None if last else (env.compression or None)
             tensor_meta, payload = pack_tensors(outputs, compression=compression)
-            new_meta = dict(meta)
-            new_meta["tensors"] = tensor_meta
-            new_meta["timings"] = [*meta.get("timings", []), timing]
-            new_meta["sent_at"] = self.clock()
+            forward = replace(
+                env,
+                tensors=tensor_meta,
+                timings=[*env.timings, timing],
+                sent_at=self.clock(),
+            )
             if last:
-                topic = self.topics.client_results(str(meta["reply_to"]))
+                topic = self.topics.client_results(env.reply_to)
                 kind = "result"
             else:
-                topic = self.topics.inbox(route[stage + 1][0])
+                topic = self.topics.inbox(route[stage + 1].agent_id)
                 kind = "activation"
             encoded = encode_transfer(
                 payload,
@@ -245,7 +261,7 @@ class DataPlane:
                 plan_version=header.plan_version,
                 stage=stage + 1,
                 deadline=header.deadline,
-                meta=new_meta,
+                meta=codec.to_wire(forward),
                 chunk_size=self.chunk_size,
             )
             return Outbound(topic, encoded.chunks, header.request_id)
@@ -253,8 +269,7 @@ class DataPlane:
             log.warning(
                 "agent=%s req=%s stage=%d failed: %s", self.agent_id, header.request_id, stage, exc
             )
-            retryable = isinstance(exc, EdgesliceError) and "retry" in str(exc)
-            return self._error_outbound(meta, header.request_id, stage, str(exc), retryable)
+            return self._error_outbound(header, exc)
 
     # -- send -------------------------------------------------------------------
     async def _send(self, outbound: Outbound) -> None:
@@ -273,37 +288,49 @@ class DataPlane:
                 exc,
             )
 
-    def _error_outbound(
-        self, meta: dict[str, Any], request_id: str, stage: int, message: str, retryable: bool
-    ) -> Outbound:
-        reply_to = meta.get("reply_to")
-        if not isinstance(reply_to, str):
-            return Outbound("", [], request_id)
-        error_meta = {
-            "error": message,
-            "stage": stage,
-            "agent": self.agent_id,
-            "retryable": retryable,
-            "timings": meta.get("timings", []) if isinstance(meta.get("timings"), list) else [],
-        }
+    def _error_outbound(self, header: TransferHeader, exc: Exception) -> Outbound:
+        """An ``error`` transfer to the request's client; nothing when it names no valid one.
+
+        ``retryable`` and ``code`` come from the exception (errors.py); anything that is not
+        an EdgesliceError (a torch failure inside the stage) is ``stage_failed``, final. An
+        envelope that does not decode is still answered when its ``reply_to`` does.
+        """
+        request_id = header.request_id
         try:
-            topic = self.topics.client_results(reply_to)
+            env: RequestEnvelope | _ReplyAddress = codec.from_wire(header.meta, RequestEnvelope)
         except EdgesliceError:
+            try:
+                env = codec.from_dict(_ReplyAddress, header.meta, RequestEnvelope.KIND)
+            except EdgesliceError:
+                env = _ReplyAddress("")
+        try:
+            topic = self.topics.client_results(env.reply_to)
+        except EdgesliceError as bad:
+            log.warning(
+                "agent=%s req=%s cannot report its failure: %s", self.agent_id, request_id, bad
+            )
             return Outbound("", [], request_id)
+        known = exc if isinstance(exc, EdgesliceError) else None
+        reply = ErrorReply(
+            error=str(exc),
+            stage=header.stage,
+            agent=self.agent_id,
+            retryable=known.retryable if known else False,
+            code=known.code if known else "stage_failed",
+            timings=env.timings if isinstance(env, RequestEnvelope) else [],
+        )
         encoded = encode_transfer(
             b"",
             request_id=request_id,
             kind="error",
-            stage=stage,
-            meta=error_meta,
+            stage=header.stage,
+            meta=codec.to_wire(reply),
             chunk_size=self.chunk_size,
         )
         return Outbound(topic, encoded.chunks, request_id)
 
-    def _reply_error(
-        self, meta: dict[str, Any], request_id: str, stage: int, message: str, retryable: bool
-    ) -> None:
-        outbound = self._error_outbound(meta, request_id, stage, message, retryable)
+    def _reply_error(self, header: TransferHeader, exc: EdgesliceError) -> None:
+        outbound = self._error_outbound(header, exc)
         if outbound.topic:
             task = asyncio.ensure_future(self._send(outbound))
             self._send_tasks.add(task)
@@ -311,15 +338,3 @@ class DataPlane:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _route(meta: dict[str, Any]) -> list[tuple[str, str]]:
-    route = meta.get("route")
-    if not isinstance(route, list) or not route:
-        raise EdgesliceError("transfer meta has no route")
-    out = []
-    for hop in route:
-        if not (isinstance(hop, list) and len(hop) == 2 and all(isinstance(x, str) for x in hop)):
-            raise EdgesliceError(f"bad route hop {hop!r}")
-        out.append((hop[0], hop[1]))
-    return out

@@ -7,4 +7,9 @@ tensor packing (:mod:`.tensors`) and the exception tree (:mod:`.errors`).
 """
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 1  # 1: chunk headers carry "dc" (chunk capacity)
+# Minor versions (each readable by the previous one, each reading the previous one):
+#   1: chunk headers carry "dc" (chunk capacity)
+#   2: the chunk header's "m" is a typed message: a RequestEnvelope for request, activation
+#      and result transfers, an ErrorReply (plus "code") for error transfers; both add "k"
+#      and "v" and keep 1.1's keys, so 1.1 peers read them and 1.2 reads 1.1's maps
+PROTOCOL_MINOR = 2

@@ -17,7 +17,9 @@ overhead is ~40 bytes per data chunk, ~120 + meta for the header chunk):
     l    0         int        total payload length in bytes
     c    0         int        zlib.crc32 of the whole payload
     dl   0         float      deadline, unix seconds; 0.0 = none
-    m    0         map        free metadata (tensor specs, route, reply-to, timings)
+    m    0         map        request/activation/result: a RequestEnvelope (route, reply-to,
+                              tensor specs, timings), error: an ErrorReply, both as
+                              codec.to_wire maps (messages.py); artifact: empty
     dc   0         int        data bytes in each of chunks 1..n-2 (optional: lets the receiver
                               copy each chunk straight to its offset; older senders omit it)
     d    all       bin        this chunk's slice of the payload, always the last key
@@ -116,6 +118,8 @@ def stream_transfer(
     leave at once instead of after the whole payload is copied. ``payload`` must not change
     until the iterator is exhausted.
 
+    ``meta`` is a plain map: for data-plane kinds ``codec.to_wire`` of the transfer's
+    :class:`RequestEnvelope`/:class:`ErrorReply`, read back with ``codec.from_wire``.
     Raises ProtocolError for a bad kind, id or meta that msgpack cannot carry (e.g. non-str
     keys), TransferError(reason="too_large") when the header alone does not fit ``chunk_size``.
     """

@@ -5,6 +5,11 @@ and ``v`` ([major, minor]). ``decode`` refuses anything that is not such a map
 (too large, not msgpack, unknown kind, wrong field types, a newer major
 version) with a :class:`DecodeError`/:class:`VersionError` whose text names the
 problem, and ignores fields it does not know (forward compatibility).
+
+A message carried *inside* another structure (the request envelope in a chunk header)
+goes through the same checks: :func:`to_wire` gives its plain map and :func:`from_wire`
+validates one. ``NamedTuple`` fields travel as msgpack arrays (a route hop is
+``[agent_id, artifact]``) and are checked item by item.
 """
 
 from __future__ import annotations
@@ -75,6 +80,22 @@ def decode(data: bytes | bytearray | memoryview, expected: type[M] | None = None
         raise DecodeError(f"unknown message kind {kind!r}; known: {sorted(MESSAGE_TYPES)}")
     if expected is not None and cls is not expected:
         raise DecodeError(f"expected a {expected.KIND!r} message, got {kind!r}")
+    return typing.cast(M, from_dict(cls, obj, cls.KIND))
+
+
+def from_wire(obj: Any, cls: type[M]) -> M:
+    """Validate a message already unpacked into a plain map (e.g. a chunk header's ``m``).
+
+    The same checks as :func:`decode`; the kind ``k`` and version ``v`` may be missing
+    (protocol 1.1 senders wrote the envelope's fields without them), but a present ``k``
+    must be ``cls.KIND`` and a present ``v`` must not be a newer major.
+    """
+    if not isinstance(obj, dict):
+        raise DecodeError(f"{cls.KIND}: expected a map, got {type(obj).__name__}")
+    check_version(obj.get("v"))
+    kind = obj.get("k", cls.KIND)
+    if kind != cls.KIND:
+        raise DecodeError(f"expected a {cls.KIND!r} message, got {kind!r}")
     return typing.cast(M, from_dict(cls, obj, cls.KIND))
 
 
@@ -156,6 +177,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if isinstance(value, dict):
             return from_dict(tp, value, where)
+    elif isinstance(tp, type) and issubclass(tp, tuple) and hasattr(tp, "_fields"):
+        if isinstance(value, (list, tuple)) and len(value) == len(tp._fields):
+            hints = _hints(tp)
+            return tp(
+                *(
+                    _coerce(v, hints[n], f"{where}.{n}")
+                    for n, v in zip(tp._fields, value, strict=True)
+                )
+            )
     else:  # pragma: no cover - a schema bug, not a wire problem
         raise TypeError(f"unsupported schema type {tp!r} at {where}")
     expected = getattr(tp, "__name__", tp)

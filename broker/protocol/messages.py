@@ -7,12 +7,16 @@ version may add fields), a newer *major* version is refused (see codec.py).
 Field types are checked on decode so that a wrong-but-valid msgpack map is a
 :class:`~broker.protocol.errors.DecodeError`, never an ``AttributeError`` deep
 inside a service.
+
+Two messages travel inside a data-plane transfer instead of on their own topic: the
+:class:`RequestEnvelope` (header field ``m`` of request/activation/result transfers) and
+the :class:`ErrorReply` (``m`` of error transfers), see :mod:`.chunking`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 ONLINE = "online"
 OFFLINE = "offline"
@@ -200,6 +204,61 @@ class PlanMessage(Message):
     ts: float = 0.0
 
 
+class RouteHop(NamedTuple):
+    """One stage of a request's route; on the wire a 2-list ``[agent_id, artifact]``."""
+
+    agent_id: str
+    artifact: str  # sha256 of the stage artifact the agent must run
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """Where one stage's time went, measured by the agent that ran it (seconds)."""
+
+    stage: int
+    agent: str
+    recv_s: float = 0.0  # first chunk -> last chunk arrived on the agent
+    transfer_s: float = 0.0  # previous hop's send -> first chunk here (clocks of two hosts)
+    queue_s: float = 0.0  # waiting for the stage worker
+    compute_s: float = 0.0  # the stage itself
+
+
+@dataclass(frozen=True)
+class RequestEnvelope(Message):
+    """What travels with a request's tensors from hop to hop (transfer header field ``m``).
+
+    The client writes it; each agent runs the stage its ``route`` names, appends its
+    :class:`StageTiming`, swaps ``tensors`` for its outputs and forwards it. An agent
+    re-encodes the envelope, so a field added by a newer minor survives only hops that
+    know it: such fields must be ones an older hop may drop.
+    """
+
+    KIND: ClassVar[str] = "request"
+    route: list[RouteHop]
+    reply_to: str  # client id; the result goes to clients/{reply_to}/results
+    tensors: list[dict[str, Any]] = field(default_factory=list)  # tensors.pack_tensors meta
+    model: str = ""
+    compression: str = ""  # between stages: "" (none), "fp16" or "int8"
+    sent_at: float = 0.0  # unix time the previous hop started sending
+    timings: list[StageTiming] = field(default_factory=list)  # one per stage run so far
+
+
+@dataclass(frozen=True)
+class ErrorReply(Message):
+    """Why a request failed, sent to its client as an ``error`` transfer (header field ``m``).
+
+    ``retryable`` is the failing error's own field (see errors.py); ``code`` its short word.
+    """
+
+    KIND: ClassVar[str] = "error_reply"
+    error: str  # human-readable: what failed, where, what to do
+    stage: int
+    agent: str
+    retryable: bool = False
+    code: str = "error"
+    timings: list[StageTiming] = field(default_factory=list)  # stages that did finish
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.KIND: cls
     for cls in (
@@ -212,5 +271,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         CommandResult,
         PlannerStatus,
         PlanMessage,
+        RequestEnvelope,
+        ErrorReply,
     )
 }
