@@ -200,7 +200,8 @@ class LocalBroker:
                 break
             except EdgesliceError as exc:
                 self.stop()
-                if attempt + 1 < attempts and "address already in use" in str(exc).lower():
+                # decided by the port's state, not by the text of the broker's error
+                if attempt + 1 < attempts and port_in_use(self.host, self.port):
                     logger.info("port %d was taken meanwhile; retrying on another", self.port)
                     continue
                 raise BrokerError(f"{self.kind} on {self.url}: {exc}") from None
