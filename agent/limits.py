@@ -4,7 +4,7 @@
 benchmarks and the testbed see realistic, *uneven* devices. How:
 
 * **CPU.** Before limiting anything the agent measures this host's single-core
-  rate (:func:`host_core_gflops`); :mod:`agent.quota` turns it and the profile
+  rate (:func:`agent.quota.host_core_gflops`); :mod:`agent.quota` turns it and the profile
   into a CFS bandwidth quota (cgroup v1 ``cpu.cfs_quota_us`` /
   ``cpu.cfs_period_us``, or v2 ``cpu.max``) and a torch thread count (that
   module explains the arithmetic and the 100 ms period); one trial run under
@@ -35,16 +35,19 @@ file as parameters so tests can run them on a directory of plain files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
 import os
-import time
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeslice.agent.quota import EmulationPlan, corrected_plan, plan_emulation
+from edgeslice.agent.quota import EmulationPlan, corrected_plan, host_core_gflops, plan_emulation
 from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.firmware_profiles.schema import MIB, FirmwareProfile
 
@@ -314,20 +317,6 @@ def remove_agent_cgroups(agent_id: str | None = None, root: Path = DEFAULT_ROOT)
     return left
 
 
-def host_core_gflops(seconds: float = 0.3) -> float:
-    """This host's single-core GFLOP/s per second of CPU time (contention does not lower it).
-
-    ``measure_gflops`` with one thread runs its kernels on the calling thread, so scaling
-    its wall-clock rate by wall/thread-CPU time removes the time other processes took.
-    """
-    from edgeslice.agent.runtime import measure_gflops
-
-    wall, cpu = time.perf_counter(), time.thread_time()
-    rate = measure_gflops(seconds, 1)
-    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
-    return rate * wall / cpu if cpu > 0 else rate
-
-
 def emulate_profile(
     agent_id: str,
     profile: FirmwareProfile,
@@ -340,26 +329,28 @@ def emulate_profile(
     Measures the host's single-core rate first (agent.runtime, torch). Never raises for a
     machine without cgroups: logs a WARNING, returns ``(None, {"mode": "unlimited", ...})``.
     """
+    from edgeslice.agent.runtime import measure_gflops
+
     extra: dict[str, Any] = {"scale": scale}
+    applied: AppliedLimits | None = None
     try:
         detect_layout(root, proc_cgroup)
         host = host_core_gflops()
         extra["host_core_gflops"] = round(host, 3)
         plan = plan_emulation(profile, host, scale)
-        applied = apply_limits(agent_id, plan, os.getpid(), root, proc_cgroup)
-    except CgroupUnavailable as exc:
-        log.warning("agent=%s runs UNLIMITED (no emulation of %s): %s", agent_id, profile.name, exc)
-        return None, {"mode": "unlimited", "reason": str(exc), **extra}
-    from edgeslice.agent.runtime import measure_gflops
-
-    try:  # an interrupt (SIGTERM -> SystemExit) here must not leave the groups behind
+        with _stop_signals_held():  # so a SIGTERM cannot land between the writes and `applied`
+            applied = apply_limits(agent_id, plan, os.getpid(), root, proc_cgroup)
         measured = measure_gflops(plan.min_calibrate_seconds / 2, plan.threads)
         try:
             applied = applied.retune(corrected_plan(plan, measured))
         except OSError as exc:
             log.warning("agent=%s keeps the uncorrected quota: %s", agent_id, exc)
-    except BaseException:
-        applied.release()
+    except CgroupUnavailable as exc:
+        log.warning("agent=%s runs UNLIMITED (no emulation of %s): %s", agent_id, profile.name, exc)
+        return None, {"mode": "unlimited", "reason": str(exc), **extra}
+    except BaseException:  # an interrupt (SIGTERM -> SystemExit): leave no group behind
+        if applied is not None:
+            applied.release()
         raise
     plan = applied.plan
     log.info(
@@ -387,3 +378,21 @@ def cgroup_problem(root: Path = DEFAULT_ROOT, proc_cgroup: Path | None = None) -
         return str(exc)
     left = applied.release()
     return "; ".join(left) if left else None
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT over a few cgroup writes, then deliver them (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    stops = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda sig, _frame: held.append(sig)) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])

@@ -1,7 +1,8 @@
 """Owns the arithmetic of profile emulation: the CPU quota, threads and memory for a profile.
 
-Pure functions over numbers (no cgroup files, no torch): :mod:`agent.limits` measures
-the host, writes these numbers into cgroups and applies them to the agent process.
+Functions over numbers (no cgroup files), plus :func:`host_core_gflops`, the one
+measurement they start from; :mod:`agent.limits` writes the numbers into cgroups and
+moves the agent process in.
 
 * **CPU.** Before limiting anything the agent measures this host's single-core
   rate ``host`` (``measure_gflops(0.3, threads=1)``). The profile's rate
@@ -33,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from dataclasses import dataclass
 
 from edgeslice.firmware_profiles.schema import MIB, FirmwareProfile
@@ -112,3 +114,17 @@ def corrected_plan(
     return dataclasses.replace(
         plan, cores=round(cores, 4), quota_us=quota, correction=round(factor, 3)
     )
+
+
+def host_core_gflops(seconds: float = 0.3) -> float:
+    """This host's single-core GFLOP/s per second of CPU time (contention does not lower it).
+
+    ``measure_gflops`` with one thread runs its kernels on the calling thread, so scaling
+    its wall-clock rate by wall/thread-CPU time removes the time other processes took.
+    """
+    from edgeslice.agent.runtime import measure_gflops
+
+    wall, cpu = time.perf_counter(), time.thread_time()
+    rate = measure_gflops(seconds, 1)
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    return rate * wall / cpu if cpu > 0 else rate

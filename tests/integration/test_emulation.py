@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,7 @@ def test_sigterm_during_start_up_ends_an_emulated_agent_promptly(
 ) -> None:
     """SIGTERM once the agent is limited: while it measures its quota (before the event
     loop runs), or while the service connects, calibrates and tests its link."""
-    agent_id = "pi-term-" + moment.split()[0]
+    agent_id = f"pi-term-{moment.split()[0]}-{uuid.uuid4().hex[:6]}"  # no stale groups match
     fleet.start_agent(AgentSpec(agent_id, "rpi4-4gb", EMULATE))
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and fleet.alive(agent_id):
