@@ -4,7 +4,8 @@
 installed, else amqtt), prints its URL and waits; Ctrl-C or SIGTERM stops the
 broker and exits 0. A port that is already taken is a runtime failure (exit 1)
 with a hint, not a traceback. ``edgeslice broker config --out DIR`` writes the
-files of :mod:`broker.mosquitto_conf` for a TLS + password + ACL mosquitto.
+files of :mod:`broker.mosquitto_conf` for a TLS + password + ACL mosquitto into a new or
+empty folder (``--force`` to write over what is there).
 """
 
 from __future__ import annotations
