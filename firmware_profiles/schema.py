@@ -49,7 +49,7 @@ from typing import Any
 
 from edgeslice.broker.protocol.errors import ProfileError
 
-PACKAGE = "firmware_profiles"
+PACKAGE = __name__.rpartition(".")[0]  # "edgeslice.firmware_profiles" when installed
 LINK_KINDS: tuple[str, ...] = ("ethernet", "wifi")
 ARCHES: tuple[str, ...] = ("aarch64", "armv7l", "x86_64", "riscv64")
 MIB = 1024 * 1024
