@@ -1,8 +1,10 @@
 """The inference client (the Python API behind ``edgeslice infer``): route, send, await results.
 
 ``await client.infer(tensor)`` picks one agent per stage among the plan's replicas with
-AMP4EC scoring (load from telemetry, link latency from info, this client's own in-flight
-counts and recent stage times), sends the inputs as a chunked ``request`` to the first
+:func:`~edgeslice.client.scoring.pick_replica` (what the fleet says -- load from telemetry,
+link latency from info, the plan -- folded by the shared :class:`FleetState`; what this
+client measures itself -- its in-flight counts and recent stage times -- kept here), sends
+the inputs as a chunked ``request`` carrying a :class:`RequestEnvelope` to the first
 stage's inbox, and awaits the last stage's ``result`` on ``clients/{id}/results``.
 Errors come back as :class:`RemoteStageError` naming the stage and agent; a retryable
 one (the plan changed under the request, an agent overloaded) is retried on the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -22,6 +25,7 @@ from typing import Any
 
 from torch import Tensor
 
+from edgeslice.broker.fleetstate import FleetState
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.chunking import Completed, Reassembler, Refused, stream_transfer
 from edgeslice.broker.protocol.errors import (
@@ -30,12 +34,18 @@ from edgeslice.broker.protocol.errors import (
     RemoteStageError,
     RequestTimeout,
 )
-from edgeslice.broker.protocol.messages import Info, PlanMessage, Telemetry
+from edgeslice.broker.protocol.messages import (
+    ErrorReply,
+    PlanMessage,
+    RequestEnvelope,
+    RouteHop,
+    StageTiming,
+)
 from edgeslice.broker.protocol.tensors import pack_tensors, unpack_tensors
 from edgeslice.broker.protocol.topics import Kind, Topics
 from edgeslice.broker.settings import BrokerSettings
 from edgeslice.broker.transport import TransportFactory, mqtt_transport
-from edgeslice.client.scoring import Candidate, Weights, choose
+from edgeslice.client.scoring import Candidate, Weights, pick_replica
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +64,10 @@ class InferenceResult:
 
 
 @dataclass
-class _AgentState:
-    load: float = 0.0
-    mem_free: float = 1.0
-    rtt_s: float = 0.0
-    in_flight: int = 0
+class Measured:
+    """What this client measured of one agent itself (the fleet's word is in FleetState)."""
+
+    in_flight: int = 0  # this client's requests routed through the agent, not answered yet
     recent: dict[int, float] = field(default_factory=dict)  # stage -> EWMA queue+compute s
     compute: dict[int, float] = field(default_factory=dict)  # stage -> EWMA compute s
 
@@ -82,13 +91,18 @@ class InferenceClient:
         self.weights = weights or Weights()
         self.chunk_size = chunk_size
         self.topics = Topics(settings.namespace)
-        self.plan: PlanMessage | None = None
-        self.agents: dict[str, _AgentState] = {}
+        self.fleet = FleetState(self.topics)  # info, telemetry and this model's plan
+        self.measured: dict[str, Measured] = {}
         self._plan_changed = asyncio.Condition()
         self._waiting: dict[str, asyncio.Future[Completed]] = {}
         self._reassembler = Reassembler(max_open=512, max_age_s=120.0)
         self._task: asyncio.Task[None] | None = None
         self.client = (transport or mqtt_transport(settings))(self.client_id)
+
+    @property
+    def plan(self) -> PlanMessage | None:
+        """The current plan of this client's model, as last published (None: none yet)."""
+        return self.fleet.plans.get(self.model)
 
     async def connect(self, timeout: float = 10.0) -> None:
         await self.client.connect(timeout)
@@ -184,50 +198,33 @@ class InferenceClient:
                 await asyncio.wait_for(self._plan_changed.wait_for(changed), timeout)
 
     def choose_route(self, plan: PlanMessage) -> list[str]:
-        """One agent per stage among the stage's replicas.
-
-        Plans of the ``amp4ec`` strategy take the paper's eligibility filter and weighted
-        score. edgeslice plans take the replica that should finish
-        soonest, ``(in flight + 1) x its stage time`` (measured by this client, else the
-        planner's prediction), among replicas within AMP4EC's link-latency threshold: the
-        score's balance term spreads requests evenly, which
-        starves a fast replica beside a slow one, while the planner sized replicas assuming
-        each serves in proportion to its speed.
-        """
+        """One agent per stage among the stage's replicas, by :func:`pick_replica`."""
+        now = time.time()
         route = []
         for stage in plan.stages:
-            cands = []
-            for agent_id in stage.agents:
-                st = self.agents.setdefault(agent_id, _AgentState())
-                cands.append(
-                    Candidate(
-                        agent_id=agent_id,
-                        resource_fit=st.mem_free,
-                        load=st.load,
-                        recent_task_s=st.recent.get(stage.stage, 0.0),
-                        in_flight=st.in_flight,
-                        latency_s=st.rtt_s,
-                    )
-                )
-            if plan.strategy == "amp4ec" or len(cands) == 1:
-                route.append(choose(cands, self.weights).agent_id)
-                continue
-            # AMP4EC's link-latency threshold only: at saturation every fast replica is busier
-            # than max_load *because of our own requests*, and the finish estimate already
-            # counts those; filtering on load would hand everything to the idle slow ones
-            far = self.weights.max_latency_s
-            pool = [c for c in cands if c.latency_s <= far] or cands
             predicted = dict(zip(stage.agents, stage.replica_period_s, strict=False))
-            finish = {
-                c.agent_id: (c.in_flight + 1)
-                * (
-                    self.agents[c.agent_id].compute.get(stage.stage)
-                    or predicted.get(c.agent_id, 1.0)
-                )
-                for c in pool
-            }
-            route.append(min(pool, key=lambda c: (finish[c.agent_id], c.agent_id)).agent_id)
+            cands = [
+                self._candidate(a, stage.stage, predicted.get(a, 1.0), now) for a in stage.agents
+            ]
+            route.append(pick_replica(cands, plan.strategy, self.weights))
         return route
+
+    def _candidate(self, agent_id: str, stage: int, predicted_s: float, now: float) -> Candidate:
+        """One replica as the policy sees it: the fleet's word plus this client's measures."""
+        own = self.measured.setdefault(agent_id, Measured())
+        agent = self.fleet.agents.get(agent_id)
+        tel = agent.fresh_telemetry(now, self.fleet.stale_after_s) if agent else None
+        info = agent.info if agent else None
+        return Candidate(
+            agent_id=agent_id,
+            resource_fit=max(0.0, 1.0 - tel.mem_percent / 100.0) if tel else 1.0,
+            load=self.fleet.load(agent_id, now),  # stage-worker busy share, not host CPU
+            recent_task_s=own.recent.get(stage, 0.0),
+            in_flight=own.in_flight,
+            latency_s=info.link_rtt_s if info else 0.0,
+            compute_s=own.compute.get(stage, 0.0),
+            predicted_period_s=predicted_s,
+        )
 
     async def _attempt(
         self, plan: PlanMessage, tensors: list[Tensor], deadline: float
@@ -238,19 +235,18 @@ class InferenceClient:
         fut: asyncio.Future[Completed] = loop.create_future()
         self._waiting[request_id] = fut
         for agent_id in route:
-            self.agents[agent_id].in_flight += 1
+            self.measured[agent_id].in_flight += 1
         start = time.perf_counter()
         try:
             tensor_meta, payload = pack_tensors(tensors)
-            meta = {
-                "route": [[a, s.artifact] for a, s in zip(route, plan.stages, strict=True)],
-                "reply_to": self.client_id,
-                "tensors": tensor_meta,
-                "model": plan.model,
-                "compression": plan.compression,
-                "sent_at": time.time(),
-                "timings": [],
-            }
+            envelope = RequestEnvelope(
+                route=[RouteHop(a, s.artifact) for a, s in zip(route, plan.stages, strict=True)],
+                reply_to=self.client_id,
+                tensors=tensor_meta,
+                model=plan.model,
+                compression=plan.compression,
+                sent_at=time.time(),
+            )
             _header, chunks = stream_transfer(
                 payload,
                 request_id=request_id,
@@ -259,7 +255,7 @@ class InferenceClient:
                 plan_version=plan.plan_version,
                 stage=0,
                 deadline=deadline,
-                meta=meta,
+                meta=codec.to_wire(envelope),
                 chunk_size=self.chunk_size,
             )
             topic = self.topics.inbox(route[0])
@@ -278,29 +274,33 @@ class InferenceClient:
         finally:
             self._waiting.pop(request_id, None)
             for agent_id in route:
-                self.agents[agent_id].in_flight -= 1
+                self.measured[agent_id].in_flight -= 1
         latency = time.perf_counter() - start
-        hmeta = done.header.meta
-        timings = list(hmeta.get("timings", []))
         if done.header.kind == "error":
+            failure = codec.from_wire(done.header.meta, ErrorReply)
             raise RemoteStageError(
-                f"request {request_id} failed at stage {hmeta.get('stage')} on agent "
-                f"{hmeta.get('agent')}: {hmeta.get('error')}",
-                stage=hmeta.get("stage"),
-                agent=hmeta.get("agent"),
-                retryable=bool(hmeta.get("retryable")),
+                f"request {request_id} failed at stage {failure.stage} on agent "
+                f"{failure.agent}: {failure.error}",
+                stage=failure.stage,
+                agent=failure.agent,
+                retryable=failure.retryable,
+                code=failure.code,
             )
-        outputs = unpack_tensors(hmeta["tensors"], done.payload, share=True)
-        for t in timings:
-            st = self.agents.setdefault(str(t.get("agent")), _AgentState())
-            stage = int(t.get("stage", 0))
-            prev = st.recent.get(stage)
-            value = float(t.get("compute_s", 0.0)) + float(t.get("queue_s", 0.0))
-            st.recent[stage] = value if prev is None else 0.7 * prev + 0.3 * value
-            busy = float(t.get("compute_s", 0.0))
-            last = st.compute.get(stage)
-            st.compute[stage] = busy if last is None else 0.7 * last + 0.3 * busy
+        reply = codec.from_wire(done.header.meta, RequestEnvelope)
+        outputs = unpack_tensors(reply.tensors, done.payload, share=True)
+        self._learn(reply.timings)
+        timings = [dataclasses.asdict(t) for t in reply.timings]
         return InferenceResult(request_id, outputs, latency, timings, route, plan.plan_version)
+
+    def _learn(self, timings: Sequence[StageTiming]) -> None:
+        """Fold a finished request's measured stage times into the EWMAs routing uses."""
+        for t in timings:
+            st = self.measured.setdefault(t.agent, Measured())
+            prev = st.recent.get(t.stage)
+            value = t.compute_s + t.queue_s
+            st.recent[t.stage] = value if prev is None else 0.7 * prev + 0.3 * value
+            last = st.compute.get(t.stage)
+            st.compute[t.stage] = t.compute_s if last is None else 0.7 * last + 0.3 * t.compute_s
 
     # -- incoming ---------------------------------------------------------------
     async def _consume(self) -> None:
@@ -310,20 +310,11 @@ class InferenceClient:
                 if parsed.kind is Kind.CLIENT_RESULTS:
                     self._on_result_chunk(msg.payload)
                 elif parsed.kind is Kind.PLAN:
-                    plan = codec.decode(msg.payload, PlanMessage) if msg.payload else None
                     async with self._plan_changed:
-                        self.plan = plan
+                        self.fleet.apply(msg.topic, msg.payload, time.time())
                         self._plan_changed.notify_all()
-                elif parsed.kind is Kind.TELEMETRY:
-                    tel = codec.decode(msg.payload, Telemetry)
-                    st = self.agents.setdefault(parsed.agent_id, _AgentState())
-                    # the agent's own stage-worker utilisation: host CPU% would blame
-                    # an agent for its neighbours when several share one machine
-                    st.load = tel.busy
-                    st.mem_free = max(0.0, 1.0 - tel.mem_percent / 100.0)
-                elif parsed.kind is Kind.INFO and msg.payload:
-                    info = codec.decode(msg.payload, Info)
-                    self.agents.setdefault(parsed.agent_id, _AgentState()).rtt_s = info.link_rtt_s
+                else:  # info and telemetry: the shared fold keeps what routing reads
+                    self.fleet.apply(msg.topic, msg.payload, time.time())
             except EdgesliceError as exc:
                 log.warning("client=%s dropped message on %s: %s", self.client_id, msg.topic, exc)
 

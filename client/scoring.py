@@ -1,4 +1,7 @@
-"""Owns per-request replica choice: AMP4EC's eligibility thresholds and weighted scoring.
+"""Owns per-request replica choice: AMP4EC's scoring and edgeslice's earliest expected finish.
+
+:func:`pick_replica` is the one policy, called by the inference client for real requests
+and by the simulator (``lab/simulate.py``) for simulated ones, on plain values.
 
 When a stage has replicas, each request goes to one of them. AMP4EC's scheduler
 skips nodes that are overloaded (load above ``max_load``) or too far away
@@ -14,6 +17,15 @@ load and timings arrive with telemetry delay. If nothing is eligible the least
 loaded replica still gets the request: refusing it would lose the request,
 which is worse than a slow answer. Ties go to the smallest ``agent_id`` so two
 planners (or a test) with the same view make the same choice.
+
+Plans of every other strategy (edgeslice's) take the replica that should finish soonest,
+``(in flight + 1) x its stage time`` (measured by the caller, else the planner's
+predicted replica period), among replicas within AMP4EC's link-latency threshold. The
+score's balance term spreads requests evenly, which starves a fast replica beside a slow
+one, while the planner sized the replicas assuming each serves in proportion to its speed.
+There is no load filter here: at saturation every fast replica is busier than
+``max_load`` *because of this caller's own requests*, and the finish estimate already
+counts those; filtering on load would hand everything to the idle slow ones.
 """
 
 from __future__ import annotations
@@ -47,6 +59,8 @@ class Candidate:
     recent_task_s: float  # mean of the agent's recent task times for this stage
     in_flight: int  # requests sent to it and not answered yet
     latency_s: float  # measured link latency to the agent
+    compute_s: float = 0.0  # the caller's measured stage time on it (EWMA); 0 = none yet
+    predicted_period_s: float = 1.0  # the plan's predicted busy seconds per request on it
 
 
 def _unit(x: float) -> float:
@@ -85,6 +99,24 @@ def choose(cands: Sequence[Candidate], w: Weights = Weights()) -> Candidate:
     if not cands:
         raise PlanningError("no replica to choose from: the stage has no live agent; re-plan")
     return rank(cands, w)[0]
+
+
+def finish_s(c: Candidate) -> float:
+    """When a request sent now would finish on ``c``: its queue plus itself, at its rate."""
+    return (max(0, c.in_flight) + 1) * (c.compute_s or c.predicted_period_s)
+
+
+def pick_replica(cands: Sequence[Candidate], strategy: str, w: Weights = Weights()) -> str:
+    """The agent id that gets the next request of a stage (see the module docstring).
+
+    ``strategy`` is the plan's: ``"amp4ec"`` takes AMP4EC's :func:`choose`, any other
+    the earliest expected finish among replicas within ``w.max_latency_s`` (all of them
+    when none is that near). Raises :class:`PlanningError` when there is no candidate.
+    """
+    if strategy == "amp4ec" or len(cands) <= 1:
+        return choose(cands, w).agent_id
+    pool = [c for c in cands if c.latency_s <= w.max_latency_s] or list(cands)
+    return min(pool, key=lambda c: (finish_s(c), c.agent_id)).agent_id
 
 
 _KEYS = {f.name for f in fields(Weights)}

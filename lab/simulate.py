@@ -20,13 +20,14 @@ overlaps them (chunks arrive and results leave while the stage thread computes);
 planner's ``period_s`` adds them up, so on link-heavy stages the simulated saturated
 throughput can exceed ``plan.throughput_rps`` (it equals it for compute-bound stages).
 
-Replica choice mirrors :meth:`planner.client.InferenceClient.choose_route`: one client
-picks the whole route when it issues a request; ``in_flight`` counts requests routed to
-an agent and not yet answered; ``load`` is the agent's CPU busy share over the last
-``load_window_s`` (its telemetry interval); ``recent_task_s`` and the compute times are
-EWMAs (0.7/0.3) updated when a request's timings come back. ``"amp4ec"`` is the paper's
-weighted score, ``"edgeslice"`` the earliest expected finish, ``"round-robin"`` a
-baseline; ``"auto"`` picks as the client does (amp4ec plans score, others rate-aware).
+Replica choice is the inference client's own policy, :func:`client.scoring.pick_replica`,
+fed with simulated values: one client picks the whole route when it issues a request;
+``in_flight`` counts requests routed to an agent and not yet answered; ``load`` is the
+agent's CPU busy share over the last ``load_window_s`` (its telemetry interval);
+``recent_task_s`` and the compute times are EWMAs (0.7/0.3) updated when a request's
+timings come back; the predicted period is the cost model's ``stage_period_s``.
+``"amp4ec"`` is the paper's weighted score, ``"edgeslice"`` the earliest expected finish,
+``"round-robin"`` a baseline; ``"auto"`` picks as the client does (by the plan's strategy).
 Closed loop: ``in_flight`` requests outstanding, a new one issued when one completes.
 """
 
@@ -41,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from edgeslice.broker.protocol.errors import ConfigError, PlanningError
-from edgeslice.client.scoring import Candidate, Weights, choose
+from edgeslice.client.scoring import Candidate, Weights, pick_replica
 from edgeslice.planner.costmodel import (
     DEFAULT_PARAMS,
     CostParams,
@@ -231,21 +232,12 @@ class _Run:
                     recent_task_s=self.recent.get((a, k), 0.0),
                     in_flight=self.in_flight[a],
                     latency_s=self.by_id[a].rtt_s,
+                    compute_s=self.compute_ewma.get((a, k), 0.0),
+                    predicted_period_s=self.predicted[(a, k)],
                 )
                 for a in stage.agents
             ]
-            if policy == "amp4ec":
-                route.append(choose(cands, self.weights).agent_id)
-                continue
-            # as planner.client: only AMP4EC's link-latency threshold, no load filter
-            far = self.weights.max_latency_s
-            pool = [c for c in cands if c.latency_s <= far] or cands
-
-            def finish(c: Candidate, k: int = k) -> tuple[float, str]:
-                rate = self.compute_ewma.get((c.agent_id, k)) or self.predicted[(c.agent_id, k)]
-                return ((c.in_flight + 1) * rate, c.agent_id)
-
-            route.append(min(pool, key=finish).agent_id)
+            route.append(pick_replica(cands, policy, self.weights))
         return tuple(route)
 
     def tasks_for(self, route: Sequence[str]) -> list[_Task]:

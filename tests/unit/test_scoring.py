@@ -10,7 +10,9 @@ from edgeslice.client.scoring import (
     Weights,
     choose,
     eligible,
+    finish_s,
     parse_weights,
+    pick_replica,
     rank,
     score,
 )
@@ -58,6 +60,23 @@ def test_ties_go_to_the_smallest_agent_id() -> None:
 
 def test_rank_is_the_retry_order() -> None:
     assert [c.agent_id for c in rank([A, HOT, B], W)] == ["b", "a", "hot"]
+
+
+def test_finish_worked_examples() -> None:
+    # a: 1 in flight, nothing measured, no prediction given -> (1 + 1) x 1.0 s
+    assert finish_s(A) == pytest.approx(2.0)
+    measured = Candidate("m", 1.0, 0.0, 0.0, in_flight=3, latency_s=0.0, compute_s=0.25)
+    assert finish_s(measured) == pytest.approx(1.0)  # (3 + 1) x 0.25 s
+    predicted = Candidate("p", 1.0, 0.0, 0.0, in_flight=0, latency_s=0.0, predicted_period_s=0.4)
+    assert finish_s(predicted) == pytest.approx(0.4)
+
+
+def test_pick_replica_scores_amp4ec_plans_and_finishes_the_others() -> None:
+    assert pick_replica([A, B, HOT], "amp4ec", W) == choose([A, B, HOT], W).agent_id == "b"
+    # edgeslice: a (2 x 1.0) vs b (1 x 1.0) vs hot (1 x 1.0, load not filtered) -> b by id
+    assert pick_replica([A, B, HOT], "edgeslice", W) == "b"
+    quick = Candidate("quick", 1.0, 0.9, 0.0, in_flight=2, latency_s=0.0, compute_s=0.1)
+    assert pick_replica([A, B, HOT, quick], "edgeslice", W) == "quick"  # 3 x 0.1 s
 
 
 def test_no_candidates_is_a_planning_error() -> None:

@@ -7,8 +7,16 @@ import dataclasses
 import pytest
 
 from edgeslice.broker.protocol.errors import ConfigError, PlanningError
+from edgeslice.client.scoring import Candidate, pick_replica
 from edgeslice.lab.simulate import Workload, simulate
-from edgeslice.planner.costmodel import CostParams, Device, ModelCost, Segment
+from edgeslice.planner.costmodel import (
+    DEFAULT_PARAMS,
+    CostParams,
+    Device,
+    ModelCost,
+    Segment,
+    stage_period_s,
+)
 from edgeslice.planner.partition import Plan, build_plan
 
 MODEL = ModelCost(
@@ -89,6 +97,29 @@ def test_dispatch_beside_a_slow_replica_favours_the_fast_one() -> None:
     rr = simulate(MODEL, plan, [FAST, SLOW], dataclasses.replace(work, dispatch="round-robin"))
     assert ours.throughput_rps > paper.throughput_rps > 3 * rr.throughput_rps
     assert ours.stages[0].tasks["fast"] > 4 * ours.stages[0].tasks["slow"]
+
+
+def test_the_simulator_routes_with_the_clients_policy() -> None:
+    plan = _plan([FAST, SLOW], [(0, 2, ["fast", "slow"])])
+    n = 12  # all issued at t=0, before anything is measured: the plan's predictions decide
+    res = simulate(MODEL, plan, [FAST, SLOW], Workload(requests=n, in_flight=n, warmup=0))
+    in_flight = {"fast": 0, "slow": 0}
+    for _ in range(n):
+        cands = [
+            Candidate(
+                d.agent_id,
+                resource_fit=1.0,
+                load=0.0,
+                recent_task_s=0.0,
+                in_flight=in_flight[d.agent_id],
+                latency_s=d.rtt_s,
+                predicted_period_s=stage_period_s(MODEL, 0, 2, d, DEFAULT_PARAMS),
+            )
+            for d in (FAST, SLOW)
+        ]
+        in_flight[pick_replica(cands, plan.strategy)] += 1
+    assert res.stages[0].tasks == in_flight
+    assert 0 < in_flight["slow"] < in_flight["fast"]
 
 
 def test_runs_are_deterministic_and_jitter_follows_the_seed() -> None:
