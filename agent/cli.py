@@ -203,7 +203,11 @@ def agent_cmd(
         try:
             asyncio.run(run_until_signalled(_stop_promptly(service.run)))
         except EdgesliceError as exc:
-            raise click.ClickException(f"agent {config.agent_id}: {exc}") from None
+            text = str(exc)  # name the agent once, whether or not the error already does
+            named = repr(config.agent_id) in text or f"agent {config.agent_id}" in text
+            raise click.ClickException(
+                text if named else f"agent {config.agent_id}: {text}"
+            ) from None
     finally:
         if applied is not None:
             for problem in applied.release():
