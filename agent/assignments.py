@@ -18,9 +18,10 @@ from collections.abc import Callable
 
 from edgeslice.agent.dataplane import DataPlane
 from edgeslice.agent.fetch import ArtifactFetcher
-from edgeslice.agent.runtime import LoadedStage, StageRuntime
-from edgeslice.broker.fleetkey import load_key
+from edgeslice.agent.runtime import ArtifactCache, LoadedStage, StageRuntime
+from edgeslice.broker.fleetkey import key_fingerprint, load_verify_key
 from edgeslice.broker.protocol import codec
+from edgeslice.broker.protocol.artifacts import PublicKey
 from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.broker.protocol.messages import AssignmentDesired, AssignmentReported
 from edgeslice.broker.protocol.topics import Topics
@@ -34,9 +35,11 @@ log = logging.getLogger(__name__)
 _LOAD_LOCK = threading.Lock()
 
 
-def _load(runtime: StageRuntime, data: bytes, key: bytes) -> LoadedStage:
-    with _LOAD_LOCK:
-        return runtime.load(data, key)
+def _load(
+    runtime: StageRuntime, data: bytes, key: PublicKey, sha: str, cache: ArtifactCache
+) -> LoadedStage:
+    with _LOAD_LOCK:  # a refused artifact is deleted from the cache
+        return runtime.load(data, key, sha256=sha, cache=cache)
 
 
 class Assignments:
@@ -64,7 +67,7 @@ class Assignments:
         self.desired: AssignmentDesired | None = None
         self.reported: AssignmentReported | None = None
         self._task: asyncio.Task[None] | None = None
-        self._key: bytes | None = None
+        self._key: PublicKey | None = None
         self._previous_keep: set[str] = set()
 
     def on_desired(self, payload: bytes) -> None:
@@ -108,11 +111,18 @@ class Assignments:
                 )
             await self._report(desired, "loading", stages, "", 0.0)
             if self._key is None:
-                self._key = load_key(self.fleet_key_file)
+                self._key = load_verify_key(self.fleet_key_file)
+                log.info(
+                    "agent=%s loads artifacts signed by fleet key %s",
+                    self.agent_id,
+                    key_fingerprint(self._key),
+                )
             keep = set()
             for stage in desired.stages:
                 data = await self.fetcher.get(stage.artifact)
-                loaded = await asyncio.to_thread(_load, self.runtime, data, self._key)
+                loaded = await asyncio.to_thread(
+                    _load, self.runtime, data, self._key, stage.artifact, self.fetcher.cache
+                )
                 if loaded.info.index != stage.stage:
                     raise EdgesliceError(
                         f"artifact {stage.artifact[:12]} is stage {loaded.info.index}, "

@@ -84,8 +84,9 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     "--fleet-key-file",
     envvar="EDGESLICE_FLEET_KEY_FILE",
     default=None,
-    help="Fleet key that verifies artifact signatures (default "
-    "~/.config/edgeslice/fleet.key; or EDGESLICE_FLEET_KEY as hex).",
+    help="The planner's public key (fleet.pub from `edgeslice keygen`) that verifies "
+    "artifact signatures (default ~/.config/edgeslice/fleet.pub; or EDGESLICE_FLEET_KEY "
+    "as ed25519-pub:<hex>).",
 )
 @click.option(
     "--threads",

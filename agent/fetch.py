@@ -2,8 +2,10 @@
 
 The planner serves an artifact's sealed bytes as a chunked transfer on
 ``artifacts/{sha}/data`` when someone publishes on ``artifacts/{sha}/get``; several agents
-asking for the same artifact share one send. The digest is checked here and the signature
-by the runtime before anything is deserialized.
+asking for the same artifact share one send. The digest is checked here and the planner's
+signature by the runtime before anything is deserialized; an artifact the runtime refuses
+is deleted from the cache (:meth:`StageRuntime.load` with ``cache``), so the next
+assignment fetches it afresh instead of loading it from disk.
 """
 
 from __future__ import annotations

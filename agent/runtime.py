@@ -1,10 +1,11 @@
 """Loads and runs stage artifacts with torch on the device; knows nothing of MQTT.
 
 The agent service calls into this module from a worker thread: :class:`StageRuntime`
-turns a sealed artifact into a :class:`LoadedStage` (signature checked *before*
-``torch.export.load`` sees a byte, since that call may unpickle), a loaded stage maps
-a flat list of tensors to a flat list of tensors, :class:`ArtifactCache` keeps sealed
-artifacts on disk by sha256 so a restart does not refetch them, and
+turns a sealed artifact into a :class:`LoadedStage` (the planner's Ed25519 signature
+checked with its public key *before* ``torch.export.load`` sees a byte, since that call
+may unpickle), a loaded stage maps a flat list of tensors to a flat list of tensors,
+:class:`ArtifactCache` keeps sealed artifacts on disk by sha256 so a restart does not
+refetch them (an artifact the runtime refuses is deleted from it), and
 :func:`measure_gflops` is the short calibration run agents report at start-up.
 """
 
@@ -30,11 +31,18 @@ from edgeslice.broker.calibration import measure_gflops as measure_gflops  # re-
 from edgeslice.broker.protocol.artifacts import (
     STAGE_FORMAT,
     STAGE_KIND,
+    PublicKey,
     TensorSpec,
     artifact_id,
     open_sealed,
 )
-from edgeslice.broker.protocol.errors import ArtifactError, DecodeError, InferenceError
+from edgeslice.broker.protocol.errors import (
+    ArtifactError,
+    DecodeError,
+    EdgesliceError,
+    InferenceError,
+    SignatureError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +142,35 @@ class StageRuntime:
         self._loaded: dict[str, LoadedStage] = {}
         self._lock = threading.Lock()
 
-    def load(self, artifact: bytes, key: bytes) -> LoadedStage:
-        """Verify the signature, then load; raises ``SignatureError`` before any unpickling."""
-        meta, body = open_sealed(artifact, key)  # signature first, always
+    def load(
+        self,
+        artifact: bytes,
+        key: PublicKey,
+        sha256: str | None = None,
+        cache: ArtifactCache | None = None,
+    ) -> LoadedStage:
+        """Verify the signature, then load; raises ``SignatureError`` before any unpickling.
+
+        ``key`` is the planner's public key. ``sha256`` is the name the artifact was asked
+        for: bytes that hash to anything else are refused (a signed artifact replayed
+        under another name). An artifact refused for any reason is deleted from ``cache``
+        so it neither lingers on disk nor is loaded from there again.
+        """
+        try:
+            return self._load(artifact, key, sha256)
+        except EdgesliceError as exc:
+            if cache is not None and sha256 is not None:
+                cache.discard(sha256, exc)
+            raise
+
+    def _load(self, artifact: bytes, key: PublicKey, wanted: str | None) -> LoadedStage:
         sha = artifact_id(artifact)
+        if wanted is not None and sha != wanted:
+            raise SignatureError(
+                f"artifact asked for as {wanted[:12]} is really {sha[:12]} (its bytes hash "
+                "to another name: replayed or corrupted); refusing to load it"
+            )
+        meta, body = open_sealed(artifact, key)  # signature first, always
         with self._lock:
             if sha in self._loaded:
                 return self._loaded[sha]
@@ -249,3 +282,10 @@ class ArtifactCache:
 
     def remove(self, sha: str) -> None:
         self.path(sha).unlink(missing_ok=True)
+
+    def discard(self, sha: str, reason: Exception) -> None:
+        """Delete a cached artifact the runtime refused (says why in the log)."""
+        path = self.path(sha)
+        if path.is_file():
+            log.warning("deleting refused artifact %s (%s): %s", sha[:12], path, reason)
+        path.unlink(missing_ok=True)

@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "keygen": (
         "edgeslice.planner.cli:keygen_cmd",
-        "Create the fleet key that signs stage artifacts.",
+        "Create the key pair that signs stage artifacts (fleet.key, fleet.pub).",
     ),
     "demo": (
         "edgeslice.lab.demo_cli:demo_cmd",

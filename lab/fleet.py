@@ -53,8 +53,15 @@ class LocalFleet:
         self.on_start = on_start  # called as soon as a process is started (testbed state)
         self.procs: dict[str, Supervised] = {}
 
+    @property
+    def public_key_file(self) -> str:
+        """The public half of the fleet key (what agents get): ``fleet.pub`` next to it."""
+        from edgeslice.broker.fleetkey import public_path_for
+
+        return str(public_path_for(self.fleet_key_file))
+
     def ensure_key(self) -> str:
-        """Create the fleet key file if it does not exist yet."""
+        """Create the fleet key pair (private key file and .pub) if it does not exist yet."""
         if not os.path.exists(self.fleet_key_file):
             from edgeslice.broker.fleetkey import write_key
 
@@ -65,7 +72,7 @@ class LocalFleet:
         env = dict(os.environ)
         env["EDGESLICE_BROKER"] = self.broker_url
         env["EDGESLICE_NAMESPACE"] = self.namespace
-        env["EDGESLICE_FLEET_KEY_FILE"] = self.fleet_key_file
+        env["EDGESLICE_FLEET_KEY_FILE"] = self.public_key_file  # the planner gets its flag
         env.pop("EDGESLICE_FLEET_KEY", None)
         env["PYTHONUNBUFFERED"] = "1"
         return env
@@ -123,7 +130,8 @@ class LocalFleet:
 
     def start_planner(self, model: str, extra: Sequence[str] = ()) -> Supervised:
         self.ensure_key()
-        return self.spawn("planner", ["planner", "--model", model, *extra])
+        args = ["planner", "--fleet-key-file", self.fleet_key_file, "--model", model]
+        return self.spawn("planner", [*args, *extra])
 
     def signal(self, name: str, sig: int) -> None:
         """Send ``sig`` to process ``name``'s whole process group."""

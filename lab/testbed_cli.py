@@ -96,7 +96,8 @@ def testbed_up(fleet_file: str, state_file: str, timeout: float) -> None:
         click.echo(f"  {agent_id:<20} {info.profile:<17} {info.gflops:7.2f} GFLOP/s  {mode}")
     key = bed.fleet.fleet_key_file
     click.echo(
-        f"fleet key: {key} (this testbed's own; its agents load only artifacts signed with it)"
+        f"fleet key: {key} (this testbed's own private key; its agents hold the .pub next "
+        "to it and load only artifacts signed with it)"
     )
     click.echo("plan a model on it with (any --model):")
     click.echo("  " + planner_command(bed.broker_url, spec.namespace, key))

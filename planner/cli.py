@@ -60,7 +60,8 @@ def _fail(exc: Exception) -> click.ClickException:
     "--fleet-key-file",
     envvar="EDGESLICE_FLEET_KEY_FILE",
     default=None,
-    help="Key that signs stage artifacts (default ~/.config/edgeslice/fleet.key).",
+    help="Private key that signs stage artifacts, made by `edgeslice keygen` "
+    "(default ~/.config/edgeslice/fleet.key; agents get its fleet.pub).",
 )
 @click.option(
     "--replan-delay",
@@ -156,18 +157,42 @@ def profile_cmd(model_spec: str, max_segments: int | None) -> None:
     "--out",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Key file (default ~/.config/edgeslice/fleet.key).",
+    help="Private key file (default ~/.config/edgeslice/fleet.key); the public key is "
+    "written next to it as .pub.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing key (cached artifacts go stale).")
-def keygen_cmd(out: str | None, force: bool) -> None:
-    """Create the fleet key that signs stage artifacts; copy it to every device."""
-    from edgeslice.broker.fleetkey import default_key_path, key_fingerprint, write_key
+@click.option(
+    "--migrate",
+    is_flag=True,
+    help="Replace an old shared HMAC fleet key with a key pair (the old file is kept as "
+    "<file>.hmac-old).",
+)
+def keygen_cmd(out: str | None, force: bool, migrate: bool) -> None:
+    """Create the key pair that signs stage artifacts: fleet.key stays on the planner,
+    fleet.pub goes to every agent."""
+    from edgeslice.broker import fleetkey
 
+    target = out or str(fleetkey.default_key_path())
     try:
-        key = write_key(out, force=force)
+        if migrate and force:
+            raise EdgesliceError("use --migrate or --force, not both")
+        if migrate:
+            key, old = fleetkey.migrate_key(target)
+            click.echo(f"moved the old shared HMAC key to {old} (delete it once migrated)")
+        else:
+            key = fleetkey.write_key(target, force=force)
     except EdgesliceError as exc:
         raise _fail(exc) from None
+    public = fleetkey.public_path_for(target)
+    click.echo(f"private key: {target} (mode 0600): keep it on the planner machine only")
+    click.echo(f"public key:  {public} (fingerprint {fleetkey.key_fingerprint(key)})")
     click.echo(
-        f"wrote {out or default_key_path()} (fingerprint {key_fingerprint(key)}); copy it "
-        "to every agent (or set EDGESLICE_FLEET_KEY_FILE)"
+        f"copy {public.name} to every agent as ~/.config/edgeslice/fleet.pub (or point "
+        "--fleet-key-file / EDGESLICE_FLEET_KEY_FILE at it, or set "
+        f"EDGESLICE_FLEET_KEY={fleetkey.public_key_line(key)})"
     )
+    if migrate:
+        click.echo(
+            "then restart the planner and the agents, and delete the old fleet.key from "
+            "every agent: agents no longer need any secret"
+        )

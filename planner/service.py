@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from edgeslice.broker.client import Will
-from edgeslice.broker.fleetkey import load_key
+from edgeslice.broker.fleetkey import key_fingerprint, load_signing_key
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.errors import PlanningError
 from edgeslice.broker.protocol.messages import (
@@ -74,7 +74,8 @@ class PlannerService:
         self.config = config
         self.topics = Topics(config.broker.namespace)
         self.registry = Registry(self.topics)
-        self.key = load_key(config.fleet_key_file)
+        self.key = load_signing_key(config.fleet_key_file)
+        log.info("planner signs artifacts with fleet key %s", key_fingerprint(self.key))
         self.plan_id = uuid.uuid4().hex[:12]
         self.version = 0
         self.model_name = ""

@@ -8,9 +8,9 @@ tensors need no special case. That module is exported again with ``torch.export`
 (inputs captured from one reference run of the whole graph) and written with
 ``torch.export.save``, which stores the graph as JSON and plain tensors as raw bytes.
 The agent therefore needs neither the user's code nor our pickles; the archive is
-still sealed (:mod:`broker.protocol.artifacts`) because ``torch.export.load`` *can*
-unpickle (tensor subclasses, sample inputs), and we drop the sample inputs before
-saving so that stages do not carry a copy of an activation.
+still signed with the planner's private key (:mod:`broker.protocol.artifacts`) because
+``torch.export.load`` *can* unpickle (tensor subclasses, sample inputs), and we drop
+the sample inputs before saving so that stages do not carry a copy of an activation.
 
 Every stage is checked before it is returned: the exported program is run on its
 captured inputs and must reproduce the reference outputs. Exports are cached on the
@@ -37,6 +37,7 @@ from torch import Tensor, fx, nn
 from edgeslice.broker.protocol.artifacts import (
     STAGE_FORMAT,
     STAGE_KIND,
+    PrivateKey,
     TensorSpec,
     artifact_id,
     seal,
@@ -205,10 +206,12 @@ def build_stages(
     example_inputs: tuple[Tensor, ...],
     profile: ModelProfile,
     boundaries: Sequence[int],
-    key: bytes,
+    key: PrivateKey,
     compression: str | None = None,
 ) -> list[StageArtifact]:
     """Build, check, save and sign one artifact per stage between consecutive ``boundaries``.
+
+    ``key`` is the planner's Ed25519 private key (:func:`broker.fleetkey.load_signing_key`).
 
     ``boundaries`` are segment indices, e.g. ``[0, 5, 12, n]`` gives three stages;
     ``compression`` is ``None`` or ``"zlib"`` (applied to the saved archive, recorded

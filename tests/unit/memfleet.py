@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from edgeslice.agent.config import AgentConfig
-from edgeslice.broker.fleetkey import write_key
+from edgeslice.broker.fleetkey import public_path_for, write_key
 from edgeslice.broker.settings import BrokerSettings
 
 SETTINGS = BrokerSettings(host="memory", port=0, namespace="unit")
@@ -32,10 +32,16 @@ def build_mlp() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 def key_file(tmp_path: Path) -> str:
+    """The planner's private key file (its fleet.pub is written next to it)."""
     path = tmp_path / "fleet.key"
     if not path.exists():
         write_key(path)
     return str(path)
+
+
+def public_key_file(tmp_path: Path) -> str:
+    """What agents get: the public half of :func:`key_file`."""
+    return str(public_path_for(key_file(tmp_path)))
 
 
 def agent_config(agent_id: str, tmp_path: Path, **changes: object) -> AgentConfig:
@@ -46,7 +52,7 @@ def agent_config(agent_id: str, tmp_path: Path, **changes: object) -> AgentConfi
         "broker": SETTINGS,
         "telemetry_interval": 0.2,
         "cache_dir": str(tmp_path / agent_id),
-        "fleet_key_file": key_file(tmp_path),
+        "fleet_key_file": public_key_file(tmp_path),
         "calibrate_seconds": 0.05,
         "link_test_bytes": 16 * 1024,
     }

@@ -11,7 +11,7 @@ from memfleet import agent_config, build_mlp, eventually, key_file, running
 from edgeslice.agent.probe import claim_id
 from edgeslice.agent.runtime import ArtifactCache
 from edgeslice.agent.service import AgentService
-from edgeslice.broker.fleetkey import load_key
+from edgeslice.broker.fleetkey import generate_key, load_signing_key
 from edgeslice.broker.memory import MemoryBroker
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.errors import ConfigError
@@ -96,9 +96,8 @@ def test_desired_assignments_are_reported(tmp_path: Path) -> None:
         broker = MemoryBroker()
         model, inputs = build_mlp()
         profile = profile_model(model, inputs, max_segments=4)
-        (art,) = build_stages(
-            model, inputs, profile, [0, len(profile.segments)], load_key(key_file(tmp_path))
-        )
+        key = load_signing_key(key_file(tmp_path))
+        (art,) = build_stages(model, inputs, profile, [0, len(profile.segments)], key)
         ArtifactCache(tmp_path / "a1" / "artifacts").put(art.sha256, art.data)  # as if fetched
         service = AgentService(
             agent_config("a1", tmp_path, memory_budget_mb=1), transport=broker.factory
@@ -129,6 +128,37 @@ def test_desired_assignments_are_reported(tmp_path: Path) -> None:
             huge = StageAssignment(stage=0, artifact=art.sha256, size=2 << 20)
             error = await desire(3, [huge])
             assert error.state == "error" and "memory budget is 1.0 MiB" in error.error
+
+    asyncio.run(scenario())
+
+
+def test_an_artifact_signed_by_another_key_is_refused_and_deleted(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        model, inputs = build_mlp()
+        profile = profile_model(model, inputs, max_segments=4)
+        (art,) = build_stages(model, inputs, profile, [0, len(profile.segments)], generate_key())
+        cache = ArtifactCache(tmp_path / "a1" / "artifacts")
+        cache.put(art.sha256, art.data)  # as if fetched from an impostor planner
+        service = AgentService(agent_config("a1", tmp_path), transport=broker.factory)
+        planner = broker.client("planner")
+        await planner.connect()
+        stage = StageAssignment(stage=0, artifact=art.sha256, size=art.size)
+        desired = AssignmentDesired("a1", "p1", 1, model="mlp", stages=[stage])
+        async with running(service.run):
+            await eventually(lambda: _status(broker, "a1"), what="status")
+            await planner.publish(
+                T.assignment_desired("a1"), codec.encode(desired), qos=1, retain=True
+            )
+
+            def failed() -> AssignmentReported | None:
+                rep = _reported(broker, "a1")
+                return rep if rep is not None and rep.state == "error" else None
+
+            report = await eventually(failed, what="error report")
+            assert "signature does not verify" in report.error  # type: ignore[attr-defined]
+            assert service.runtime.loaded() == []
+            assert not cache.has(art.sha256)  # a refused artifact does not stay on disk
 
     asyncio.run(scenario())
 

@@ -16,7 +16,7 @@ from memfleet import MLP_SPEC, SETTINGS, agent_config, build_mlp, eventually, ke
 
 from edgeslice.agent.runtime import ArtifactCache
 from edgeslice.agent.service import AgentService
-from edgeslice.broker.fleetkey import load_key
+from edgeslice.broker.fleetkey import load_signing_key
 from edgeslice.broker.memory import MemoryBroker
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.errors import InferenceError
@@ -41,7 +41,7 @@ def test_one_stage_request_returns_the_result_and_a_stale_plan_an_error(tmp_path
     model, inputs = build_mlp()
     profile = profile_model(model, inputs, max_segments=4)
     bounds = [0, len(profile.segments)]
-    (art,) = build_stages(model, inputs, profile, bounds, load_key(key_file(tmp_path)))
+    (art,) = build_stages(model, inputs, profile, bounds, load_signing_key(key_file(tmp_path)))
     ArtifactCache(tmp_path / "a1" / "artifacts").put(art.sha256, art.data)
 
     async def scenario() -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from edgeslice.agent.runtime import StageRuntime
+from edgeslice.broker.fleetkey import generate_key
 from edgeslice.broker.protocol.artifacts import open_sealed
 from edgeslice.broker.protocol.errors import PlanningError
 from edgeslice.planner.models.mobilenetv2 import build_mobilenetv2
@@ -19,7 +20,8 @@ from edgeslice.planner.modelspec import load_model
 from edgeslice.planner.profile import profile_model
 from edgeslice.planner.stages import build_stages
 
-KEY = bytes(range(32))
+KEY = generate_key()
+PUBLIC = KEY.public_key()
 BRANCHY = Path(__file__).resolve().parents[2] / "examples" / "branchy_model.py"
 
 
@@ -32,7 +34,7 @@ def _chain(artifacts, inputs) -> list[torch.Tensor]:
     runtime = StageRuntime()
     values = list(inputs)
     for artifact in artifacts:
-        values = runtime.load(artifact.data, KEY).run(values)
+        values = runtime.load(artifact.data, PUBLIC).run(values)
     return values
 
 
@@ -88,7 +90,7 @@ def test_artifacts_are_signed_and_describe_themselves(branchy_profile) -> None:
     model, inputs, profile = branchy_profile
     n = len(profile.segments)
     (artifact,) = build_stages(model, inputs, profile, [0, n], KEY)
-    meta, body = open_sealed(artifact.data, KEY)
+    meta, body = open_sealed(artifact.data, PUBLIC)
     assert meta["model"] == "branchy" and meta["index"] == 0
     assert (meta["start_segment"], meta["end_segment"]) == (0, n)
     assert body[:2] == b"PK"  # a torch.export.save zip archive
