@@ -1,8 +1,14 @@
 """The agent's data plane: inbox chunks -> reassembly -> stage compute -> next hop or client.
 
 Requests carry a typed :class:`RequestEnvelope` in the transfer header: their route (one
-``(agent_id, artifact)`` hop per stage, chosen by the client) and a reply-to client id; an
-envelope that does not decode is answered with an error, never a crash. This agent runs the
+``(agent_id, artifact)`` hop per stage, chosen by the client); an envelope that does not
+decode is answered with an error, never a crash. Who sent a request is known from the topic
+only (``agents/{id}/inbox/{client}``, which the broker's ACL lets a client write under its own
+username alone): results and errors go to that client, forwarded activations keep its
+segment, and a request whose envelope ``reply_to`` names another client is refused. The
+client id is also the *sender* the reassembler bounds, so one client flooding half-finished
+transfers holds at most ``max_open_per_sender`` of them, which are evicted when idle
+(``evict_after_s``) and expired after ``idle_s`` without a chunk. This agent runs the
 stage named by the header's ``stage`` with the artifact the route names, so a request
 planned under an older plan version still finishes while its stages stay loaded. Compute
 runs on one worker thread (torch never blocks the MQTT loop); reassembly and publishing
@@ -51,6 +57,7 @@ class Job:
     done: Completed
     received_at: float  # time.time() when the last chunk arrived
     recv_s: float  # first chunk -> last chunk on this agent
+    client_id: str = ""  # from the inbox topic: who sent it, where its result goes
 
 
 @dataclass
@@ -67,13 +74,6 @@ class StageStats:
         alpha = 1.0 / min(self.count, 20)  # mean of the first 20, then an EWMA
         self.compute_s += alpha * (compute_s - self.compute_s)
         self.queue_s += alpha * (queue_s - self.queue_s)
-
-
-@dataclass(frozen=True)
-class _ReplyAddress:
-    """The one envelope field an error reply needs, for envelopes that do not decode whole."""
-
-    reply_to: str
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,8 @@ class DataPlane:
         max_queue: int = 64,
         chunk_size: int = 256 * 1024,
         clock: Callable[[], float] = time.time,
+        idle_s: float = 5.0,
+        max_open_per_sender: int = 64,
     ) -> None:
         self.agent_id = agent_id
         self.client = client
@@ -105,7 +107,14 @@ class DataPlane:
         self.max_queue = max_queue
         self.chunk_size = chunk_size
         self.clock = clock
-        self.reassembler = Reassembler(max_open=256, max_age_s=60.0)
+        self.reassembler = Reassembler(
+            max_open=256,
+            max_age_s=60.0,
+            max_open_per_sender=max_open_per_sender,
+            max_bytes_per_sender=256 * 1024 * 1024,
+            idle_s=idle_s,
+        )
+        self._expired_at = 0.0
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self.stats: dict[str, StageStats] = {}
@@ -142,27 +151,32 @@ class DataPlane:
         }
 
     # -- receive ----------------------------------------------------------------
-    def on_chunk(self, payload: bytes) -> None:
-        """Feed one inbox message; never raises (a bad chunk is logged and dropped)."""
+    def on_chunk(self, payload: bytes, client_id: str) -> None:
+        """Feed one message of ``inbox/{client_id}``; never raises (a bad chunk is logged and
+        dropped). Half-finished transfers are expired here too, at most once a second."""
         now = self.clock()
-        result = self.reassembler.feed(payload, now)
+        if now - self._expired_at >= 1.0:
+            self.expire()
+        result = self.reassembler.feed(payload, now, sender=client_id)
         if result is None:
             return
         if isinstance(result, Refused):
             self._on_refused(result)
             return
-        job = Job(result, received_at=now, recv_s=max(0.0, now - result.first_chunk_at))
+        recv_s = max(0.0, now - result.first_chunk_at)
+        job = Job(result, received_at=now, recv_s=recv_s, client_id=client_id)
         if self.queue.qsize() >= self.max_queue:
             busy = AgentBusyError(
                 f"agent {self.agent_id} is overloaded ({self.queue.qsize()} requests queued); "
                 "retry, or add agents"
             )
-            self._reply_error(result.header, busy)
+            self._reply_error(result.header, busy, client_id)
             return
         self.queue.put_nowait(job)
 
     def expire(self) -> None:
-        for refused in self.reassembler.expire(self.clock()):
+        self._expired_at = now = self.clock()
+        for refused in self.reassembler.expire(now):
             self._on_refused(refused)
 
     def _on_refused(self, refused: Refused) -> None:
@@ -170,21 +184,24 @@ class DataPlane:
             return
         self.refused += 1
         header = refused.header
-        log.warning(
-            "agent=%s dropped transfer=%s req=%s reason=%s: %s",
+        # a flood must not become a flood of log lines: the first 20, then every 1000th
+        (log.warning if self.refused <= 20 or self.refused % 1000 == 0 else log.debug)(
+            "agent=%s dropped transfer=%s client=%s req=%s reason=%s (%d dropped so far): %s",
             self.agent_id,
             refused.transfer_id[:12],
+            refused.sender or "?",
             header.request_id if header else "?",
             refused.reason,
+            self.refused,
             refused.detail,
         )
-        if header is not None and header.kind in ("request", "activation"):
+        if header is not None and header.kind in ("request", "activation") and refused.sender:
             error = TransferError(
                 f"agent {self.agent_id} refused stage {header.stage} input: "
                 f"{refused.reason} ({refused.detail})",
                 reason=refused.reason,
             )
-            self._reply_error(header, error)
+            self._reply_error(header, error, refused.sender)
 
     # -- compute ----------------------------------------------------------------
     async def run(self) -> None:
@@ -208,6 +225,13 @@ class DataPlane:
         stage = header.stage
         try:
             env = codec.from_wire(header.meta, RequestEnvelope)
+            if env.reply_to != job.client_id:
+                raise InferenceError(
+                    f"request {header.request_id} came from client {job.client_id!r} (its inbox "
+                    f"topic) but asks for its result to go to {env.reply_to!r}; refused: a "
+                    "client gets only its own results (set reply_to to the client id you "
+                    "publish under)"
+                )
             route = env.route
             if not 0 <= stage < len(route) or route[stage].agent_id != self.agent_id:
                 raise InferenceError(
@@ -248,10 +272,10 @@ class DataPlane:
                 sent_at=self.clock(),
             )
             if last:
-                topic = self.topics.client_results(env.reply_to)
+                topic = self.topics.client_results(job.client_id)
                 kind = "result"
-            else:
-                topic = self.topics.inbox(route[stage + 1].agent_id)
+            else:  # the next stage learns the client from the topic, as this one did
+                topic = self.topics.inbox(route[stage + 1].agent_id, job.client_id)
                 kind = "activation"
             encoded = encode_transfer(
                 payload,
@@ -269,7 +293,7 @@ class DataPlane:
             log.warning(
                 "agent=%s req=%s stage=%d failed: %s", self.agent_id, header.request_id, stage, exc
             )
-            return self._error_outbound(header, exc)
+            return self._error_outbound(header, exc, job.client_id)
 
     # -- send -------------------------------------------------------------------
     async def _send(self, outbound: Outbound) -> None:
@@ -288,23 +312,21 @@ class DataPlane:
                 exc,
             )
 
-    def _error_outbound(self, header: TransferHeader, exc: Exception) -> Outbound:
-        """An ``error`` transfer to the request's client; nothing when it names no valid one.
+    def _error_outbound(self, header: TransferHeader, exc: Exception, client_id: str) -> Outbound:
+        """An ``error`` transfer to the client that sent the request (named by the inbox topic,
+        whatever the envelope says); nothing when there is no valid client id.
 
         ``retryable`` and ``code`` come from the exception (errors.py); anything that is not
         an EdgesliceError (a torch failure inside the stage) is ``stage_failed``, final. An
-        envelope that does not decode is still answered when its ``reply_to`` does.
+        envelope that does not decode is answered too (without timings).
         """
         request_id = header.request_id
         try:
-            env: RequestEnvelope | _ReplyAddress = codec.from_wire(header.meta, RequestEnvelope)
+            env: RequestEnvelope | None = codec.from_wire(header.meta, RequestEnvelope)
         except EdgesliceError:
-            try:
-                env = codec.from_dict(_ReplyAddress, header.meta, RequestEnvelope.KIND)
-            except EdgesliceError:
-                env = _ReplyAddress("")
+            env = None
         try:
-            topic = self.topics.client_results(env.reply_to)
+            topic = self.topics.client_results(client_id)
         except EdgesliceError as bad:
             log.warning(
                 "agent=%s req=%s cannot report its failure: %s", self.agent_id, request_id, bad
@@ -317,7 +339,7 @@ class DataPlane:
             agent=self.agent_id,
             retryable=known.retryable if known else False,
             code=known.code if known else "stage_failed",
-            timings=env.timings if isinstance(env, RequestEnvelope) else [],
+            timings=env.timings if env is not None else [],
         )
         encoded = encode_transfer(
             b"",
@@ -329,8 +351,8 @@ class DataPlane:
         )
         return Outbound(topic, encoded.chunks, request_id)
 
-    def _reply_error(self, header: TransferHeader, exc: EdgesliceError) -> None:
-        outbound = self._error_outbound(header, exc)
+    def _reply_error(self, header: TransferHeader, exc: EdgesliceError, client_id: str) -> None:
+        outbound = self._error_outbound(header, exc, client_id)
         if outbound.topic:
             task = asyncio.ensure_future(self._send(outbound))
             self._send_tasks.add(task)

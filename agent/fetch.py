@@ -6,6 +6,10 @@ asking for the same artifact share one send. The digest is checked here and the 
 signature by the runtime before anything is deserialized; an artifact the runtime refuses
 is deleted from the cache (:meth:`StageRuntime.load` with ``cache``), so the next
 assignment fetches it afresh instead of loading it from disk.
+
+Chunks are taken only for an artifact a fetch is waiting for; the artifact's sha (from the
+topic) is the reassembler's *sender*, so garbage on one artifact's topic holds at most two
+transfers, and half-finished ones expire after ``idle_s`` without a chunk.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class ArtifactFetcher:
         cache: ArtifactCache,
         timeout_s: float = 120.0,
         attempts: int = 3,
+        idle_s: float = 15.0,
     ) -> None:
         self.agent_id = agent_id
         self.client = client
@@ -45,7 +50,14 @@ class ArtifactFetcher:
         self.cache = cache
         self.timeout_s = timeout_s
         self.attempts = attempts
-        self.reassembler = Reassembler(max_open=16, max_age_s=timeout_s, max_chunk_bytes=1 << 24)
+        self.reassembler = Reassembler(
+            max_open=16,
+            max_age_s=timeout_s,
+            max_chunk_bytes=1 << 24,
+            max_open_per_sender=2,  # one send, and a resend the planner started after it
+            idle_s=idle_s,
+        )
+        self._expired_at = 0.0
         self._waiting: dict[str, asyncio.Future[bytes]] = {}
 
     async def get(self, sha: str) -> bytes:
@@ -107,7 +119,21 @@ class ArtifactFetcher:
 
     def on_chunk(self, sha: str, payload: bytes) -> None:
         """An ``artifacts/{sha}/data`` chunk; completes the waiting fetch when whole."""
-        result = self.reassembler.feed(payload, time.time())
+        waiting = self._waiting.get(sha)
+        if waiting is None or waiting.done():
+            return  # nobody here asked for it (a late resend, or garbage): hold nothing
+        now = time.time()
+        if now - self._expired_at >= 1.0:
+            self._expired_at = now
+            for refused in self.reassembler.expire(now):
+                log.warning(
+                    "agent=%s artifact=%s transfer dropped: %s %s",
+                    self.agent_id,
+                    refused.sender[:12],
+                    refused.reason,
+                    refused.detail,
+                )
+        result = self.reassembler.feed(payload, now, sender=sha)
         if result is None:
             return
         if isinstance(result, Refused):

@@ -165,7 +165,7 @@ class AgentService:
         for topic_filter in (
             t.assignment_desired(self.agent_id),
             t.agent_commands(self.agent_id),
-            t.inbox(self.agent_id),
+            t.agent_inbox(self.agent_id),  # inbox/+: one segment per sending client
             t.probe(self.agent_id),
         ):
             await self.client.subscribe(topic_filter, qos=1)
@@ -272,7 +272,7 @@ class AgentService:
     async def _dispatch(self, msg: IncomingMessage) -> None:
         parsed = self.topics.parse(msg.topic)
         if parsed.kind is Kind.INBOX:
-            self.dataplane.on_chunk(msg.payload)
+            self.dataplane.on_chunk(msg.payload, parsed.name)  # name: the sending client
         elif parsed.kind is Kind.ARTIFACT_DATA:
             self.fetcher.on_chunk(parsed.name, msg.payload)
         elif parsed.kind is Kind.PROBE:

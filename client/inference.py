@@ -27,7 +27,13 @@ from torch import Tensor
 
 from edgeslice.broker.fleetstate import FleetState
 from edgeslice.broker.protocol import codec
-from edgeslice.broker.protocol.chunking import Completed, Reassembler, Refused, stream_transfer
+from edgeslice.broker.protocol.chunking import (
+    Completed,
+    Reassembler,
+    Refused,
+    TransferHeader,
+    stream_transfer,
+)
 from edgeslice.broker.protocol.errors import (
     EdgesliceError,
     InferenceError,
@@ -95,7 +101,13 @@ class InferenceClient:
         self.measured: dict[str, Measured] = {}
         self._plan_changed = asyncio.Condition()
         self._waiting: dict[str, asyncio.Future[Completed]] = {}
-        self._reassembler = Reassembler(max_open=512, max_age_s=120.0)
+        # results of requests nobody here waits for are refused at their header, half-finished
+        # ones expire after a few idle seconds: a flood on our results topic cannot wedge us
+        self._reassembler = Reassembler(
+            max_open=512, max_age_s=120.0, idle_s=5.0, accept=self._awaited
+        )
+        self._expired_at = 0.0
+        self._bad_plan: dict[str, str] = {}  # plan topic -> why its last payload was refused
         self._task: asyncio.Task[None] | None = None
         self.client = (transport or mqtt_transport(settings))(self.client_id)
 
@@ -151,6 +163,13 @@ class InferenceClient:
                     if self.plan is None
                     else (f"plan v{self.plan.plan_version} not ready")
                 )
+                if self.plan is None and self._bad_plan:
+                    topic, why = next(iter(self._bad_plan.items()))
+                    state = (
+                        f"no valid plan: a malformed plan was seen on topic {topic} ({why}); "
+                        "the planner replaces it when it publishes its next plan (restart it "
+                        "to republish now)"
+                    )
                 raise RequestTimeout(
                     f"model {self.model!r}: {state} after {timeout:.0f}s on "
                     f"{self.settings.url} namespace {self.settings.namespace!r}; is "
@@ -258,7 +277,7 @@ class InferenceClient:
                 meta=codec.to_wire(envelope),
                 chunk_size=self.chunk_size,
             )
-            topic = self.topics.inbox(route[0])
+            topic = self.topics.inbox(route[0], self.client_id)  # ACL: our own segment only
             acks = [self.client.publish_nowait(topic, c, qos=1) for c in chunks]
             try:
                 done = await asyncio.wait_for(fut, max(0.0, deadline - time.time()))
@@ -311,17 +330,41 @@ class InferenceClient:
                     self._on_result_chunk(msg.payload)
                 elif parsed.kind is Kind.PLAN:
                     async with self._plan_changed:
-                        self.fleet.apply(msg.topic, msg.payload, time.time())
+                        self._apply_plan(msg.topic, msg.payload)
                         self._plan_changed.notify_all()
                 else:  # info and telemetry: the shared fold keeps what routing reads
                     self.fleet.apply(msg.topic, msg.payload, time.time())
             except EdgesliceError as exc:
                 log.warning("client=%s dropped message on %s: %s", self.client_id, msg.topic, exc)
 
+    def _apply_plan(self, topic: str, payload: bytes) -> None:
+        """Fold a plan message; a malformed one (retained garbage) is logged once and ignored
+        (the last valid plan stays), and named by wait_ready's error if no valid one comes."""
+        try:
+            self.fleet.apply(topic, payload, time.time())
+        except EdgesliceError as exc:
+            if topic not in self._bad_plan:
+                log.warning(
+                    "client=%s ignoring malformed plan on %s: %s", self.client_id, topic, exc
+                )
+            self._bad_plan[topic] = f"{exc}"[:200]
+            return
+        self._bad_plan.pop(topic, None)
+
+    def _awaited(self, header: TransferHeader) -> str | None:
+        """Reassembler gate: only results of requests this client is waiting for."""
+        if header.request_id in self._waiting:
+            return None
+        return f"request {header.request_id[:32]!r} is not one client {self.client_id} waits for"
+
     def _on_result_chunk(self, payload: bytes) -> None:
-        result = self._reassembler.feed(payload, time.time())
+        now = time.time()
+        if now - self._expired_at >= 1.0:  # drop half-finished results idle for a while
+            self._expired_at = now
+            self._reassembler.expire(now)
+        result = self._reassembler.feed(payload, now)
         if isinstance(result, Refused):
-            if result.is_error:
+            if result.is_error and result.reason != "unexpected":
                 log.warning(
                     "client=%s result refused: %s %s", self.client_id, result.reason, result.detail
                 )

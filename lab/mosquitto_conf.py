@@ -8,20 +8,26 @@ username is its agent id):
 
 * an **agent** publishes only its own ``status``, ``info``, ``telemetry``,
   ``assignment/reported`` and ``cmd-res/+``; on the data path it publishes to
-  any agent's ``inbox``, any client's ``results`` and asks for artifacts
-  (``artifacts/+/get``). It reads its own ``assignment/desired``, ``cmd/+``
-  and ``inbox``, artifact chunks, plans and the planner status.
+  any agent's ``inbox/+`` (forwarding keeps the client's segment), any client's
+  ``results`` and asks for artifacts (``artifacts/+/get``). It reads its own
+  ``assignment/desired``, ``cmd/+`` and ``inbox/+``, artifact chunks, plans and
+  the planner status.
 * the **planner** (also the operator account) reads and writes the namespace.
 * the **monitor** reads the namespace and ``$SYS``; it publishes nothing.
-* a **client** sends requests to ``agents/+/inbox`` and reads plans and the
-  planner status; results come back on ``clients/<username>/results``, granted
-  by a ``pattern ... %u`` rule, so a client's id in its requests must equal its
-  MQTT username.
+* a **client** sends requests only to ``agents/+/inbox/<its username>`` and
+  reads plans and the planner status; results come back on
+  ``clients/<username>/results``, granted by a ``pattern ... %u`` rule. An agent
+  replies to the client named by the inbox topic, never to an id in the payload,
+  so a client cannot have results delivered to another client: its client id
+  must equal its MQTT username.
 
 Why per-agent ``user`` blocks instead of ``pattern .../agents/%u/...``:
 mosquitto applies pattern rules to *every* account, so such a pattern would let
 the monitor or a client publish ``agents/<its own name>/status`` and pose as an
-agent. Patterns are used only where that is harmless (a client's own results).
+agent. Patterns are used only where that is harmless (a client's own results). For the
+same reason a client's right to send requests is a ``topic write
+agents/+/inbox/<client>`` line in its own block, not ``pattern write
+agents/+/inbox/%u``: the pattern would also let the read-only monitor send requests.
 The price: adding a device means re-running ``edgeslice broker config`` with
 the new ``--agents`` list and sending mosquitto a SIGHUP (it reloads the ACL).
 Every filter is derived from :class:`broker.protocol.topics.Topics`, so the ACL
@@ -130,12 +136,12 @@ def agent_rules(setup: MosquittoSetup, agent: str) -> list[AclRule]:
         AclRule(agent, "write", t.telemetry(agent), "own telemetry"),
         AclRule(agent, "write", t.assignment_reported(agent), "stages it runs now"),
         AclRule(agent, "write", f"{agent_root}/cmd-res/+", "replies to its commands"),
-        AclRule(agent, "write", t.all_agents("inbox"), "data path: next stage's inbox"),
+        AclRule(agent, "write", t.all_inboxes(), "data path: next stage's inbox, any client"),
         AclRule(agent, "write", f"{t.root}/clients/+/results", "last stage: results to clients"),
         AclRule(agent, "write", t.all_artifact_gets(), "ask the planner for an artifact"),
         AclRule(agent, "read", t.assignment_desired(agent), "what the planner wants it to run"),
         AclRule(agent, "read", t.agent_commands(agent), "commands for it"),
-        AclRule(agent, "read", t.inbox(agent), "chunks for it"),
+        AclRule(agent, "read", t.agent_inbox(agent), "chunks for it, from every client"),
         AclRule(agent, "readwrite", t.probe(agent), "its own link self-test (to itself)"),
         AclRule(agent, "read", f"{t.root}/artifacts/+/data", "artifact chunks"),
         AclRule(agent, "read", t.all_plans(), "current plans"),
@@ -155,7 +161,7 @@ def acl_rules(setup: MosquittoSetup) -> list[AclRule]:
         rules.extend(agent_rules(setup, agent))
     for client in setup.clients:
         rules += [
-            AclRule(client, "write", t.all_agents("inbox"), "requests to a first stage"),
+            AclRule(client, "write", t.all_inboxes(client), "requests, under its own id only"),
             AclRule(client, "read", t.all_plans(), "where to send requests"),
             AclRule(client, "read", t.planner_status(), "is the fleet up"),
             AclRule(client, "read", t.all_agents("telemetry"), "load, for replica scoring"),

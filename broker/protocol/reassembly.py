@@ -1,178 +1,75 @@
-"""Receiving chunked transfers: parse chunks, put payloads back together, bounded and safe.
+"""Receiving chunked transfers: put payloads back together, bounded per sender, and safe.
 
-Wire format and sending side: :mod:`broker.protocol.chunking` (which re-exports this module).
-With the header's chunk capacity (``dc``) each data chunk is copied once, as it arrives, to its
-offset in the final bytearray (grown in order, so pages are touched as data comes, not all at
-the header) and crc32 runs over the in-order prefix meanwhile: completion is O(1), not a join
-plus a checksum pass after the last chunk (CPU the receiver's paho thread would wait for).
-Without ``dc`` (older senders) chunks are joined at completion.
-Limits are enforced by *refusing* the transfer that would break them, never by evicting another.
+Wire format and sending side: :mod:`broker.protocol.chunking` (which re-exports this module);
+parsing a received chunk: :mod:`broker.protocol.chunkparse`. With the header's chunk capacity
+(``dc``) each data chunk is copied once, as it arrives, to its offset in the final bytearray
+(grown in order, so pages are touched as data comes, not all at the header) and crc32 runs over
+the in-order prefix meanwhile: completion is O(1), not a join plus a checksum pass after the
+last chunk (CPU the receiver's paho thread would wait for). Without ``dc`` (older senders)
+chunks are joined at completion.
+
+Bounds: open transfers and reserved bytes, in total and per *sender* (the listener names the
+sender from the topic it came on, never from the payload), so one flooding publisher cannot
+block everyone else. A limit that is hit first evicts the least recently active transfer in
+its scope when that one has been idle for ``evict_after_s`` (a half-finished transfer nobody
+is finishing), and refuses the fresh transfer only when nothing is idle. ``expire`` drops
+transfers idle for ``idle_s`` or older than ``max_age_s``, so everyone recovers within seconds
+once a flood stops.
 """
 
 from __future__ import annotations
 
 import logging
 import zlib
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 
-import msgpack
+from edgeslice.broker.protocol.chunkparse import (
+    MAX_ID_LEN,
+    MAX_SEQ,
+    NON_ERROR_REASONS,
+    PART_COST,
+    Completed,
+    Piece,
+    Refused,
+    TransferHeader,
+    parse_chunk,
+    parse_data_chunk,
+)
 
-from edgeslice.broker.protocol import PROTOCOL_MAJOR
+__all__ = [
+    "MAX_ID_LEN", "MAX_SEQ", "NON_ERROR_REASONS", "PART_COST", "Completed", "Reassembler",
+    "Refused", "TransferHeader",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-NON_ERROR_REASONS = frozenset({"duplicate", "ignored"})
-PART_COST = 128  # bytes of bookkeeping charged per buffered chunk
-MAX_SEQ, MAX_ID_LEN = 2**32 - 1, 256  # highest sequence number, longest transfer id
 _MiB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TransferHeader:
-    """What chunk 0 says about the whole transfer."""
-
-    transfer_id: str
-    request_id: str
-    kind: str
-    plan_id: str
-    plan_version: int
-    stage: int
-    total_chunks: int
-    total_length: int
-    checksum: int
-    deadline: float
-    meta: dict[str, Any] = field(default_factory=dict)
-    chunk_capacity: int = 0  # data bytes in each of chunks 1..n-2 (field dc); 0 = not announced
-
-
-@dataclass(frozen=True)
-class Completed:
-    """A transfer whose chunks all arrived and whose checksum matches."""
-
-    header: TransferHeader
-    payload: bytearray  # owned by the receiver: unpack_tensors wraps it without a copy
-    first_chunk_at: float = 0.0  # ``now`` of its first chunk: transfer time = done - this
-
-
-@dataclass(frozen=True)
-class Refused:
-    """A chunk or a whole transfer that was dropped, and why (``reason`` is one short word)."""
-
-    transfer_id: str
-    reason: str
-    detail: str
-    header: TransferHeader | None = None
-
-    @property
-    def is_error(self) -> bool:
-        """False for redeliveries ("duplicate", "ignored") that callers should just skip."""
-        return self.reason not in NON_ERROR_REASONS
-
-
-_Piece = bytes | memoryview
-_HEADER_FIELDS: tuple[tuple[str, type], ...] = (
-    ("r", str), ("k", str), ("p", str), ("pv", int), ("st", int), ("n", int), ("l", int),
-    ("c", int), ("m", dict),
-)  # fmt: skip
-_FIXSTR, _FIXINT, _NOFIX = range(0xA0, 0xC0), range(0x80), range(0)
-_STR8, _UINT, _BIN = {0xD9: 1}, {0xCC: 1, 0xCD: 2, 0xCE: 4}, {0xC4: 1, 0xC5: 2, 0xC6: 4}
-
-
-def _field(buf: bytes, pos: int, key: bytes, fix: range, wide: dict[int, int]) -> tuple[int, int]:
-    """Past the packed one-letter ``key`` at ``pos``: the length or uint there, as a fix-form
-    tag in ``fix`` or a tag in ``wide`` (tag -> byte width), and where it ends; -1 if neither."""
-    if buf[pos : pos + 2] != key:
-        return -1, pos
-    tag, width = buf[pos + 2], wide.get(buf[pos + 2], 0)
-    if tag in fix:
-        return tag - fix.start, pos + 3
-    value = int.from_bytes(buf[pos + 3 : pos + 3 + width], "big") if width else -1
-    return value, pos + 3 + width
-
-
-def _parse_data_chunk(buf: bytes) -> tuple[str, int, memoryview] | None:
-    """Fast path for the exact layout the sender writes for chunks 1..n-1 (t, s, d), without
-    copying the data; None sends the chunk down the general (msgpack) path."""
-    try:
-        size, pos = _field(buf, 1, b"\xa1t", _FIXSTR, _STR8) if buf[0] == 0x83 else (-1, 0)
-        tid = str(buf[pos : pos + size], "utf-8") if size > 0 else ""
-        seq, pos = _field(buf, pos + size, b"\xa1s", _FIXINT, _UINT) if tid else (-1, 0)
-        size, pos = _field(buf, pos, b"\xa1d", _NOFIX, _BIN) if seq > 0 else (-1, 0)
-    except (IndexError, UnicodeDecodeError):
-        return None
-    if size < 0 or pos + size != len(buf):
-        return None
-    return tid, seq, memoryview(buf)[pos:]
-
-
-def _parse_chunk(buf: bytes) -> tuple[str, int, _Piece, TransferHeader | None] | Refused:
-    """Any chunk, through bounded msgpack: (transfer id, seq, data, header if seq 0)."""
-    try:
-        obj = msgpack.unpackb(
-            buf, raw=False, strict_map_key=True, max_ext_len=0, max_map_len=10_000,
-            max_array_len=100_000, max_str_len=_MiB,
-        )  # fmt: skip
-    except Exception as exc:  # msgpack raises ValueError, TypeError, StackError, ...
-        return Refused("", "malformed", f"chunk is not msgpack: {type(exc).__name__}: {exc}")
-    if not isinstance(obj, dict):
-        return Refused("", "malformed", f"chunk is a msgpack {type(obj).__name__}, not a map")
-    tid, seq, data = obj.get("t"), obj.get("s"), obj.get("d")
-    if type(tid) is not str or not 0 < len(tid) <= MAX_ID_LEN:
-        return Refused("", "malformed", f"chunk field t (transfer id) is bad: {tid!r:.80}")
-    if type(seq) is not int or not 0 <= seq <= MAX_SEQ or not isinstance(data, bytes):
-        return Refused(tid, "malformed", "chunk fields s (int seq) and d (bin data) are required")
-    if seq > 0:
-        return tid, seq, data, None
-    version = obj.get("v")
-    if not (isinstance(version, list) and len(version) >= 2 and type(version[0]) is int):
-        return Refused(tid, "malformed", "header chunk (seq 0) lacks field v = [major, minor]")
-    if version[0] != PROTOCOL_MAJOR:
-        return Refused(
-            tid, "version", f"sender speaks protocol major {version[0]}, this receiver "
-            f"{PROTOCOL_MAJOR}; upgrade edgeslice on the older side",
-        )  # fmt: skip
-    checks = (*_HEADER_FIELDS, ("dc", int)) if "dc" in obj else _HEADER_FIELDS  # dc: optional
-    for key, kind in checks:
-        value: Any = obj.get(key)
-        if type(value) is not kind or (type(value) is int and value < 0):
-            return Refused(tid, "malformed", f"header field {key} is {value!r:.80}, not {kind}")
-    deadline = obj.get("dl", 0.0)
-    if type(deadline) not in (int, float) or not 0.0 <= deadline < float("inf"):
-        return Refused(tid, "malformed", f"header field dl (deadline) is {deadline!r:.80}")
-    total_chunks, total_length = obj["n"], obj["l"]
-    if not 1 <= total_chunks <= min(total_length + 1, MAX_SEQ) or obj["c"] > 0xFFFFFFFF:
-        return Refused(tid, "malformed", f"header claims {total_chunks} chunks, {total_length} B")
-    header = TransferHeader(
-        tid, obj["r"], obj["k"], obj["p"], obj["pv"], obj["st"], total_chunks, total_length,
-        obj["c"], float(deadline), obj["m"], obj.get("dc", 0),
-    )  # fmt: skip
-    return tid, 0, data, header
+Accept = Callable[[TransferHeader], str | None]  # a header -> None to admit, else why not
 
 
 class _Open:
     """One transfer being reassembled: its data in ``parts`` (no layout known yet) or placed in
     ``payload`` (layout known), where ``crc`` covers the data of chunks ``0 .. crc_next-1``."""
 
-    __slots__ = ("cap", "charged", "crc", "crc_next", "first", "first_seen", "header", "parts",
-                 "payload", "received", "seen")  # fmt: skip
+    __slots__ = ("cap", "charged", "crc", "crc_next", "first", "first_seen", "header",
+                 "last_seen", "parts", "payload", "received", "seen", "sender")  # fmt: skip
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, sender: str) -> None:
         self.header: TransferHeader | None = None
         self.seen: set[int] = set()  # sequence numbers received
-        self.parts: dict[int, _Piece] = {}  # data not placed into ``payload`` (yet)
+        self.parts: dict[int, Piece] = {}  # data not placed into ``payload`` (yet)
         self.payload: bytearray | None = None  # the final buffer, once the layout is known
         self.first = self.cap = 0  # data bytes in chunk 0; in each later chunk (but the last)
         self.crc = self.crc_next = 0
         self.received = self.charged = 0  # data bytes held; bytes reserved (see Reassembler)
-        self.first_seen = now
+        self.first_seen = self.last_seen = now  # first chunk; latest chunk that added data
+        self.sender = sender
 
     def slot(self, seq: int, total: int) -> tuple[int, int]:
         start = 0 if seq == 0 else self.first + (seq - 1) * self.cap
         return start, self.first if seq == 0 else min(start + self.cap, total)
 
-    def place(self, seq: int, piece: _Piece) -> str | None:
+    def place(self, seq: int, piece: Piece) -> str | None:
         """Copy ``piece`` into its slot of ``payload`` and extend the crc over the in-order
         prefix; a detail string if the piece does not fit its slot."""
         payload, header = self.payload, self.header
@@ -198,28 +95,42 @@ class Reassembler:
     always finish; refused and completed ones leave a tombstone for ``max_age_s``, so late chunks
     (QoS 1 redelivers) come back as non-error "duplicate"/"ignored" instead of opening orphans.
 
-    ``feed`` returns Completed, Refused (``is_error`` False for redeliveries) or None (need
-    more). Refusal reasons: malformed, version, too_large, stale_plan, expired (deadline past),
-    checksum, too_many_open, buffer_full, timed_out (older than max_age_s), duplicate, ignored.
+    ``feed(chunk, now, sender)`` returns Completed, Refused (``is_error`` False for
+    redeliveries) or None (need more). Refusal reasons: malformed, version, too_large,
+    stale_plan, expired (deadline past), checksum, too_many_open, buffer_full, timed_out (idle
+    for ``idle_s`` or older than ``max_age_s``), evicted (idle, made room for a fresh one),
+    unexpected (``accept`` said no), duplicate, ignored. Evictions happen inside ``feed``;
+    their refusals are handed out by the next ``expire`` call (at most ``max_open`` kept).
     Memory is bounded by ``max_buffered_bytes`` counting each part's bookkeeping
     (``PART_COST`` bytes) too, so a flood of tiny chunks cannot exhaust memory either.
+    Per-sender limits default to the totals: listeners that know their senders set them.
     """
 
     def __init__(
         self, max_open: int = 64, max_buffered_bytes: int = 512 * _MiB, max_age_s: float = 60.0,
-        max_transfer_bytes: int = 1024 * _MiB, max_chunk_bytes: int = 16 * _MiB,
+        max_transfer_bytes: int = 1024 * _MiB, max_chunk_bytes: int = 16 * _MiB, *,
+        max_open_per_sender: int | None = None, max_bytes_per_sender: int | None = None,
+        idle_s: float = 5.0, evict_after_s: float = 1.0, accept: Accept | None = None,
     ) -> None:  # fmt: skip
         self.max_open = max_open
         self.max_buffered_bytes = max_buffered_bytes
         self.max_age_s = max_age_s
         self.max_transfer_bytes = max_transfer_bytes
         self.max_chunk_bytes = max_chunk_bytes
-        self._open: dict[str, _Open] = {}
+        self.max_open_per_sender = max_open_per_sender or max_open
+        self.max_bytes_per_sender = max_bytes_per_sender or max_buffered_bytes
+        self.idle_s = idle_s
+        self.evict_after_s = evict_after_s
+        self.accept = accept
+        self._open: OrderedDict[str, _Open] = OrderedDict()  # least recently active first
         self._done: OrderedDict[str, tuple[float, str]] = OrderedDict()  # id -> (when, outcome)
         self._max_done = max(1024, 16 * max_open)
         self._min_version: dict[str, int] = {}
         self._charged = 0  # reserved against max_buffered_bytes
         self._buffered = 0
+        self._sender_open: Counter[str] = Counter()
+        self._sender_charged: Counter[str] = Counter()
+        self._evicted: deque[Refused] = deque(maxlen=max(16, max_open))
 
     @property
     def open_transfers(self) -> int:
@@ -230,35 +141,49 @@ class Reassembler:
         """Payload bytes held right now (not counting reservations for bytes still to come)."""
         return self._buffered
 
-    def feed(self, data: bytes | bytearray | memoryview, now: float) -> Completed | Refused | None:
-        """Take one chunk (an MQTT payload) received at ``now``; None means "need more"."""
+    def held_by(self, sender: str) -> tuple[int, int]:
+        """(open transfers, reserved bytes) of one sender right now."""
+        return self._sender_open[sender], self._sender_charged[sender]
+
+    def feed(
+        self, data: bytes | bytearray | memoryview, now: float, sender: str = ""
+    ) -> Completed | Refused | None:
+        """Take one chunk (an MQTT payload) received at ``now`` from ``sender`` (named by the
+        listener from the topic); None means "need more"."""
         buf = data if type(data) is bytes else bytes(data)  # keep no view of a caller's buffer
         if len(buf) > self.max_chunk_bytes:
-            return Refused("", "too_large", f"chunk of {len(buf)} B > {self.max_chunk_bytes} B")
-        fast = _parse_data_chunk(buf)
-        parsed = (*fast, None) if fast is not None else _parse_chunk(buf)
+            detail = f"chunk of {len(buf)} B > {self.max_chunk_bytes} B"
+            return Refused("", "too_large", detail, sender=sender)
+        fast = parse_data_chunk(buf)
+        parsed = (*fast, None) if fast is not None else parse_chunk(buf)
         if isinstance(parsed, Refused):
-            if parsed.transfer_id and parsed.transfer_id not in self._done:
-                return self._drop(parsed.transfer_id, parsed.reason, parsed.detail, now)
-            return parsed
+            tid = parsed.transfer_id
+            if tid and tid not in self._done and self._owned(tid, sender):
+                return self._drop(tid, parsed.reason, parsed.detail, now, sender=sender)
+            return Refused(tid, parsed.reason, parsed.detail, sender=sender)
         tid, seq, piece, header = parsed
         if tid in self._done:
             outcome = self._done[tid][1]
             if outcome == "completed":
-                return Refused(tid, "duplicate", f"chunk {seq} of an already completed transfer")
+                detail = f"chunk {seq} of an already completed transfer"
+                return Refused(tid, "duplicate", detail, sender=sender)
             return Refused(tid, "ignored", f"chunk {seq} of a transfer refused as {outcome}")
+        if not self._owned(tid, sender):  # another sender's transfer id: not its to touch
+            return Refused(
+                tid, "malformed", "transfer id is in use by another sender", None, sender
+            )
         if seq > 0 and not piece:
-            return self._drop(tid, "malformed", f"chunk {seq} carries no data", now)
+            return self._drop(tid, "malformed", f"chunk {seq} carries no data", now, sender=sender)
         entry = self._open.get(tid)
         if entry is None:
-            if len(self._open) >= self.max_open:
-                detail = f"{len(self._open)} transfers open (max_open={self.max_open}); retry later"
-                return self._drop(tid, "too_many_open", detail, now, header)
-            entry = self._open[tid] = _Open(now)
+            if full := self._make_room(sender, 1, 0, now, ""):
+                return self._drop(tid, *full, now, header, sender)
+            entry = self._open[tid] = _Open(now, sender)
+            self._sender_open[sender] += 1
         if seq in entry.seen:
             if header is not None and header != entry.header:
                 return self._drop(tid, "malformed", "a second header chunk disagrees", now)
-            return Refused(tid, "duplicate", f"chunk {seq} already received", entry.header)
+            return Refused(tid, "duplicate", f"chunk {seq} already received", entry.header, sender)
         if header is not None and (refusal := self._admit(tid, entry, header, len(piece), now)):
             return refusal
         known = entry.header
@@ -266,10 +191,9 @@ class Reassembler:
             cost = len(piece) + PART_COST
             if entry.received + len(piece) > self.max_transfer_bytes:
                 return self._drop(tid, "too_large", "chunks before the header exceed limit", now)
-            if self._charged + cost > self.max_buffered_bytes:
-                return self._drop(tid, "buffer_full", self._full_detail(cost), now)
-            entry.charged += cost
-            self._charged += cost
+            if full := self._make_room(sender, 0, cost, now, tid):
+                return self._drop(tid, *full, now)
+            self._charge(entry, cost)
         elif seq >= known.total_chunks or entry.received + len(piece) > known.total_length:
             detail = f"chunk {seq} ({len(piece)} B) overflows the header's "
             detail += f"{known.total_chunks} chunks / {known.total_length} B"
@@ -283,6 +207,8 @@ class Reassembler:
         elif misfit := entry.place(seq, piece):
             return self._drop(tid, "malformed", misfit, now)
         entry.received += len(piece)
+        entry.last_seen = now
+        self._open.move_to_end(tid)
         self._buffered += len(piece)
         if known is not None and len(entry.seen) == known.total_chunks:
             return self._complete(tid, entry, now)
@@ -302,19 +228,69 @@ class Reassembler:
         return [self._drop(tid, "stale_plan", detail, when) for tid, when in stale]
 
     def expire(self, now: float) -> list[Refused]:
-        """Drop transfers past their deadline ("expired") or older than max_age_s ("timed_out")."""
-        refused = []
+        """Drop transfers past their deadline ("expired"), idle for ``idle_s`` or older than
+        ``max_age_s`` ("timed_out"); also hands out the evictions made since the last call."""
+        refused, self._evicted = list(self._evicted), deque(maxlen=self._evicted.maxlen)
         for tid, entry in list(self._open.items()):
-            header, age = entry.header, now - entry.first_seen
+            header, age, idle = entry.header, now - entry.first_seen, now - entry.last_seen
+            total = header.total_chunks if header is not None else "?"
             if header is not None and 0.0 < header.deadline < now:
                 refused.append(self._drop(tid, "expired", f"deadline passed, {age:.1f}s old", now))
-            elif age > self.max_age_s:
-                total = header.total_chunks if header is not None else "?"
+            elif age > self.max_age_s or idle > self.idle_s:
                 detail = f"only {len(entry.seen)} of {total} chunks arrived in {age:.1f}s"
+                detail += f", none for {idle:.1f}s" if idle > self.idle_s else ""
                 refused.append(self._drop(tid, "timed_out", detail, now))
         while self._done and now - next(iter(self._done.values()))[0] > self.max_age_s:
             self._done.popitem(last=False)
         return refused
+
+    def _owned(self, tid: str, sender: str) -> bool:
+        entry = self._open.get(tid)
+        return entry is None or entry.sender == sender
+
+    def _make_room(
+        self, sender: str, transfers: int, size: int, now: float, keep: str
+    ) -> tuple[str, str] | None:
+        """Make room for ``transfers`` more open transfers and ``size`` more reserved bytes of
+        ``sender``, evicting idle transfers (never ``keep``); (reason, detail) if it cannot."""
+        while True:
+            held_open, held_bytes = self.held_by(sender)
+            scope: str | None = sender
+            if held_open + transfers > self.max_open_per_sender < self.max_open:
+                reason = "too_many_open"
+                why = f"sender {sender!r} holds {held_open} open transfers "
+                why += f"(max_open_per_sender={self.max_open_per_sender})"
+            elif held_bytes + size > self.max_bytes_per_sender < self.max_buffered_bytes:
+                reason = "buffer_full"
+                why = f"sender {sender!r} has {held_bytes} B reserved; {size} B more exceeds "
+                why += f"max_bytes_per_sender={self.max_bytes_per_sender}"
+            elif len(self._open) + transfers > self.max_open:
+                scope, reason = None, "too_many_open"
+                why = f"{len(self._open)} transfers open (max_open={self.max_open})"
+            elif self._charged + size > self.max_buffered_bytes:
+                scope, reason, why = None, "buffer_full", self._full_detail(size)
+            else:
+                return None
+            victim = self._idlest(scope, now, keep)
+            if victim is None:
+                return reason, f"{why}; none idle for {self.evict_after_s:g}s; retry later"
+            entry = self._open[victim]
+            detail = f"idle for {now - entry.last_seen:.1f}s, evicted to make room ({why})"
+            self._evicted.append(self._drop(victim, "evicted", detail, now))
+
+    def _idlest(self, scope: str | None, now: float, keep: str) -> str | None:
+        """The least recently active transfer (of sender ``scope``; of anyone if None) when it
+        has been idle for ``evict_after_s``, else None."""
+        for tid, entry in self._open.items():  # least recently active first
+            if tid == keep or (scope is not None and entry.sender != scope):
+                continue
+            return tid if now - entry.last_seen >= self.evict_after_s else None
+        return None
+
+    def _charge(self, entry: _Open, size: int) -> None:
+        entry.charged += size
+        self._charged += size
+        self._sender_charged[entry.sender] += size
 
     def _admit(
         self, tid: str, entry: _Open, header: TransferHeader, first: int, now: float
@@ -323,6 +299,7 @@ class Reassembler:
         for the whole transfer and, if it announces its layout, allocate the final buffer."""
         floor = self._min_version.get(header.plan_id, 0)
         n, length, cap = header.total_chunks, header.total_length, header.chunk_capacity
+        extra = length + n * PART_COST - entry.charged
         if length > self.max_transfer_bytes:
             reason, detail = "too_large", f"{length} B > {self.max_transfer_bytes} B"
         elif header.plan_version < floor:
@@ -334,20 +311,20 @@ class Reassembler:
             reason, detail = "malformed", "chunks that arrived before the header exceed it"
         elif cap and first <= length and n != 1 + -(-(length - first) // cap):
             reason, detail = "malformed", f"dc={cap}, n={n}, l={length} disagree with chunk 0"
+        elif self.accept is not None and (unwanted := self.accept(header)) is not None:
+            reason, detail = "unexpected", unwanted
+        elif full := self._make_room(entry.sender, 0, extra, now, tid):
+            reason, detail = full
         else:
-            extra = length + n * PART_COST - entry.charged
-            if self._charged + extra <= self.max_buffered_bytes:
-                self._charged += extra
-                entry.charged += extra
-                entry.header = header
-                if cap and first <= length:  # the layout is known: allocate the final buffer
-                    entry.payload, entry.first, entry.cap = bytearray(), first, cap
-                    for seq, part in sorted(entry.parts.items()):  # data before the header
-                        if misfit := entry.place(seq, part):
-                            return self._drop(tid, "malformed", misfit, now)
-                    entry.parts.clear()
-                return None
-            reason, detail = "buffer_full", self._full_detail(extra)
+            self._charge(entry, extra)
+            entry.header = header
+            if cap and first <= length:  # the layout is known: allocate the final buffer
+                entry.payload, entry.first, entry.cap = bytearray(), first, cap
+                for seq, part in sorted(entry.parts.items()):  # data before the header
+                    if misfit := entry.place(seq, part):
+                        return self._drop(tid, "malformed", misfit, now)
+                entry.parts.clear()
+            return None
         return self._drop(tid, reason, detail, now, header)
 
     def _complete(self, tid: str, entry: _Open, now: float) -> Completed | Refused:
@@ -370,20 +347,25 @@ class Reassembler:
         return Completed(header, payload, entry.first_seen)
 
     def _drop(
-        self, tid: str, reason: str, detail: str, now: float, header: TransferHeader | None = None
-    ) -> Refused:
+        self, tid: str, reason: str, detail: str, now: float,
+        header: TransferHeader | None = None, sender: str = "",
+    ) -> Refused:  # fmt: skip
         entry = self._open.get(tid)
         if entry is not None:
             self._release(tid, entry)
-            header = header or entry.header
+            header, sender = header or entry.header, entry.sender
         self._tombstone(tid, reason, now)
-        log.debug("transfer=%s refused reason=%s: %s", tid, reason, detail)
-        return Refused(tid, reason, detail, header)
+        log.debug("transfer=%s sender=%s refused reason=%s: %s", tid, sender, reason, detail)
+        return Refused(tid, reason, detail, header, sender)
 
     def _release(self, tid: str, entry: _Open) -> None:
         del self._open[tid]
         self._charged -= entry.charged
         self._buffered -= entry.received
+        for counter, amount in ((self._sender_open, 1), (self._sender_charged, entry.charged)):
+            counter[entry.sender] -= amount
+            if counter[entry.sender] <= 0:
+                del counter[entry.sender]
 
     def _tombstone(self, tid: str, outcome: str, now: float) -> None:
         self._done[tid] = (now, outcome)
@@ -393,5 +375,5 @@ class Reassembler:
     def _full_detail(self, extra: int) -> str:
         return (
             f"{extra} B more would exceed max_buffered_bytes={self.max_buffered_bytes} "
-            f"({self._charged} B reserved by {len(self._open)} transfers); retry later"
+            f"({self._charged} B reserved by {len(self._open)} transfers)"
         )

@@ -7,7 +7,9 @@ Layout (``{ns}`` is the namespace, default ``edgeslice``; ``v1`` the protocol ma
     {ns}/v1/agents/{id}/telemetry              agent, QoS 0
     {ns}/v1/agents/{id}/assignment/desired     planner, retained
     {ns}/v1/agents/{id}/assignment/reported    agent, retained
-    {ns}/v1/agents/{id}/inbox                  data path: chunks for this agent
+    {ns}/v1/agents/{id}/inbox/{client}         data path: chunks for this agent of a request
+                                               of client {client} (its MQTT username under
+                                               the production ACL; results go only there)
     {ns}/v1/agents/{id}/probe                  the agent's own link test (to itself)
     {ns}/v1/agents/{id}/cmd/{name}             planner/operator -> agent
     {ns}/v1/agents/{id}/cmd-res/{name}         agent -> whoever asked
@@ -57,7 +59,6 @@ _AGENT_KINDS = {
     "telemetry": Kind.TELEMETRY,
     "assignment/desired": Kind.ASSIGNMENT_DESIRED,
     "assignment/reported": Kind.ASSIGNMENT_REPORTED,
-    "inbox": Kind.INBOX,
     "probe": Kind.PROBE,
 }
 
@@ -80,7 +81,8 @@ def sanitize_id(value: str) -> str:
 
 @dataclass(frozen=True)
 class ParsedTopic:
-    """What a topic means: its kind and the ids inside it (empty string when not applicable)."""
+    """What a topic means: its kind and the ids inside it (empty string when not applicable);
+    ``name`` is the command, artifact sha, model or (for an inbox) the sending client's id."""
 
     kind: Kind
     agent_id: str = ""
@@ -116,8 +118,20 @@ class Topics:
     def assignment_reported(self, agent_id: str) -> str:
         return self._agent(agent_id, "assignment/reported")
 
-    def inbox(self, agent_id: str) -> str:
-        return self._agent(agent_id, "inbox")
+    def inbox(self, agent_id: str, client_id: str) -> str:
+        """Where chunks of ``client_id``'s request go for agent ``agent_id``: the client id in
+        the topic (not in the payload) is who the result goes back to, and what the broker's
+        ACL checks (a client may write only ``inbox/<its username>``)."""
+        return self._agent(agent_id, f"inbox/{check_id(client_id, 'client id')}")
+
+    def agent_inbox(self, agent_id: str) -> str:
+        """Filter: the inbox of one agent, from every client (what the agent subscribes to)."""
+        return self._agent(agent_id, "inbox/+")
+
+    def all_inboxes(self, client_id: str = "+") -> str:
+        """Filter: every agent's inbox for one client (``+``: for every client)."""
+        client = client_id if client_id in ("+", "%u") else check_id(client_id, "client id")
+        return f"{self.root}/agents/+/inbox/{client}"
 
     def probe(self, agent_id: str) -> str:
         return self._agent(agent_id, "probe")
@@ -176,6 +190,8 @@ class Topics:
             rest = "/".join(parts[2:])
             if rest in _AGENT_KINDS:
                 return ParsedTopic(_AGENT_KINDS[rest], agent_id=parts[1])
+            if len(parts) == 4 and parts[2] == "inbox" and _ID_RE.match(parts[3]):
+                return ParsedTopic(Kind.INBOX, agent_id=parts[1], name=parts[3])
             if len(parts) == 4 and parts[2] in ("cmd", "cmd-res") and _CMD_RE.match(parts[3]):
                 kind = Kind.CMD if parts[2] == "cmd" else Kind.CMD_RESULT
                 return ParsedTopic(kind, agent_id=parts[1], name=parts[3])

@@ -176,7 +176,7 @@ def test_garbage_on_every_topic_leaves_agent_running(fleet, topics, watcher_fact
         topics.cmd(agent, "ping"),
         topics.cmd(agent, "calibrate"),
         topics.cmd(agent, "bogus"),
-        topics.inbox(agent),
+        topics.inbox(agent, "fuzzer"),
         topics.probe(agent),
     ]
     for topic in listened:

@@ -110,7 +110,7 @@ def test_chunks_rewritten_by_another_msgpack_writer_still_reassemble():
 
 
 def test_a_missing_chunk_never_completes_and_then_times_out():
-    reassembler = Reassembler(max_age_s=30.0)
+    reassembler = Reassembler(max_age_s=30.0, idle_s=60.0)
     chunks = _encode(os.urandom(10_000), chunk_size=1024)
     results = _feed_all(reassembler, chunks[:4] + chunks[5:], now=100.0)
     assert results == [None] * (len(chunks) - 1)

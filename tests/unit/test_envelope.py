@@ -187,14 +187,16 @@ def test_remote_stage_error_keeps_what_the_agent_said() -> None:
 # -- the agent answers every bad request with a typed error reply ---------------------------
 
 
-def _agent_reply(meta: dict[str, object], stage: int = 0) -> tuple[str, ErrorReply | None]:
-    """Run one inbound transfer through an agent that has no stage loaded."""
+def _agent_reply(
+    meta: dict[str, object], stage: int = 0, sender: str = "c"
+) -> tuple[str, ErrorReply | None]:
+    """Run one inbound transfer from client ``sender`` through an agent with no stage loaded."""
     plane = DataPlane("pi-1", None, Topics("t"), StageRuntime())  # type: ignore[arg-type]
     try:
         chunks = encode_transfer(b"", request_id="r", kind="request", stage=stage, meta=meta)
         done = Reassembler().feed(chunks.chunks[0], 0.0)
         assert isinstance(done, Completed)
-        out = plane._compute(Job(done, received_at=0.0, recv_s=0.0), started=0.0)
+        out = plane._compute(Job(done, received_at=0.0, recv_s=0.0, client_id=sender), started=0.0)
     finally:
         plane.close()
     if not out.chunks:
@@ -232,6 +234,16 @@ def test_an_envelope_of_wrong_types_is_answered_with_a_decode_error() -> None:
     assert "route" in reply.error
 
 
-def test_an_envelope_without_a_valid_reply_to_gets_no_reply() -> None:
-    topic, reply = _agent_reply({**codec.to_wire(ENV), "reply_to": 5})
+def test_the_reply_goes_to_the_sender_named_by_the_topic_not_the_envelope() -> None:
+    env = RequestEnvelope(route=[RouteHop("pi-1", "a" * 64)], reply_to="victim")
+    topic, reply = _agent_reply(codec.to_wire(env), sender="c")
+    assert topic == Topics("t").client_results("c")
+    assert reply is not None and reply.retryable is False and "'victim'" in reply.error
+    topic, reply = _agent_reply({**codec.to_wire(ENV), "reply_to": 5}, sender="c")
+    assert topic == Topics("t").client_results("c") and reply is not None
+    assert reply.code == "decode"
+
+
+def test_a_request_without_a_valid_sender_gets_no_reply() -> None:
+    topic, reply = _agent_reply(codec.to_wire(ENV), sender="")
     assert (topic, reply) == ("", None)

@@ -57,7 +57,7 @@ def test_agent_publishes_only_its_own_topics_and_the_data_path(setup: MosquittoS
         t.telemetry("pi-1"),
         t.assignment_reported("pi-1"),
         t.cmd_result("pi-1", "calibrate"),
-        t.inbox("pi-2"),
+        t.inbox("pi-2", "app"),
         t.client_results("app"),
         t.artifact_get(SHA),
     ):
@@ -81,7 +81,7 @@ def test_agent_reads_its_own_orders_and_shared_state_only(setup: MosquittoSetup)
     for topic in (
         t.assignment_desired("pi-1"),
         t.cmd("pi-1", "calibrate"),
-        t.inbox("pi-1"),
+        t.inbox("pi-1", "app"),
         t.artifact_data(SHA),
         t.plan("mobilenet"),
         t.planner_status(),
@@ -90,7 +90,7 @@ def test_agent_reads_its_own_orders_and_shared_state_only(setup: MosquittoSetup)
     for topic in (
         t.assignment_desired("pi-2"),
         t.cmd("pi-2", "calibrate"),
-        t.inbox("pi-2"),
+        t.inbox("pi-2", "app"),
         t.telemetry("pi-2"),
         t.client_results("app"),
     ):
@@ -101,7 +101,7 @@ def test_planner_monitor_and_client_roles(setup: MosquittoSetup) -> None:
     t, acl = Topics(), render_acl(setup)
     every = [
         t.status("pi-1"),
-        t.inbox("pi-2"),
+        t.inbox("pi-2", "app"),
         t.plan("m"),
         t.client_results("app"),
         t.cmd("pi-1", "x"),
@@ -112,7 +112,7 @@ def test_planner_monitor_and_client_roles(setup: MosquittoSetup) -> None:
         assert evaluate(acl, "monitor", topic, "read")
         assert not evaluate(acl, "monitor", topic, "write")
     assert not evaluate(acl, "monitor", t.status("monitor"), "write")
-    assert evaluate(acl, "app", t.inbox("pi-1"), "write")
+    assert evaluate(acl, "app", t.inbox("pi-1", "app"), "write")
     assert evaluate(acl, "app", t.client_results("app"), "read")
     assert evaluate(acl, "app", t.plan("mobilenet"), "read")
     assert not evaluate(acl, "app", t.client_results("other"), "read")

@@ -190,7 +190,7 @@ def test_malformed_messages_on_every_topic_are_counted_and_survived(tmp_path: Pa
                 await vandal.publish(topic, b"\xc1 not msgpack", qos=1)
             wrong = AssignmentDesired("someone-else", "p", 1)
             await vandal.publish(T.assignment_desired("a1"), codec.encode(wrong), qos=1)
-            await vandal.publish(T.inbox("a1"), b"garbage chunk", qos=1)
+            await vandal.publish(T.inbox("a1", "vandal"), b"garbage chunk", qos=1)
             await eventually(lambda: service.malformed >= 4, what="malformed count")
             assert (await _command(broker, "a1", "ping")).ok
             assert not service.dataplane.queue_depth
