@@ -11,6 +11,11 @@ telemetry interval the agent's **stage worker** spent computing (``Telemetry.bus
 0..1). That is what says whether more requests fit on the agent; host CPU use (which
 counts the agent's own MQTT loop and anything else on the device) stays
 ``Telemetry.cpu_percent``: the monitor shows it, nothing calls it load.
+
+What "usable" means, in one place: online (any other state -- ``offline``, ``draining``,
+whatever a newer agent says -- means "send it nothing new") with an ``info`` of the
+current session. The planner's own liveness (``planner/status``) is folded too: a client
+tells "nobody will re-plan" from it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from edgeslice.broker.protocol.messages import (
     AssignmentReported,
     Info,
     PlanMessage,
+    PlannerStatus,
     Status,
     Telemetry,
 )
@@ -38,6 +44,7 @@ class AgentState:
 
     agent_id: str
     online: bool = False
+    state: str = ""  # as the agent said: online, offline, draining, ...
     session: int = 0
     offline_reason: str = ""
     info: Info | None = None
@@ -71,6 +78,7 @@ class FleetState:
         self.stale_after_s = stale_after_s
         self.agents: dict[str, AgentState] = {}
         self.plans: dict[str, PlanMessage] = {}
+        self.planner: PlannerStatus | None = None  # None: never heard of / cleared
 
     def usable_ids(self) -> frozenset[str]:
         return frozenset(a.agent_id for a in self.agents.values() if a.usable)
@@ -95,6 +103,9 @@ class FleetState:
                 plan = codec.decode(payload, PlanMessage)
                 self.plans[plan.model] = plan
             return None
+        if parsed.kind is Kind.PLANNER_STATUS:
+            self.planner = codec.decode(payload, PlannerStatus) if payload else None
+            return None
         if not parsed.agent_id or not payload:
             return None
         kind = parsed.kind
@@ -102,6 +113,7 @@ class FleetState:
             status = codec.decode(payload, Status)
             state = self._agent(parsed.agent_id)
             state.online = status.state == ONLINE
+            state.state = status.state
             state.session = status.session
             state.offline_reason = "" if state.online else status.reason
         elif kind is Kind.INFO:

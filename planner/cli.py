@@ -39,7 +39,8 @@ def _fail(exc: Exception) -> click.ClickException:
     type=int,
     default=1,
     show_default=True,
-    help="Wait for this many agents before the first plan.",
+    help="Wait for this many agents before the first plan; afterwards the best plan on "
+    "the agents left is always served (or withdrawn, saying why, when none is possible).",
 )
 @click.option(
     "--max-segments",
@@ -68,7 +69,7 @@ def _fail(exc: Exception) -> click.ClickException:
     type=float,
     default=2.0,
     show_default=True,
-    help="Seconds of quiet after agents join/leave before re-planning.",
+    help="Seconds of quiet after agents join before re-planning (a leave re-plans at once).",
 )
 @click.option(
     "--strategy",
@@ -76,6 +77,14 @@ def _fail(exc: Exception) -> click.ClickException:
     default="edgeslice",
     show_default=True,
     help="Partitioner: edgeslice's DP, or a baseline (for side-by-side benchmarks).",
+)
+@click.option(
+    "--clear-plan-on-exit/--keep-plan-on-exit",
+    default=False,
+    show_default=True,
+    envvar="EDGESLICE_CLEAR_PLAN_ON_EXIT",
+    help="On SIGTERM/Ctrl-C clear the retained plan (the fleet is retired), or keep it: "
+    "agents serve on and a restarted planner adopts it if still valid.",
 )
 def planner_cmd(
     settings: BrokerSettings,
@@ -88,6 +97,7 @@ def planner_cmd(
     fleet_key_file: str | None,
     replan_delay: float,
     strategy: str,
+    clear_plan_on_exit: bool,
 ) -> None:
     """Run the planner for one model until SIGTERM/Ctrl-C.
 
@@ -110,6 +120,7 @@ def planner_cmd(
                 fleet_key_file=fleet_key_file,
                 replan_delay_s=replan_delay,
                 strategy=strategy,
+                clear_plan_on_exit=clear_plan_on_exit,
                 compression=None if compression == "none" else compression,
             ),
             # one line per plan on stderr, shown without -v (logging defaults to WARNING)

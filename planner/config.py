@@ -28,6 +28,9 @@ class PlannerConfig:
     compression: str | None = None  # activation compression between stages: None|fp16|int8
     planner_id: str = "planner"
     strategy: str = "edgeslice"  # or a baseline of planner.partition.STRATEGIES (benchmarks)
+    # on stop, clear the retained plan (the fleet is retired) instead of keeping it for the
+    # agents to serve on and a restarted planner to adopt
+    clear_plan_on_exit: bool = False
 
     def __post_init__(self) -> None:
         if self.objective not in ("latency", "throughput"):

@@ -1,20 +1,31 @@
 """The planner service: tracks the fleet, plans, publishes assignments and serves artifacts.
 
-Start-up loads and profiles the model (torch, off the event loop). Then every change in
-the set of usable agents (online with a current ``info``) re-plans after a short quiet
-period (``replan_delay_s``, so a fleet booting up yields one plan, not five): the pure
-partitioner picks stages and agents, :func:`planner.stages.build_stages` cuts and signs
-the artifacts (cached, so a known cut only re-signs), each agent gets its retained
-``assignment/desired``, and ``plans/{model}`` is published with ``ready=False``; once
-every agent of the plan reports ``ready`` for that version it is republished with
-``ready=True``. Clients route by the ready plan. An agent that reports an error is left
-out of the next plan until it restarts. Artifacts are served by planner/artifact_server.py;
-each new plan is also handed to ``on_plan`` (the CLI prints :func:`describe_plan`).
+Start-up loads and prices the model, connects, rebuilds its view from the retained topics
+and adopts a plan retained by an earlier planner when it is still valid (same model,
+strategy, compression; its agents online and ready for it; its cut rebuilds to the same
+artifact shas: planner/startup.py), serving it on under the same plan id and version;
+otherwise the plan is cleared and a new one made, numbered on from it.
+
+Re-planning follows planner/replan.py: a join waits for ``replan_delay_s`` of quiet, a
+leave (or an error from an agent of a new plan) re-plans at once, ``min_agents`` gates
+only the first plan, a failed agent sits out with a growing back-off, an agent busy far
+above the rest for long is planned with its effective rate. A plan: the partitioner picks
+stages and agents, :func:`planner.stages.build_stages` cuts and signs artifacts (cached
+per cut), agents get their retained ``assignment/desired``, ``plans/{model}`` goes out
+with ``ready=False`` and again with ``ready=True`` once every agent reports ready. A
+re-plan giving the layout already served publishes nothing; when no plan is possible the
+plan is **withdrawn** (no stages, a ``reason``: clients fail at once saying why).
+
+After every (re)connect all retained state is published again (planner/retained.py). On
+stop the plan is kept (agents serve on; a restarted planner adopts it) and the status says
+``offline``; ``clear_plan_on_exit`` clears it instead (the fleet is retired).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -25,37 +36,22 @@ from edgeslice.broker.client import Will
 from edgeslice.broker.fleetkey import key_fingerprint, load_signing_key
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.errors import PlanningError
-from edgeslice.broker.protocol.messages import (
-    OFFLINE,
-    ONLINE,
-    AssignmentDesired,
-    PlanMessage,
-    PlannerStatus,
-    PlanStage,
-    StageAssignment,
-)
+from edgeslice.broker.protocol.messages import OFFLINE, ONLINE, PlanMessage, PlannerStatus
 from edgeslice.broker.protocol.topics import Kind, Topics
 from edgeslice.broker.transport import TransportFactory, mqtt_transport
+from edgeslice.planner import replan, retained
 from edgeslice.planner.artifact_server import ArtifactServer
 from edgeslice.planner.config import PlannerConfig
-from edgeslice.planner.costmodel import CostParams, stage_period_s
-from edgeslice.planner.partition import STRATEGIES, Objective, Plan, plan_partition
+from edgeslice.planner.costmodel import CostParams, Device
+from edgeslice.planner.partition import STRATEGIES, Objective, plan_partition
 from edgeslice.planner.registry import Registry
+from edgeslice.planner.replan import JOIN, LEAVE
+from edgeslice.planner.retained import describe_plan
+from edgeslice.planner.startup import examine_retained, load_and_price
+
+__all__ = ["PlannerService", "describe_plan"]
 
 log = logging.getLogger(__name__)
-
-
-def describe_plan(plan: PlanMessage) -> str:
-    """One line per published plan: version, model, stages with their agents, prediction."""
-    stages = " ".join(
-        f"[{s.start_segment}-{s.end_segment - 1} on {','.join(s.agents)}]" for s in plan.stages
-    )
-    count = len(plan.stages)
-    return (
-        f"plan v{plan.plan_version} for {plan.model}: {count} stage{'s' * (count != 1)} "
-        f"{stages}; predicted {plan.predicted_period_s * 1e3:.1f} ms/req, "
-        f"{plan.predicted_latency_s * 1e3:.1f} ms latency ({plan.objective})"
-    )
 
 
 class PlannerService:
@@ -82,82 +78,109 @@ class PlannerService:
         self.loaded: Any = None
         self.profile: Any = None
         self.cost: Any = None  # the profile's ModelCost with measured, timed segment costs
-        self.plan: Plan | None = None
         self.plan_message: PlanMessage | None = None
         self.assigned: dict[str, list[int]] = {}
-        self.excluded: dict[str, int] = {}  # agent -> session in which it failed
+        self.served = False  # a plan was served: min_agents no longer applies
+        self.schedule = replan.ReplanSchedule(config.replan_delay_s)
+        self.backoff = replan.Backoff()
+        self.loadshift = replan.LoadShift()
         self.on_plan = on_plan
-        self._replan = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._load_checked = 0.0
         self.client = (transport or mqtt_transport(config.broker))(
             f"planner-{config.planner_id}-{uuid.uuid4().hex[:6]}",
             will=Will(self.topics.planner_status(), codec.encode(PlannerStatus(state=OFFLINE))),
             on_connect=self._on_connect,
         )
+        self.retained = retained.RetainedState(self.client, self.topics)
         self.artifacts = ArtifactServer(self.client, self.topics)
 
     # -- lifecycle -------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        from edgeslice.planner.modelspec import load_model
-        from edgeslice.planner.profile import profile_model
-        from edgeslice.planner.timing import timed_cost
-
-        started = time.perf_counter()
-        self.loaded = await asyncio.to_thread(load_model, self.config.model_spec)
+        self.loaded, self.profile, self.cost = await asyncio.to_thread(
+            load_and_price, self.config.model_spec, self.config.max_segments
+        )
         self.model_name = self.loaded.name
-        self.profile = await asyncio.to_thread(
-            profile_model,
-            self.loaded.module,
-            self.loaded.example_inputs,
-            self.config.max_segments,
-            self.model_name,
-        )
-        # price segments by their measured time, not raw FLOPs (see planner/timing.py)
-        self.cost, reference = await asyncio.to_thread(
-            timed_cost, self.profile, self.loaded.example_inputs
-        )
-        log.info(
-            "planner model=%s segments=%d profiled and timed in %.1fs (%.2f GFLOP "
-            "calibration-equivalent at %.1f GFLOP/s here; %.2f GFLOP counted)",
-            self.model_name,
-            len(self.profile.segments),
-            time.perf_counter() - started,
-            sum(seg.flops for seg in self.cost.segments) / 1e9,
-            reference,
-            self.profile.total_flops / 1e9,
-        )
         await self.client.connect()
-        # a plan retained by an earlier planner names stages agents may no longer hold
-        await self.client.publish(self.topics.plan(self.model_name), b"", qos=1, retain=True)
-        tasks = [asyncio.create_task(self._consume()), asyncio.create_task(self._planning_loop())]
+        tasks = [asyncio.create_task(self._consume())]
         try:
+            adopted = await self._adopt_or_clear()  # the retained view comes via _consume
+            tasks.append(asyncio.create_task(self._planning_loop()))
+            if not adopted:
+                self._request(LEAVE)  # plan now on the agents already known
             await stop.wait()
         finally:
             for task in tasks:
                 task.cancel()
             self.artifacts.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            # nobody serves or re-plans this plan any more: clients must not route by it
-            await self.client.publish(
-                self.topics.plan(self.model_name), b"", qos=1, retain=True, timeout=5.0
-            )
-            await self.client.publish(
-                self.topics.planner_status(),
-                codec.encode(PlannerStatus(state=OFFLINE, ts=time.time())),
-                qos=1,
-                retain=True,
-                timeout=5.0,
-            )
-            await self.client.close()
+            await self._shutdown()
+
+    async def _adopt_or_clear(self) -> bool:
+        """Serve on a valid plan retained by an earlier planner, else clear it (module doc)."""
+        started = time.perf_counter()
+        found = await examine_retained(
+            self.registry.fleet,
+            self.model_name,
+            self.config.strategy,
+            self.config.compression or "",
+            self.loaded,
+            self.profile,
+            self.key,
+        )
+        plan = found.plan
+        if plan is None:
+            return False
+        if found.problem is not None:
+            log.info("planner not adopting retained plan v%d: %s", plan.plan_version, found.problem)
+            self.version = plan.plan_version  # number on from it, under a new plan id
+            # its stages may not be what this planner would cut: nobody routes by it now
+            await self.retained.clear_plan(self.model_name)
+            return False
+        for art in found.artifacts:
+            self.artifacts.add(art.sha256, art.data)
+        self.plan_id, self.version, self.plan_message = plan.plan_id, plan.plan_version, plan
+        self.assigned = {}
+        for stage in plan.stages:
+            for agent_id in stage.agents:
+                self.assigned.setdefault(agent_id, []).append(stage.stage)
+        for agent_id, payload in found.desired.items():
+            self.retained.adopt_desired(agent_id, payload)
+        self.retained.plan = (self.topics.plan(self.model_name), codec.encode(plan))
+        self.served = True
+        await self._publish_status()
+        log.info(
+            "planner adopted the retained plan v%d (%s) in %.2fs",
+            self.version,
+            self._summary(),
+            time.perf_counter() - started,
+        )
+        return True
+
+    async def _shutdown(self) -> None:
+        if self.config.clear_plan_on_exit:
+            # the fleet is retired: clients must not route by this plan any more
+            await self.retained.clear_plan(self.model_name, timeout=5.0)
+            summary = "stopped; plan cleared"
+        else:
+            summary = f"stopped; plan v{self.version} kept for its agents ({self._summary()})"
+        status = dataclasses.replace(self._status(summary), state=OFFLINE)
+        await self.retained.publish_status(status, timeout=5.0)
+        await self.client.close()
 
     async def _on_connect(self) -> None:
         t = self.topics
-        for suffix in ("status", "info", "telemetry", "assignment/reported"):
+        for suffix in ("status", "info", "telemetry", "assignment/reported", "assignment/desired"):
             await self.client.subscribe(t.all_agents(suffix), qos=1)
+        await self.client.subscribe(t.plan(self.model_name), qos=1)
         await self.client.subscribe(t.all_artifact_gets(), qos=1)
-        await self._publish_status()
+        if self.retained.status is None:
+            await self._publish_status()
+        else:  # a reconnect: the broker may have lost every retained message (no persistence)
+            await self.retained.republish()
 
-    async def _publish_status(self, summary: str = "") -> None:
-        status = PlannerStatus(
+    def _status(self, summary: str = "") -> PlannerStatus:
+        return PlannerStatus(
             state=ONLINE,
             planner_id=self.config.planner_id,
             model=self.model_name,
@@ -166,16 +189,12 @@ class PlannerService:
             summary=summary or self._summary(),
             ts=time.time(),
         )
-        await self.client.publish(
-            self.topics.planner_status(), codec.encode(status), qos=1, retain=True
-        )
+
+    async def _publish_status(self, summary: str = "") -> None:
+        await self.retained.publish_status(self._status(summary))
 
     def _summary(self) -> str:
-        if self.plan_message is None:
-            return f"waiting for {self.config.min_agents} agent(s)"
-        stages = ", ".join(f"{s.stage}:{'+'.join(s.agents)}" for s in self.plan_message.stages)
-        state = "ready" if self.plan_message.ready else "loading"
-        return f"v{self.version} {state}: {stages}"
+        return retained.summarize(self.plan_message, self.config.min_agents)
 
     # -- messages ----------------------------------------------------------------
     async def _consume(self) -> None:
@@ -185,12 +204,37 @@ class PlannerService:
                 if parsed.kind is Kind.ARTIFACT_GET:
                     self.artifacts.on_get(parsed.name)
                     continue
-                if self.registry.apply(msg.topic, msg.payload, time.time()):
-                    self._replan.set()
+                before = self.registry.usable_ids()
+                self.registry.apply(msg.topic, msg.payload, time.time())
+                change = replan.classify(before, self.registry.usable_ids())
+                if change is not None:
+                    self._request(change)
                 if parsed.kind is Kind.ASSIGNMENT_REPORTED:
                     await self._on_reported(parsed.agent_id)
+                elif parsed.kind is Kind.TELEMETRY:
+                    self._check_load()
             except Exception as exc:
                 log.warning("planner dropped message on %s: %s", msg.topic, exc)
+
+    def _request(self, change: str) -> None:
+        """Ask for a re-plan: now for a leave, after a quiet period for a join."""
+        now = time.monotonic()
+        if change == LEAVE:
+            self.schedule.leave(now)
+        else:
+            self.schedule.join(now)
+        self._wake.set()
+
+    def _check_load(self) -> None:
+        """At most once a second: has an agent been busy far above the rest for long?"""
+        now = time.time()
+        if now - self._load_checked < 1.0 or not self.served:
+            return
+        self._load_checked = now
+        loads = {a: self.registry.load(a, now) for a in self.registry.usable_ids()}
+        if self.loadshift.observe(loads, now):
+            log.info("planner load shift: derated agents now %s", self.loadshift.derated or "none")
+            self._request(JOIN)
 
     async def _on_reported(self, agent_id: str) -> None:
         view = self.registry.agents.get(agent_id)
@@ -201,16 +245,26 @@ class PlannerService:
         if rep.plan_id != self.plan_id or rep.plan_version != self.version:
             return
         if rep.state == "error":
-            log.error("agent=%s cannot run plan v%d: %s", agent_id, self.version, rep.error)
-            self.excluded[agent_id] = view.session
-            self._replan.set()
+            wait = self.backoff.fail(agent_id, view.session, time.time())
+            log.error(
+                "agent=%s cannot run plan v%d: %s; re-planning without it, retried in %.0fs",
+                agent_id,
+                self.version,
+                rep.error,
+                wait,
+            )
+            self._request(LEAVE)
+            asyncio.get_running_loop().call_later(wait + 0.01, self._request, JOIN)
             return
-        if plan.ready:
+        if rep.state == "ready":
+            self.backoff.clear(agent_id)
+        if plan.ready or not plan.stages:
             return
         waiting = [a for a in self.assigned if self.assigned[a] and not self._reported_ready(a)]
         if self.assigned and not waiting:
-            self.plan_message = PlanMessage(**{**plan.__dict__, "ready": True, "ts": time.time()})
-            await self._publish_plan()
+            self.plan_message = dataclasses.replace(plan, ready=True, ts=time.time())
+            await self.retained.publish_plan(self.plan_message)
+            await self._publish_status()
             log.info("plan model=%s v%d ready: %s", self.model_name, self.version, self._summary())
 
     def _reported_ready(self, agent_id: str) -> bool:
@@ -226,40 +280,57 @@ class PlannerService:
     # -- planning ------------------------------------------------------------------
     async def _planning_loop(self) -> None:
         while True:
-            await self._replan.wait()
-            await asyncio.sleep(self.config.replan_delay_s)  # let a burst of joins settle
-            self._replan.clear()
+            self._wake.clear()
+            wait = self.schedule.wait_s(time.monotonic())
+            if wait is None:
+                await self._wake.wait()
+                continue
+            if wait > 0:  # a join's quiet period: a new change may shorten or extend it
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                continue
+            self.schedule.take(time.monotonic())
             try:
                 await self._make_plan()
             except PlanningError as exc:
                 log.error("planning model=%s failed: %s", self.model_name, exc)
-                await self._publish_status(f"cannot plan: {exc}")
+                await self._withdraw(f"no plan fits the usable agents: {exc}")
             except Exception:
                 log.exception(
                     "planning model=%s crashed; will retry on the next change", self.model_name
                 )
 
-    def _candidates(self, now: float) -> list[Any]:
-        devices = self.registry.devices(now)
-        return [
-            d
-            for d in devices
-            if self.excluded.get(d.agent_id) != self.registry.agents[d.agent_id].session
-        ]
+    def _candidates(self, now: float) -> tuple[list[Device], list[str]]:
+        """Devices to plan on (derated ones with their effective rate), and who sits out."""
+        out, sitting_out = [], []
+        for d in self.registry.devices(now):
+            if not self.backoff.eligible(d.agent_id, self.registry.agents[d.agent_id].session, now):
+                sitting_out.append(d.agent_id)
+                continue
+            derate = self.loadshift.derated.get(d.agent_id)
+            out.append(d if derate is None else dataclasses.replace(d, load=derate))
+        return out, sitting_out
 
     async def _make_plan(self) -> None:
         from edgeslice.planner.stages import build_stages
 
-        devices = self._candidates(time.time())
-        if len(devices) < self.config.min_agents:
-            log.info(
-                "planner waiting: %d usable agent(s), need %d", len(devices), self.config.min_agents
-            )
-            await self._publish_status()
+        started = time.perf_counter()
+        now = time.time()
+        devices, sitting_out = self._candidates(now)
+        gate = replan.first_plan_gate(len(devices), self.config.min_agents, self.served)
+        if gate is not None:
+            log.info("planner %s", gate)
+            await self._publish_status(gate)
+            return
+        if not devices:
+            why = "no usable agent"
+            if sitting_out:
+                why += f" ({', '.join(sitting_out)} sitting out after an assignment error)"
+            await self._withdraw(why)
             return
         cost = self.cost
-        now = time.time()
-        previous = self.plan_message.stages if self.plan_message is not None else []
+        current = self.plan_message
+        previous = current.stages if current is not None else []
         params = CostParams(correction=self.registry.correction(cost, previous, now))
         if self.config.strategy == "edgeslice":
             objective = cast(Objective, self.config.objective)
@@ -269,8 +340,6 @@ class PlannerService:
         else:  # a baseline, priced by the same cost model so predictions stay comparable
             plan = STRATEGIES[self.config.strategy](cost, devices, params)
         boundaries = [s.start for s in plan.stages] + [len(cost.segments)]
-        by_id = {d.agent_id: d for d in devices}
-        started = time.perf_counter()
         artifacts = await asyncio.to_thread(
             build_stages,
             self.loaded.module,
@@ -279,34 +348,15 @@ class PlannerService:
             boundaries,
             self.key,
         )
-        self.version += 1
         for art in artifacts:
             self.artifacts.add(art.sha256, art.data)
-        log.info(
-            "plan model=%s v%d built %d artifacts in %.1fs",
-            self.model_name,
-            self.version,
-            len(artifacts),
-            time.perf_counter() - started,
-        )
-        self.plan = plan
-        stages = [
-            PlanStage(
-                stage=s.index,
-                start_segment=s.start,
-                end_segment=s.end,
-                agents=list(s.agents),
-                artifact=art.sha256,
-                predicted_compute_s=s.compute_s,
-                predicted_transfer_s=s.in_transfer_s,
-                out_bytes=cost.segments[s.end - 1].out_bytes,
-                replica_period_s=[
-                    stage_period_s(cost, s.start, s.end, by_id[a], params) for a in s.agents
-                ],
-                param_bytes=art.param_bytes,
-            )
-            for s, art in zip(plan.stages, artifacts, strict=True)
-        ]
+        stages = retained.plan_stages(plan, artifacts, cost, devices, params)
+        if current is not None and replan.layout(current) == tuple(
+            (s.start_segment, s.end_segment, tuple(s.agents), s.artifact) for s in stages
+        ):
+            log.info("plan model=%s v%d unchanged: still served", self.model_name, self.version)
+            return
+        self.version += 1
         self.plan_message = PlanMessage(
             model=self.model_name,
             plan_id=self.plan_id,
@@ -321,51 +371,35 @@ class PlannerService:
             ready=False,
             ts=time.time(),
         )
-        await self._publish_assignments(artifacts)
-        await self._publish_plan()
+        self.served = True
+        # set before publishing: reports for this version may arrive while we publish
+        wanted = retained.desired_assignments(plan, artifacts)
+        self.assigned = {a: [s.stage for s in st] for a, st in wanted.items()}
+        await self.retained.publish_assignments(
+            self.plan_id, self.version, self.model_name, wanted, self.registry.usable_ids()
+        )
+        await self.retained.publish_plan(self.plan_message)
         await self._publish_status()
-        log.info("%s", describe_plan(self.plan_message))
+        log.info(
+            "%s (built and published in %.2fs)",
+            describe_plan(self.plan_message),
+            time.perf_counter() - started,
+        )
         if self.on_plan is not None:
             self.on_plan(self.plan_message)
 
-    async def _publish_assignments(self, artifacts: list[Any]) -> None:
-        assert self.plan is not None
-        wanted: dict[str, list[StageAssignment]] = {}
-        for stage, art in zip(self.plan.stages, artifacts, strict=True):
-            for agent_id in stage.agents:
-                wanted.setdefault(agent_id, []).append(
-                    StageAssignment(
-                        stage=stage.index,
-                        artifact=art.sha256,
-                        size=art.size,
-                        start_segment=stage.start,
-                        end_segment=stage.end,
-                        input_specs=[s.to_wire() for s in art.input_specs],
-                        output_specs=[s.to_wire() for s in art.output_specs],
-                    )
-                )
-        usable = self.registry.usable_ids()
-        previous = set(self.assigned)
-        # set before publishing: reports for this version may arrive while we publish
-        self.assigned = {a: [s.stage for s in st] for a, st in wanted.items()}
-        for agent_id in sorted(previous | usable | set(wanted)):
-            topic = self.topics.assignment_desired(agent_id)
-            if agent_id not in usable and agent_id not in wanted:
-                # gone: clear its retained assignment so it does not load a stale plan
-                await self.client.publish(topic, b"", qos=1, retain=True)
-                continue
-            desired = AssignmentDesired(
-                agent_id=agent_id,
-                plan_id=self.plan_id,
-                plan_version=self.version,
-                model=self.model_name,
-                stages=wanted.get(agent_id, []),
-                ts=time.time(),
-            )
-            await self.client.publish(topic, codec.encode(desired), qos=1, retain=True)
-
-    async def _publish_plan(self) -> None:
-        assert self.plan_message is not None
-        await self.client.publish(
-            self.topics.plan(self.model_name), codec.encode(self.plan_message), qos=1, retain=True
+    async def _withdraw(self, reason: str) -> None:
+        """No plan is possible: publish a plan with no stages and the reason (once)."""
+        current = self.plan_message
+        if current is not None and not current.stages and current.reason == reason:
+            return
+        self.version += 1
+        self.assigned = {}
+        self.plan_message = retained.withdrawn_plan(
+            self.model_name, self.plan_id, self.version, self.config, reason
         )
+        log.error("plan model=%s v%d withdrawn: %s", self.model_name, self.version, reason)
+        await self.retained.publish_plan(self.plan_message)
+        await self._publish_status()
+        if self.on_plan is not None:
+            self.on_plan(self.plan_message)

@@ -202,6 +202,10 @@ class PlanMessage(Message):
     compression: str = ""
     ready: bool = False  # every agent reported the assignment as ready
     ts: float = 0.0
+    # set (with no stages) when the planner can serve no plan on the agents it has: the plan
+    # is withdrawn and clients fail at once with this reason instead of waiting (an older
+    # client ignores the field and sees a plan that never becomes ready)
+    reason: str = ""
 
 
 class RouteHop(NamedTuple):

@@ -1,0 +1,216 @@
+"""When to re-plan, and on which agents: the planner's pure re-planning policy.
+
+Everything here is a plain value or class over the clock it is handed (no I/O, no
+asyncio), so each rule is unit-tested in tests/unit/test_replan.py:
+
+* :class:`ReplanSchedule`: a **join** waits for ``delay_s`` of quiet (a booting fleet
+  yields one plan, not five); a **leave** (last will, ``offline``, ``draining`` or any
+  other non-online state, or an error from an agent of the new plan) re-plans at once.
+* :func:`first_plan_gate`: ``--min-agents`` gates the first plan only; afterwards the
+  planner always serves the best plan on the agents it has.
+* :class:`Backoff`: an agent that failed an assignment sits out 5 s, 10 s, 20 s ...
+  (capped), not until the planner restarts; a new session (restarted agent) is eligible at
+  once, and a ``ready`` report clears its record.
+* :func:`layout` / :func:`adopt_problem`: whether a freshly planned layout is the one being
+  served (then nothing is republished), and whether a plan retained by an earlier planner
+  may be adopted as is.
+* :class:`LoadShift`: an agent whose stage worker stays busy above ``high`` for
+  ``hold_s`` while the rest of the fleet is not (a CPU hog beside it) is planned with its
+  effective rate; it gets its work back only after staying below ``low`` for the longer
+  ``recover_s`` (hysteresis: plans do not flap).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from edgeslice.broker.fleetstate import AgentState
+from edgeslice.broker.protocol.messages import PlanMessage
+
+JOIN = "join"
+LEAVE = "leave"
+
+
+def classify(before: frozenset[str], after: frozenset[str]) -> str | None:
+    """How the set of usable agents changed: LEAVE if any left, JOIN if only joins."""
+    if before - after:
+        return LEAVE
+    if after - before:
+        return JOIN
+    return None
+
+
+@dataclass
+class ReplanSchedule:
+    """When the next re-plan is due (``None``: none pending); see the module docstring."""
+
+    delay_s: float
+    due: float | None = None
+
+    def join(self, now: float) -> None:
+        """An agent joined (or came back): re-plan after ``delay_s`` of quiet."""
+        if self.due is not None and self.due <= now:
+            return  # a leave already asked for a re-plan now: it includes this join
+        self.due = now + self.delay_s
+
+    def leave(self, now: float) -> None:
+        """An agent of the fleet left or failed: re-plan now."""
+        self.due = now if self.due is None else min(self.due, now)
+
+    def wait_s(self, now: float) -> float | None:
+        """Seconds until the re-plan is due (0: now), None when none is pending."""
+        return None if self.due is None else max(0.0, self.due - now)
+
+    def take(self, now: float) -> bool:
+        """True (and forget it) when a re-plan is due at ``now``."""
+        if self.due is None or self.due > now:
+            return False
+        self.due = None
+        return True
+
+
+def first_plan_gate(usable: int, min_agents: int, served_before: bool) -> str | None:
+    """Why the planner must not plan yet (None: plan). Only the first plan waits."""
+    if served_before or usable >= min_agents:
+        return None
+    return f"waiting for the first plan: {usable} usable agent(s), need {min_agents}"
+
+
+@dataclass(frozen=True)
+class BackoffConfig:
+    base_s: float = 5.0
+    factor: float = 2.0
+    cap_s: float = 60.0
+
+
+@dataclass
+class _Failure:
+    session: int
+    count: int
+    until: float
+
+
+@dataclass
+class Backoff:
+    """Agents sitting out after a failed assignment; see the module docstring."""
+
+    config: BackoffConfig = field(default_factory=BackoffConfig)
+    failures: dict[str, _Failure] = field(default_factory=dict)
+
+    def fail(self, agent_id: str, session: int, now: float) -> float:
+        """Record a failure; returns how long the agent now sits out."""
+        prev = self.failures.get(agent_id)
+        count = prev.count + 1 if prev is not None and prev.session == session else 1
+        c = self.config
+        wait = min(c.cap_s, c.base_s * c.factor ** (count - 1))
+        self.failures[agent_id] = _Failure(session, count, now + wait)
+        return wait
+
+    def eligible(self, agent_id: str, session: int, now: float) -> bool:
+        """May the agent be planned on? Yes after its back-off, or at once in a new session."""
+        rec = self.failures.get(agent_id)
+        return rec is None or rec.session != session or now >= rec.until
+
+    def clear(self, agent_id: str) -> None:
+        """The agent reported ready: forget its failures."""
+        self.failures.pop(agent_id, None)
+
+    def next_expiry(self, now: float) -> float | None:
+        """The earliest time an agent's back-off ends after ``now`` (to re-plan then)."""
+        ends = [f.until for f in self.failures.values() if f.until > now]
+        return min(ends) if ends else None
+
+
+Layout = tuple[tuple[int, int, tuple[str, ...], str], ...]
+
+
+def layout(plan: PlanMessage | None) -> Layout:
+    """What a plan runs where: per stage (start, end, agents, artifact)."""
+    if plan is None:
+        return ()
+    return tuple((s.start_segment, s.end_segment, tuple(s.agents), s.artifact) for s in plan.stages)
+
+
+def adopt_problem(
+    plan: PlanMessage,
+    model: str,
+    strategy: str,
+    compression: str,
+    agents: Mapping[str, AgentState],
+) -> str | None:
+    """Why a retained plan cannot be served as is by this planner (None: adopt it).
+
+    The artifacts are checked separately (rebuilding the cut must give the same shas).
+    """
+    if plan.model != model:
+        return f"it is for model {plan.model!r}, not {model!r}"
+    if not plan.stages:
+        return "it has no stages" + (f" ({plan.reason})" if plan.reason else "")
+    if plan.strategy != strategy:
+        return f"it was made by strategy {plan.strategy!r}, not {strategy!r}"
+    if plan.compression != compression:
+        return f"it uses compression {plan.compression or 'none'!r}, not {compression or 'none'!r}"
+    for stage in plan.stages:
+        for agent_id in stage.agents:
+            view = agents.get(agent_id)
+            if view is None or not view.usable:
+                return f"agent {agent_id} is not online"
+            rep = view.reported
+            if (
+                rep is None
+                or rep.state != "ready"
+                or (rep.plan_id, rep.plan_version) != (plan.plan_id, plan.plan_version)
+            ):
+                return f"agent {agent_id} does not report plan v{plan.plan_version} ready"
+    return None
+
+
+@dataclass(frozen=True)
+class LoadShiftConfig:
+    high: float = 0.9  # busy above this ...
+    low: float = 0.6  # ... until below this (hysteresis band)
+    hold_s: float = 10.0  # busy for this long before it is derated
+    recover_s: float = 30.0  # and below ``low`` this long before it gets its work back
+    fleet_gap: float = 0.3  # while the rest of the fleet's median is at least this much lower
+    max_load: float = 0.8  # the load a derated agent is planned with (cost: 1/(1-load))
+
+
+@dataclass
+class LoadShift:
+    """Agents planned with a reduced effective rate; see the module docstring."""
+
+    config: LoadShiftConfig = field(default_factory=LoadShiftConfig)
+    derated: dict[str, float] = field(default_factory=dict)  # agent -> load planned with
+    _since: dict[str, float] = field(default_factory=dict)  # agent -> when its trend began
+
+    def observe(self, loads: Mapping[str, float], now: float) -> bool:
+        """Fold the agents' current busy fractions in; True when the derated set changed."""
+        c = self.config
+        changed = False
+        for agent_id in list(self.derated):
+            if agent_id not in loads:  # gone: the next plan does not use it anyway
+                del self.derated[agent_id]
+                self._since.pop(agent_id, None)
+                changed = True
+        for agent_id, load in loads.items():
+            others = [v for a, v in loads.items() if a != agent_id]
+            rest = statistics.median(others) if others else 0.0
+            if agent_id in self.derated:
+                trending = load < c.low  # recovering
+            else:
+                trending = load > c.high and rest <= load - c.fleet_gap
+            if not trending:
+                self._since.pop(agent_id, None)
+                continue
+            since = self._since.setdefault(agent_id, now)
+            if now - since < (c.recover_s if agent_id in self.derated else c.hold_s):
+                continue
+            self._since.pop(agent_id, None)
+            if agent_id in self.derated:
+                del self.derated[agent_id]
+            else:
+                self.derated[agent_id] = min(c.max_load, load)
+            changed = True
+        return changed
