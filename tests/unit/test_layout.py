@@ -95,3 +95,15 @@ def test_installed_namespace_works_outside_the_repository(tmp_path: Path) -> Non
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """pytest's default import mode cannot collect two test modules of one basename in
+    tests/unit and tests/integration: the whole run stops at collection."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(ROOT)} and {path.relative_to(ROOT)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, "rename one of: " + "; ".join(clashes)
