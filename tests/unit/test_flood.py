@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import msgpack
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeslice.broker.protocol.chunking import Completed, Reassembler, Refused, split_payload
+from edgeslice.broker.memory import MemoryBroker, MemoryClient
+from edgeslice.broker.protocol import codec
+from edgeslice.broker.protocol.chunking import (
+    Completed,
+    Reassembler,
+    Refused,
+    encode_transfer,
+    split_payload,
+)
+from edgeslice.broker.protocol.errors import RequestTimeout
+from edgeslice.broker.protocol.messages import PlanMessage, PlanStage, RequestEnvelope
+from edgeslice.broker.protocol.tensors import pack_tensors
+from edgeslice.broker.protocol.topics import Topics
+from edgeslice.broker.settings import BrokerSettings
+from edgeslice.client.inference import InferenceClient
 
 
 def _chunks(payload: bytes, request_id: str = "r", chunk_size: int = 1024) -> list[bytes]:
@@ -126,3 +142,57 @@ def test_no_flood_keeps_a_good_sender_out_or_breaks_the_accounting(flood, size):
     assert _completes(rx, os.urandom(size), 0.5, "good")
     rx.expire(100.0)
     assert rx.open_transfers == 0 and rx.buffered_bytes == 0 and rx.held_by("bad") == (0, 0)
+
+
+# -- the inference client over the in-memory broker -------------------------------------------
+
+
+def test_a_client_ignores_garbage_plans_and_floods_on_its_results_topic() -> None:
+    settings = BrokerSettings(host="memory", port=0, namespace="unit")
+    t = Topics("unit")
+    x = torch.randn(1, 4)
+    plan = PlanMessage(
+        model="m", plan_id="p", plan_version=1, objective="latency", strategy="edgeslice",
+        stages=[PlanStage(0, 0, 1, ["a1"], artifact="a" * 64)],
+        input_specs=[{"dtype": "float32", "shape": [1, 4]}], ready=True,
+    )  # fmt: skip
+
+    async def echo_agent(agent: MemoryClient, rx: Reassembler) -> None:
+        """Stands in for agent a1: answers each request with its own input, to the topic's
+        client (what a real agent does), never to the envelope's reply_to."""
+        async for msg in agent.messages():
+            done = rx.feed(msg.payload, 0.0, sender=t.parse(msg.topic).name)
+            if isinstance(done, Completed):
+                env = codec.from_wire(done.header.meta, RequestEnvelope)
+                meta, payload = pack_tensors([x])
+                reply = encode_transfer(
+                    bytes(payload), request_id=done.header.request_id, kind="result",
+                    meta=codec.to_wire(RequestEnvelope(env.route, env.reply_to, meta)),
+                )  # fmt: skip
+                for chunk in reply.chunks:
+                    await agent.publish(t.client_results(t.parse(msg.topic).name), chunk)
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        planner, agent = broker.client("planner"), broker.client("a1")
+        await planner.connect()
+        await agent.connect()
+        await agent.subscribe(t.agent_inbox("a1"), qos=1)
+        serving = asyncio.create_task(echo_agent(agent, Reassembler()))
+        await planner.publish(t.plan("m"), b"\xc1 garbage", qos=1, retain=True)
+        async with InferenceClient(settings, "m", "app", transport=broker.factory) as client:
+            try:
+                await client.wait_ready(0.3)
+                raise AssertionError("a garbage plan was taken for a plan")
+            except RequestTimeout as exc:
+                assert f"malformed plan was seen on topic {t.plan('m')}" in str(exc)
+            await planner.publish(t.plan("m"), codec.encode(plan), qos=1, retain=True)
+            assert (await client.wait_ready(5)).plan_id == "p"
+            for chunk in _half(600):  # results nobody asked for, never finished
+                await planner.publish(t.client_results("app"), chunk)
+            result = await client.infer(x, timeout=5)
+            assert torch.equal(result.outputs[0], x)
+            assert client._reassembler.open_transfers == 0
+        serving.cancel()
+
+    asyncio.run(scenario())
