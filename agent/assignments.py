@@ -4,8 +4,23 @@ The planner publishes what an agent should run (``assignment/desired``, retained
 module makes it so and says how it went (``assignment/reported``, retained): ``loading``,
 then ``ready`` or ``error`` with the reason (over the memory budget, an artifact that does
 not arrive or does not verify, a stage index that disagrees), or ``idle`` for an empty
-assignment. A newer assignment cancels one still loading; a redelivery of the running one
-is ignored. The previous plan's stages stay loaded, so requests routed by it finish.
+assignment (a cleared retained assignment counts as an empty one of the last plan).
+
+Changes are applied one at a time, newest wins:
+
+* one worker applies desired states in turn; never two loads at once (torch.export.load
+  keeps process-global state, see :data:`_LOAD_LOCK`);
+* a desired state that arrives while another is applied supersedes it: the running apply
+  is cancelled where it waits (a fetch), and a load already in torch (which cannot be
+  interrupted) finishes, its result dropped (no ``ready`` for the superseded plan);
+* then only the newest desired state is applied: intermediate ones are skipped, never
+  loaded, never reported;
+* a redelivery of the desired state being applied or already applied (a retained message
+  after a reconnect) is ignored; one that ended in ``error`` is applied again.
+
+The previous plan's stages stay loaded, so requests routed by it finish. While the agent
+drains (:meth:`Assignments.drain`) it loads nothing new: an assignment with stages is
+reported as ``error`` (the agent is shutting down), an empty one as ``idle``.
 """
 
 from __future__ import annotations
@@ -15,6 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from edgeslice.agent.dataplane import DataPlane
 from edgeslice.agent.fetch import ArtifactFetcher
@@ -64,36 +80,100 @@ class Assignments:
         self.dataplane = dataplane
         self.memory_budget_bytes = memory_budget_bytes
         self.fleet_key_file = fleet_key_file
-        self.desired: AssignmentDesired | None = None
-        self.reported: AssignmentReported | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.desired: AssignmentDesired | None = None  # the newest accepted desired state
+        self.reported: AssignmentReported | None = None  # the last one published
+        self.draining = False
+        self.skipped = 0  # desired states superseded before or while they were applied
+        self._next: AssignmentDesired | None = None  # newest desired state not started yet
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self._current: asyncio.Task[None] | None = None  # the apply under way
+        self._applying: AssignmentDesired | None = None
+        self._loading: asyncio.Future[LoadedStage] | None = None  # a load in torch's hands
         self._key: PublicKey | None = None
         self._previous_keep: set[str] = set()
 
     def on_desired(self, payload: bytes) -> None:
         """An ``assignment/desired`` message; raises on one that is malformed or not ours."""
-        if not payload:  # retained message cleared
-            return
-        desired = codec.decode(payload, AssignmentDesired)
-        if desired.agent_id != self.agent_id:
-            raise EdgesliceError(f"assignment is addressed to {desired.agent_id!r}")
-        current = self.desired
-        if (
-            current is not None
-            and (current.plan_id, current.plan_version) == (desired.plan_id, desired.plan_version)
-            and self.reported is not None
-            and self.reported.state in ("ready", "idle")
-        ):
-            return  # a redelivery of what we already run
+        if not payload:  # retained assignment cleared: the planner wants nothing from us
+            if self.desired is None or not self.desired.stages:
+                return
+            desired = replace(self.desired, stages=[])
+        else:
+            desired = codec.decode(payload, AssignmentDesired)
+            if desired.agent_id != self.agent_id:
+                raise EdgesliceError(f"assignment is addressed to {desired.agent_id!r}")
+        if self.desired is not None and _same(desired, self.desired) and not self._failed():
+            return  # a redelivery of what we run or are about to run
         self.desired = desired
-        previous = self._task
-        if previous is not None and not previous.done():
-            previous.cancel()
-        self._task = asyncio.create_task(self._apply(desired))
+        if self._next is not None:
+            self._skip(self._next, "never started")
+        self._next = desired
+        current, applying = self._current, self._applying
+        if current is not None and not current.done() and applying is not None:
+            self._skip(applying, "cancelled while applied")
+            current.cancel()  # a load already in torch finishes; its result is dropped
+        self._wake.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work(), name=f"assignments-{self.agent_id}")
+
+    def drain(self) -> None:
+        """The agent is shutting down: load nothing new from here on (module docstring)."""
+        self.draining = True
+        applying, current = self._applying, self._current
+        if current is not None and not current.done() and applying and applying.stages:
+            self._skip(applying, "the agent is draining")
+            current.cancel()
 
     def cancel(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        for task in (self._worker, self._current):
+            if task is not None and not task.done():
+                task.cancel()
+
+    @property
+    def busy(self) -> bool:
+        """A desired state is waiting or being applied (or a dropped load still runs)."""
+        running = self._current is not None and not self._current.done()
+        loading = self._loading is not None and not self._loading.done()
+        return self._next is not None or running or loading
+
+    def _failed(self) -> bool:
+        """The newest desired state ended in ``error`` and nothing is applying it again."""
+        rep, desired = self.reported, self.desired
+        return (
+            rep is not None
+            and desired is not None
+            and rep.state == "error"
+            and (rep.plan_id, rep.plan_version) == (desired.plan_id, desired.plan_version)
+            and not self.busy
+        )
+
+    def _skip(self, desired: AssignmentDesired, why: str) -> None:
+        self.skipped += 1
+        log.info(
+            "agent=%s plan=%s v%d superseded (%s): the newest desired state wins",
+            self.agent_id,
+            desired.plan_id,
+            desired.plan_version,
+            why,
+        )
+
+    async def _work(self) -> None:
+        """One desired state at a time, always the newest (module docstring)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._loading is not None and not self._loading.done():
+                await asyncio.wait({self._loading})  # a dropped load still in torch: wait
+            desired, self._next = self._next, None
+            if desired is None:
+                continue
+            self._applying = desired
+            self._current = asyncio.create_task(self._apply(desired))
+            try:
+                await asyncio.wait({self._current})
+            finally:
+                self._applying = None
 
     async def _apply(self, desired: AssignmentDesired) -> None:
         started = time.perf_counter()
@@ -102,6 +182,10 @@ class Assignments:
             if not desired.stages:
                 await self._report(desired, "idle", [], "", 0.0)
                 return
+            if self.draining:
+                raise EdgesliceError(
+                    f"agent {self.agent_id} is shutting down (draining): it loads no new stages"
+                )
             total = sum(s.size for s in desired.stages)
             budget = self.memory_budget_bytes()
             if total > budget:
@@ -120,9 +204,7 @@ class Assignments:
             keep = set()
             for stage in desired.stages:
                 data = await self.fetcher.get(stage.artifact)
-                loaded = await asyncio.to_thread(
-                    _load, self.runtime, data, self._key, stage.artifact, self.fetcher.cache
-                )
+                loaded = await self._load(data, stage.artifact)
                 if loaded.info.index != stage.stage:
                     raise EdgesliceError(
                         f"artifact {stage.artifact[:12]} is stage {loaded.info.index}, "
@@ -143,6 +225,17 @@ class Assignments:
                 exc,
             )
             await self._report(desired, "error", stages, str(exc), time.perf_counter() - started)
+
+    async def _load(self, data: bytes, sha: str) -> LoadedStage:
+        """Load on a worker thread; a cancelled apply leaves the load running to its end
+        (torch cannot be interrupted) and the worker waits for it before the next one."""
+        assert self._key is not None
+        loading = asyncio.ensure_future(
+            asyncio.to_thread(_load, self.runtime, data, self._key, sha, self.fetcher.cache)
+        )
+        loading.add_done_callback(_retrieve)
+        self._loading = loading
+        return await asyncio.shield(loading)
 
     def _unload_old(self, keep: set[str]) -> None:
         """Keep this plan's stages and the previous plan's (in-flight requests finish)."""
@@ -165,6 +258,26 @@ class Assignments:
             ts=time.time(),
         )
         self.reported = report
+        await self.republish()
+
+    async def republish(self) -> None:
+        """(Re)publish the last report: after a reconnect the broker may have lost it."""
+        if self.reported is None:
+            return
         await self.client.publish(
-            self.topics.assignment_reported(self.agent_id), codec.encode(report), qos=1, retain=True
+            self.topics.assignment_reported(self.agent_id),
+            codec.encode(self.reported),
+            qos=1,
+            retain=True,
         )
+
+
+def _same(a: AssignmentDesired, b: AssignmentDesired) -> bool:
+    """The same desired state (a redelivery may carry another timestamp)."""
+    return (a.plan_id, a.plan_version, a.stages) == (b.plan_id, b.plan_version, b.stages)
+
+
+def _retrieve(fut: asyncio.Future[LoadedStage]) -> None:
+    """Mark a dropped load's exception as seen (it was superseded; nobody awaits it)."""
+    if not fut.cancelled():
+        fut.exception()

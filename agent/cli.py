@@ -1,11 +1,14 @@
 """``edgeslice agent``: parse flags/env/config file into an AgentConfig and run the service.
 
-A stop signal must end the agent within seconds whenever it arrives. Before the event
-loop runs (imports, ``--emulate``'s measurements) SIGTERM raises ``SystemExit(143)``, so
-the ``finally`` blocks still remove the cgroups. Once the service runs, SIGTERM/SIGINT set
-its stop event; the service only looks at it after start-up (connect, calibration, link
-test: tens of seconds on a slow, shaped link), so a service still running
-:data:`STOP_GRACE_S` after the signal is cancelled.
+A stop signal must end the agent within seconds whenever it arrives, and a serving agent
+must not drop the requests it holds. Before the event loop runs (imports, ``--emulate``'s
+measurements) SIGTERM raises ``SystemExit(143)``, so the ``finally`` blocks still remove
+the cgroups. Once the service runs, SIGTERM/SIGINT set its stop event; the service only
+looks at it after start-up (connect, calibration, link test: tens of seconds on a slow,
+shaped link), so a service still *starting* :data:`STOP_GRACE_S` after the signal is
+cancelled. A service that serves drains instead (agent/drain.py: at most
+``--drain-timeout`` for the planner to move requests away, then it finishes the held
+ones) and exits 0; a second signal cancels it at once (broker/lifecycle.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from edgeslice.broker.settings import BrokerSettings, connection_options
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE_S = 1.5  # a running agent stops in well under this; one still starting is cancelled
+STOP_GRACE_S = 1.5  # an agent still starting this long after the stop signal is cancelled
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -112,6 +115,16 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     help="Requests waiting for compute before new ones are refused.",
 )
 @click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    envvar="EDGESLICE_DRAIN_TIMEOUT",
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM/Ctrl-C: seconds to keep serving while the planner moves requests to "
+    "other agents; then new requests are refused (clients retry) and held ones finish. "
+    "A second signal stops at once.",
+)
+@click.option(
     "--calibrate-seconds",
     type=float,
     envvar="EDGESLICE_CALIBRATE_SECONDS",
@@ -147,6 +160,7 @@ def agent_cmd(
     threads: int | None,
     memory_mb: int | None,
     max_queue: int,
+    drain_timeout: float,
     calibrate_seconds: float,
     emulate: bool,
     emulate_scale: float,
@@ -177,6 +191,7 @@ def agent_cmd(
             memory_budget_mb=memory_mb,
             max_queue=max_queue,
             calibrate_seconds=calibrate_seconds,
+            drain_timeout_s=drain_timeout,
         )
         firmware = load_profile(profile)
     except EdgesliceError as exc:
@@ -202,7 +217,7 @@ def agent_cmd(
             err=True,
         )
         try:
-            asyncio.run(run_until_signalled(_stop_promptly(service.run)))
+            asyncio.run(run_until_signalled(_stop_promptly(service.run, service.serving)))
         except EdgesliceError as exc:
             text = str(exc)  # name the agent once, whether or not the error already does
             named = repr(config.agent_id) in text or f"agent {config.agent_id}" in text
@@ -221,23 +236,34 @@ def _exit_on_sigterm(_sig: int, _frame: object) -> NoReturn:
 
 
 def _stop_promptly(
-    run: Callable[[asyncio.Event], Awaitable[None]],
+    run: Callable[[asyncio.Event], Awaitable[None]], serving: asyncio.Event
 ) -> Callable[[asyncio.Event], Awaitable[None]]:
-    """``run``, cancelled if it is still going :data:`STOP_GRACE_S` after ``stop`` is set."""
+    """``run``, cancelled if it is still starting (``serving`` not set) :data:`STOP_GRACE_S`
+    after ``stop`` is set; one that serves is left to drain (cancelling this cancels it)."""
 
     async def bounded(stop: asyncio.Event) -> None:
         task = asyncio.ensure_future(run(stop))
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done() and not (await asyncio.wait({task}, timeout=STOP_GRACE_S))[0]:
-                log.warning(
-                    "agent still starting %.1f s after the stop signal: cancelling", STOP_GRACE_S
+            if not task.done() and not serving.is_set():
+                started = asyncio.ensure_future(serving.wait())
+                done, _ = await asyncio.wait(
+                    {task, started}, timeout=STOP_GRACE_S, return_when=asyncio.FIRST_COMPLETED
                 )
-                task.cancel()
-                await asyncio.wait({task})
+                started.cancel()
+                if not done:
+                    log.warning(
+                        "agent still starting %.1f s after the stop signal: cancelling",
+                        STOP_GRACE_S,
+                    )
+                    task.cancel()
+            await asyncio.wait({task})  # a serving agent drains
         finally:
             stopping.cancel()
+            if not task.done():  # this was cancelled: a second signal
+                task.cancel()
+                await asyncio.wait({task})
         if not task.cancelled():
             task.result()  # re-raise what the service raised
 

@@ -44,6 +44,9 @@ class AgentConfig:
     max_queue: int = 64  # requests waiting for compute before new ones are refused
     emulate: bool = False
     link_test_bytes: int = 256 * 1024
+    # on SIGTERM/SIGINT: keep serving at most this long for the planner to publish a plan
+    # without this agent, then refuse new requests and finish the ones held (agent/drain.py)
+    drain_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         try:
@@ -58,6 +61,8 @@ class AgentConfig:
             raise ConfigError("--memory-mb must be > 0")
         if self.max_queue < 1:
             raise ConfigError("--max-queue must be >= 1")
+        if self.drain_timeout_s < 0:
+            raise ConfigError("--drain-timeout must be >= 0 seconds")
 
     @property
     def artifact_dir(self) -> str:

@@ -123,6 +123,7 @@ class DataPlane:
         self.busy_s = 0.0  # compute seconds since the last busy_fraction() call
         self._busy_since = time.monotonic()
         self._send_tasks: set[asyncio.Task[None]] = set()
+        self.refusing: EdgesliceError | None = None  # set while draining: refuse new work
 
     @property
     def queue_depth(self) -> int:
@@ -165,6 +166,9 @@ class DataPlane:
             return
         recv_s = max(0.0, now - result.first_chunk_at)
         job = Job(result, received_at=now, recv_s=recv_s, client_id=client_id)
+        if self.refusing is not None:  # draining: the client retries on the current plan
+            self._reply_error(result.header, self.refusing, client_id)
+            return
         if self.queue.qsize() >= self.max_queue:
             busy = AgentBusyError(
                 f"agent {self.agent_id} is overloaded ({self.queue.qsize()} requests queued); "

@@ -33,7 +33,14 @@ import uuid
 
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.errors import ConfigError, EdgesliceError
-from edgeslice.broker.protocol.messages import ONLINE, Command, CommandResult, Message, Status
+from edgeslice.broker.protocol.messages import (
+    DRAINING,
+    ONLINE,
+    Command,
+    CommandResult,
+    Message,
+    Status,
+)
 from edgeslice.broker.protocol.topics import Topics
 from edgeslice.broker.transport import Transport, TransportFactory
 
@@ -43,6 +50,7 @@ PRESENCE = "presence"
 ECHO_TIMEOUT_S = 5.0  # no echo of our own hello: the broker is not routing the probe topic
 MIN_ANSWER_WINDOW_S = 0.25  # after the echo, when nothing says the id is in use
 LIVE_ANSWER_WINDOW_S = 3.0  # after the echo, when a retained status says it is online
+LIVE = (ONLINE, DRAINING)  # a draining agent still runs (and answers) under its id
 
 
 def is_link_probe(payload: bytes) -> bool:
@@ -112,7 +120,7 @@ async def claim_id(
                 break
             if msg.topic != probe:
                 status = _status(msg.payload)
-                if status is not None and status.state == ONLINE and status.session != session:
+                if status is not None and status.state in LIVE and status.session != session:
                     stale = status
                 continue
             if is_link_probe(msg.payload):

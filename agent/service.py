@@ -5,9 +5,19 @@ with a retained last will (``status`` offline), publish ``status`` online, measu
 (calibration GFLOP/s, link round trip and throughput through the broker), publish
 ``info`` (retained), then serve: telemetry every interval, desired assignments to
 agent/assignments.py (answered on ``assignment/reported``), ``cmd/*`` answered on
-``cmd-res/*``, inbox chunks to the data plane. SIGTERM/SIGINT publish ``status`` offline
-and return. A malformed message on any topic is logged with the agent and topic, counted
-in telemetry, and ignored.
+``cmd-res/*``, inbox chunks to the data plane. A malformed message on any topic is logged
+with the agent and topic, counted in telemetry, and ignored.
+
+After every (re)connect the agent subscribes again and re-publishes its retained state
+(status, info once measured, the last ``assignment/reported``), so a broker restarted
+without persistence gets it back.
+
+Stopping (``stop`` set: SIGTERM/SIGINT) drains gracefully (agent/drain.py): ``status``
+``draining``; keep serving until the planner has a ready plan without this agent (no
+planner online: no wait; at most ``drain_timeout_s``); then refuse new requests
+(retryable, code ``draining``), finish the queued and computing ones and their sends (at
+most :data:`FINISH_TIMEOUT_S`); then ``status`` offline (reason ``shutdown``) and return.
+Cancelling ``run`` (a second signal) skips the drain and still publishes offline.
 """
 
 from __future__ import annotations
@@ -23,14 +33,16 @@ from typing import Any
 from edgeslice.agent.assignments import Assignments
 from edgeslice.agent.config import AgentConfig
 from edgeslice.agent.dataplane import DataPlane
+from edgeslice.agent.drain import PlanWatch, wait_idle
 from edgeslice.agent.fetch import ArtifactFetcher
 from edgeslice.agent.probe import LinkTest, claim_id, decode_presence, here, is_link_probe
 from edgeslice.agent.runtime import ArtifactCache, StageRuntime, measure_gflops, set_threads
 from edgeslice.agent.telemetry import TelemetrySampler, total_memory_bytes
 from edgeslice.broker.client import IncomingMessage, Will
 from edgeslice.broker.protocol import codec
-from edgeslice.broker.protocol.errors import EdgesliceError
+from edgeslice.broker.protocol.errors import AgentDrainingError, EdgesliceError
 from edgeslice.broker.protocol.messages import (
+    DRAINING,
     OFFLINE,
     ONLINE,
     Command,
@@ -43,6 +55,8 @@ from edgeslice.broker.transport import TransportFactory, mqtt_transport
 from edgeslice.firmware_profiles import load_profile, profile_to_dict
 
 log = logging.getLogger(__name__)
+
+FINISH_TIMEOUT_S = 60.0  # draining: the longest wait for held requests (= a send's timeout)
 
 
 def _versions() -> dict[str, str]:
@@ -82,6 +96,9 @@ class AgentService:
         self.link_bandwidth_bps = 0.0
         self.malformed = 0
         self.started = time.time()
+        self.state = ONLINE  # what ``status`` says while connected: ONLINE, then DRAINING
+        self.serving = asyncio.Event()  # set once start-up is over and requests are served
+        self.drain_s = 0.0  # how long the last drain took (stop signal -> offline)
         self._background: set[asyncio.Task[None]] = set()
         self.runtime = StageRuntime()
         will = Will(self.topics.status(config.agent_id), self._status(OFFLINE, "lost"))
@@ -89,6 +106,7 @@ class AgentService:
             f"agent-{config.agent_id}", will=will, on_connect=self._on_connect
         )
         self.link = LinkTest(self.client, self.topics.probe(config.agent_id))
+        self.plans = PlanWatch(self.client, self.topics)
         self.dataplane = DataPlane(
             config.agent_id, self.client, self.topics, self.runtime, max_queue=config.max_queue
         )
@@ -136,13 +154,49 @@ class AgentService:
             await self._measure()
             await self._publish_info()
             tasks.append(asyncio.create_task(self._telemetry_loop(), name="telemetry"))
+            self.serving.set()
             await stop.wait()
+            await self._drain()
         finally:
             self.assignments.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._shutdown()
+
+    async def _drain(self) -> None:
+        """Finish what this agent holds before it leaves (module docstring, agent/drain.py)."""
+        started = time.monotonic()
+        self.state = DRAINING
+        self.assignments.drain()
+        try:
+            await self._publish_status()
+        except EdgesliceError as exc:
+            log.warning("agent=%s could not publish draining status: %s", self.agent_id, exc)
+        log.info("agent=%s draining: serving until the planner moves requests away", self.agent_id)
+        why = await self.plans.wait_moved(
+            self.agent_id, lambda: bool(self.runtime.loaded()), self.config.drain_timeout_s
+        )
+        dp = self.dataplane
+        dp.refusing = AgentDrainingError(
+            f"agent {self.agent_id} is shutting down and takes no new requests; retry on the "
+            "current plan"
+        )
+        held = dp.in_flight
+        log.info(
+            "agent=%s draining: refusing new requests (%s); finishing %d held",
+            self.agent_id,
+            why,
+            held,
+        )
+        left = await wait_idle(lambda: dp.in_flight, FINISH_TIMEOUT_S)
+        self.drain_s = time.monotonic() - started
+        (log.warning if left else log.info)(
+            "agent=%s drained in %.2f s (%d request(s) unfinished)",
+            self.agent_id,
+            self.drain_s,
+            left,
+        )
 
     async def _shutdown(self) -> None:
         try:
@@ -169,9 +223,17 @@ class AgentService:
             t.probe(self.agent_id),
         ):
             await self.client.subscribe(topic_filter, qos=1)
-        await self.client.publish(t.status(self.agent_id), self._status(ONLINE), qos=1, retain=True)
-        if self.gflops > 0:  # a reconnect: the broker may have lost retained state
+        await self._publish_status()
+        # a reconnect: the broker may have lost retained state (restarted, no persistence)
+        if self.gflops > 0:
             await self._publish_info()
+        await self.assignments.republish()
+
+    async def _publish_status(self) -> None:
+        reason = "draining" if self.state == DRAINING else ""
+        await self.client.publish(
+            self.topics.status(self.agent_id), self._status(self.state, reason), qos=1, retain=True
+        )
 
     def _status(self, state: str, reason: str = "") -> bytes:
         msg = Status(
@@ -279,6 +341,12 @@ class AgentService:
             await self._on_probe(msg.payload)
         elif parsed.kind is Kind.ASSIGNMENT_DESIRED:
             self.assignments.on_desired(msg.payload)
+            if self.assignments.desired is not None:  # know its plan before a stop comes
+                await self.plans.follow(self.assignments.desired.model)
+        elif parsed.kind is Kind.PLAN:
+            self.plans.on_plan(parsed.name, msg.payload)
+        elif parsed.kind is Kind.PLANNER_STATUS:
+            self.plans.on_planner_status(msg.payload)
         elif parsed.kind is Kind.CMD:
             # its own task: a command may wait for messages this loop must keep consuming
             task = asyncio.create_task(

@@ -22,6 +22,7 @@ Tree (``code`` in brackets; ``R`` marks errors that are retryable)::
         ├── StageUnavailableError [stage_unavailable] R  the agent no longer runs the stage
         │                                        the route names: the plan changed
         ├── AgentBusyError        [busy]       R the agent's queue is full
+        ├── AgentDrainingError    [draining]   R the agent is shutting down: the plan moved on
         └── RequestTimeout        [timeout]      no result before the deadline
 
 Two attributes travel with every error. ``retryable`` (class default ``False``) says that
@@ -163,6 +164,13 @@ class AgentBusyError(InferenceError):
 
     retryable = True
     code = "busy"
+
+
+class AgentDrainingError(InferenceError):
+    """An agent is shutting down and takes no new requests; retry on the current plan."""
+
+    retryable = True
+    code = "draining"
 
 
 class RequestTimeout(InferenceError):

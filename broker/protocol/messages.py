@@ -20,6 +20,7 @@ from typing import Any, ClassVar, NamedTuple
 
 ONLINE = "online"
 OFFLINE = "offline"
+DRAINING = "draining"  # agents only: shutting down, still finishing what it holds
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,20 @@ class Message:
 
 @dataclass(frozen=True)
 class Status(Message):
-    """Agent (or planner) liveness; retained; the last will carries ``state="offline"``."""
+    """Agent (or planner) liveness; retained; the last will carries ``state="offline"``.
+
+    ``draining`` (agents only): the agent was asked to stop (SIGTERM/SIGINT) and
+    finishes the requests it holds; it is not usable for new plans (a reader that knows
+    only ``online``/``offline`` sees it as not online, which is the intended effect).
+    It ends with ``offline`` (reason ``shutdown``).
+    """
 
     KIND: ClassVar[str] = "status"
     agent_id: str
-    state: str  # ONLINE | OFFLINE
+    state: str  # ONLINE | DRAINING | OFFLINE
     session: int = 0  # increases on every start, so a stale retained message is recognisable
     ts: float = 0.0
-    reason: str = ""  # why offline: "shutdown", "lost" (last will), ...
+    reason: str = ""  # why offline: "shutdown", "lost" (last will); why draining: "draining"
 
 
 @dataclass(frozen=True)

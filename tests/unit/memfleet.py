@@ -55,6 +55,7 @@ def agent_config(agent_id: str, tmp_path: Path, **changes: object) -> AgentConfi
         "fleet_key_file": public_key_file(tmp_path),
         "calibrate_seconds": 0.05,
         "link_test_bytes": 16 * 1024,
+        "drain_timeout_s": 0.5,  # no planner moves requests away in most tests: stop soon
     }
     values.update(changes)
     return AgentConfig(**values)  # type: ignore[arg-type]
