@@ -8,7 +8,11 @@ the inputs as a chunked ``request`` carrying a :class:`RequestEnvelope` to the f
 stage's inbox, and awaits the last stage's ``result`` on ``clients/{id}/results``.
 Errors come back as :class:`RemoteStageError` naming the stage and agent; a retryable
 one (the plan changed under the request, an agent overloaded) is retried on the
-current plan, so a re-plan loses no request. Many ``infer`` calls may run at once.
+current plan. A request whose route loses an agent (plan change, last will, draining)
+or that may have been lost by a broker restart is re-sent at once under the same
+request id (client/requests.py: first result wins, duplicates dropped and counted), so
+no request is lost and none waits out its timeout. A withdrawn plan fails requests at
+once with the planner's reason (:class:`NoPlanError`). Many ``infer`` calls may run at once.
 """
 
 from __future__ import annotations
@@ -20,8 +24,6 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from torch import Tensor
 
@@ -36,7 +38,6 @@ from edgeslice.broker.protocol.chunking import (
 )
 from edgeslice.broker.protocol.errors import (
     EdgesliceError,
-    InferenceError,
     RemoteStageError,
     RequestTimeout,
 )
@@ -45,37 +46,27 @@ from edgeslice.broker.protocol.messages import (
     PlanMessage,
     RequestEnvelope,
     RouteHop,
-    StageTiming,
 )
 from edgeslice.broker.protocol.tensors import pack_tensors, unpack_tensors
 from edgeslice.broker.protocol.topics import Kind, Topics
 from edgeslice.broker.settings import BrokerSettings
 from edgeslice.broker.transport import TransportFactory, mqtt_transport
-from edgeslice.client.scoring import Candidate, Weights, pick_replica
+from edgeslice.client.requests import (
+    InferenceResult,
+    InFlight,
+    Measured,
+    NoPlanError,
+    RequestTracker,
+    check_inputs,
+    no_plan_reason,
+    routable,
+)
+from edgeslice.client.routing import Router
+from edgeslice.client.scoring import Weights
+
+__all__ = ["InferenceClient", "InferenceResult", "Measured", "NoPlanError", "check_inputs"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InferenceResult:
-    """Outputs of one request plus where its time went."""
-
-    request_id: str
-    outputs: list[Tensor]
-    latency_s: float
-    timings: list[dict[str, Any]]  # per stage: agent, recv/transfer/queue/compute seconds
-    route: list[str]
-    plan_version: int
-    attempts: int = 1
-
-
-@dataclass
-class Measured:
-    """What this client measured of one agent itself (the fleet's word is in FleetState)."""
-
-    in_flight: int = 0  # this client's requests routed through the agent, not answered yet
-    recent: dict[int, float] = field(default_factory=dict)  # stage -> EWMA queue+compute s
-    compute: dict[int, float] = field(default_factory=dict)  # stage -> EWMA compute s
 
 
 class InferenceClient:
@@ -98,9 +89,12 @@ class InferenceClient:
         self.chunk_size = chunk_size
         self.topics = Topics(settings.namespace)
         self.fleet = FleetState(self.topics)  # info, telemetry and this model's plan
-        self.measured: dict[str, Measured] = {}
+        self.router = Router(self.fleet, self.weights)
+        self.measured = self.router.measured  # agent -> what this client measured of it
         self._plan_changed = asyncio.Condition()
-        self._waiting: dict[str, asyncio.Future[Completed]] = {}
+        self.requests = RequestTracker()  # in flight: routes, re-sends, duplicates
+        self._connects = 0
+        self._reconnected_at = float("-inf")
         # results of requests nobody here waits for are refused at their header, half-finished
         # ones expire after a few idle seconds: a flood on our results topic cannot wedge us
         self._reassembler = Reassembler(
@@ -109,7 +103,9 @@ class InferenceClient:
         self._expired_at = 0.0
         self._bad_plan: dict[str, str] = {}  # plan topic -> why its last payload was refused
         self._task: asyncio.Task[None] | None = None
-        self.client = (transport or mqtt_transport(settings))(self.client_id)
+        self.client = (transport or mqtt_transport(settings))(
+            self.client_id, on_connect=self._on_connect
+        )
 
     @property
     def plan(self) -> PlanMessage | None:
@@ -123,6 +119,8 @@ class InferenceClient:
         await self.client.subscribe(t.plan(self.model), qos=1)
         await self.client.subscribe(t.all_agents("telemetry"), qos=0)
         await self.client.subscribe(t.all_agents("info"), qos=1)
+        await self.client.subscribe(t.all_agents("status"), qos=1)  # last wills: re-send now
+        await self.client.subscribe(t.planner_status(), qos=1)
         self._task = asyncio.create_task(self._consume())
 
     async def close(self) -> None:
@@ -147,9 +145,11 @@ class InferenceClient:
 
         def ready() -> bool:
             p = self.plan
+            if self._no_plan_reason() and (p is None or p.plan_version > newer_than):
+                return True  # withdrawn (or nobody to re-plan): raise below, do not wait
             return (
                 p is not None
-                and p.ready
+                and routable(p, self._offline())
                 and p.plan_version > newer_than
                 and p.plan_id != other_than
             )
@@ -157,6 +157,12 @@ class InferenceClient:
         async with self._plan_changed:
             try:
                 await asyncio.wait_for(self._plan_changed.wait_for(ready), timeout)
+                why = self._no_plan_reason()
+                if why:
+                    raise NoPlanError(
+                        f"model {self.model!r} on {self.settings.url} namespace "
+                        f"{self.settings.namespace!r} has no plan: {why}"
+                    )
             except TimeoutError:
                 state = (
                     "no plan published"
@@ -178,29 +184,69 @@ class InferenceClient:
         assert self.plan is not None
         return self.plan
 
+    def _offline(self) -> set[str]:
+        return self.router.offline()
+
+    def _no_plan_reason(self) -> str:
+        return no_plan_reason(self.plan, self.fleet.planner, self._offline())
+
     # -- requests ---------------------------------------------------------------
     async def infer(
         self, inputs: Tensor | Sequence[Tensor], timeout: float = 60.0, retries: int = 3
     ) -> InferenceResult:
-        """Run one request through the fleet; raises InferenceError subclasses on failure."""
+        """Run one request through the fleet; raises InferenceError subclasses on failure.
+
+        ``retries`` bounds re-sends after a retryable *error*; re-sends because the fleet
+        changed under the request (module docstring) are not counted against it.
+        """
         tensors = [inputs] if isinstance(inputs, Tensor) else list(inputs)
         deadline = time.time() + timeout
+        tensor_meta, payload = pack_tensors(tensors)
+        loop = asyncio.get_running_loop()
+        req = InFlight(uuid.uuid4().hex, tensor_meta, payload, deadline, loop.create_future())
+        self.requests.add(req)
+        start = time.perf_counter()
         last: EdgesliceError | None = None
-        for attempt in range(1, retries + 2):
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                break
-            plan = await self.wait_ready(remaining, newer_than=0)
-            check_inputs(plan, tensors)
-            try:
-                result = await self._attempt(plan, tensors, deadline)
-                return InferenceResult(**{**result.__dict__, "attempts": attempt})
-            except RemoteStageError as exc:
-                last = exc
-                if not exc.retryable:
-                    raise
-                log.info("client=%s retrying after: %s", self.client_id, exc)
+        try:
+            for _attempt in range(retries + 1):
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    break
+                plan = await self.wait_ready(remaining, newer_than=0)
+                check_inputs(plan, tensors)
+                if not req.future.done():
+                    self._send(req, plan)
+                try:
+                    done = await asyncio.wait_for(
+                        asyncio.shield(req.future), max(0.0, deadline - time.time())
+                    )
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"request {req.request_id} (model {plan.model!r}, plan "
+                        f"v{req.plan_version}) got no result within the deadline after "
+                        f"{req.sends} send(s); route {' -> '.join(req.route)}. Check "
+                        "`edgeslice monitor` for offline or overloaded agents."
+                    ) from None
+                if done.header.kind != "error":
+                    return self._result(req, done, time.perf_counter() - start)
+                failure = codec.from_wire(done.header.meta, ErrorReply)
+                last = RemoteStageError(
+                    f"request {req.request_id} failed at stage {failure.stage} on agent "
+                    f"{failure.agent}: {failure.error}",
+                    stage=failure.stage,
+                    agent=failure.agent,
+                    retryable=failure.retryable,
+                    code=failure.code,
+                )
+                if not last.retryable:
+                    raise last
+                log.info(
+                    "client=%s req=%s retrying after: %s", self.client_id, req.request_id, last
+                )
+                req.future = loop.create_future()
                 await self._wait_plan_change(plan, min(5.0, max(0.0, deadline - time.time())))
+        finally:
+            self._release(req)
         if last is not None:
             raise last
         raise RequestTimeout(f"model {self.model!r}: no result within {timeout:.1f}s")
@@ -217,109 +263,89 @@ class InferenceClient:
                 await asyncio.wait_for(self._plan_changed.wait_for(changed), timeout)
 
     def choose_route(self, plan: PlanMessage) -> list[str]:
-        """One agent per stage among the stage's replicas, by :func:`pick_replica`."""
-        now = time.time()
-        route = []
-        for stage in plan.stages:
-            predicted = dict(zip(stage.agents, stage.replica_period_s, strict=False))
-            cands = [
-                self._candidate(a, stage.stage, predicted.get(a, 1.0), now) for a in stage.agents
-            ]
-            route.append(pick_replica(cands, plan.strategy, self.weights))
-        return route
+        """One agent per stage among the stage's replicas (client/routing.py)."""
+        return self.router.choose_route(plan)
 
-    def _candidate(self, agent_id: str, stage: int, predicted_s: float, now: float) -> Candidate:
-        """One replica as the policy sees it: the fleet's word plus this client's measures."""
-        own = self.measured.setdefault(agent_id, Measured())
-        agent = self.fleet.agents.get(agent_id)
-        tel = agent.fresh_telemetry(now, self.fleet.stale_after_s) if agent else None
-        info = agent.info if agent else None
-        return Candidate(
-            agent_id=agent_id,
-            resource_fit=max(0.0, 1.0 - tel.mem_percent / 100.0) if tel else 1.0,
-            load=self.fleet.load(agent_id, now),  # stage-worker busy share, not host CPU
-            recent_task_s=own.recent.get(stage, 0.0),
-            in_flight=own.in_flight,
-            latency_s=info.link_rtt_s if info else 0.0,
-            compute_s=own.compute.get(stage, 0.0),
-            predicted_period_s=predicted_s,
-        )
-
-    async def _attempt(
-        self, plan: PlanMessage, tensors: list[Tensor], deadline: float
-    ) -> InferenceResult:
-        request_id = uuid.uuid4().hex
+    def _send(self, req: InFlight, plan: PlanMessage) -> None:
+        """(Re-)send ``req`` along a fresh route of ``plan`` (same request id)."""
         route = self.choose_route(plan)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Completed] = loop.create_future()
-        self._waiting[request_id] = fut
-        for agent_id in route:
-            self.measured[agent_id].in_flight += 1
-        start = time.perf_counter()
-        try:
-            tensor_meta, payload = pack_tensors(tensors)
-            envelope = RequestEnvelope(
-                route=[RouteHop(a, s.artifact) for a, s in zip(route, plan.stages, strict=True)],
-                reply_to=self.client_id,
-                tensors=tensor_meta,
-                model=plan.model,
-                compression=plan.compression,
-                sent_at=time.time(),
-            )
-            _header, chunks = stream_transfer(
-                payload,
-                request_id=request_id,
-                kind="request",
-                plan_id=plan.plan_id,
-                plan_version=plan.plan_version,
-                stage=0,
-                deadline=deadline,
-                meta=codec.to_wire(envelope),
-                chunk_size=self.chunk_size,
-            )
-            topic = self.topics.inbox(route[0], self.client_id)  # ACL: our own segment only
-            acks = [self.client.publish_nowait(topic, c, qos=1) for c in chunks]
-            try:
-                done = await asyncio.wait_for(fut, max(0.0, deadline - time.time()))
-            except TimeoutError:
-                raise RequestTimeout(
-                    f"request {request_id} (model {plan.model!r}, plan v{plan.plan_version}) "
-                    f"got no result within the deadline; route {' -> '.join(route)}. Check "
-                    "`edgeslice monitor` for offline or overloaded agents."
-                ) from None
-            finally:
-                for ack in acks:
-                    ack.cancel()  # no-op when acknowledged; stops waiting otherwise
-        finally:
-            self._waiting.pop(request_id, None)
-            for agent_id in route:
-                self.measured[agent_id].in_flight -= 1
-        latency = time.perf_counter() - start
-        if done.header.kind == "error":
-            failure = codec.from_wire(done.header.meta, ErrorReply)
-            raise RemoteStageError(
-                f"request {request_id} failed at stage {failure.stage} on agent "
-                f"{failure.agent}: {failure.error}",
-                stage=failure.stage,
-                agent=failure.agent,
-                retryable=failure.retryable,
-                code=failure.code,
-            )
+        self.router.track(req.route, route)
+        if req.sends:
+            self.requests.resends += 1
+        req.route, req.plan_id, req.plan_version = route, plan.plan_id, plan.plan_version
+        req.sends += 1
+        req.parked = False
+        req.sent_at = time.time()
+        envelope = RequestEnvelope(
+            route=[RouteHop(a, s.artifact) for a, s in zip(route, plan.stages, strict=True)],
+            reply_to=self.client_id,
+            tensors=req.tensor_meta,
+            model=plan.model,
+            compression=plan.compression,
+            sent_at=req.sent_at,
+        )
+        _header, chunks = stream_transfer(
+            req.payload,
+            request_id=req.request_id,
+            kind="request",
+            plan_id=plan.plan_id,
+            plan_version=plan.plan_version,
+            stage=0,
+            deadline=req.deadline,
+            meta=codec.to_wire(envelope),
+            chunk_size=self.chunk_size,
+        )
+        topic = self.topics.inbox(route[0], self.client_id)  # ACL: our own segment only
+        for ack in req.acks:
+            ack.cancel()  # no-op when acknowledged; stops waiting otherwise
+        req.acks = [self.client.publish_nowait(topic, c, qos=1) for c in chunks]
+
+    def _release(self, req: InFlight) -> None:
+        self.requests.close(req.request_id)
+        for ack in req.acks:
+            ack.cancel()
+        self.router.track(req.route, [])
+        req.route = []
+
+    def _result(self, req: InFlight, done: Completed, latency: float) -> InferenceResult:
         reply = codec.from_wire(done.header.meta, RequestEnvelope)
         outputs = unpack_tensors(reply.tensors, done.payload, share=True)
-        self._learn(reply.timings)
+        self.router.learn(reply.timings)
         timings = [dataclasses.asdict(t) for t in reply.timings]
-        return InferenceResult(request_id, outputs, latency, timings, route, plan.plan_version)
+        route = [t.agent for t in reply.timings] or list(req.route)
+        return InferenceResult(
+            req.request_id, outputs, latency, timings, route, done.header.plan_version, req.sends
+        )
 
-    def _learn(self, timings: Sequence[StageTiming]) -> None:
-        """Fold a finished request's measured stage times into the EWMAs routing uses."""
-        for t in timings:
-            st = self.measured.setdefault(t.agent, Measured())
-            prev = st.recent.get(t.stage)
-            value = t.compute_s + t.queue_s
-            st.recent[t.stage] = value if prev is None else 0.7 * prev + 0.3 * value
-            last = st.compute.get(t.stage)
-            st.compute[t.stage] = t.compute_s if last is None else 0.7 * last + 0.3 * t.compute_s
+    def _reroute(self, everything: bool = False, via: str = "", before: float = 0.0) -> None:
+        """Re-send requests whose route is no good any more (or ``everything``, or those sent
+        ``via`` an agent ``before`` it re-announced itself); park those no plan routes yet."""
+        plan, offline = self.plan, self._offline()
+        todo = self.requests.to_resend(plan, offline, everything, via, before)
+        if not todo:
+            return
+        why = self._no_plan_reason()
+        for req in todo:
+            if plan is not None and routable(plan, offline):
+                log.info(
+                    "client=%s req=%s re-sent on plan v%d (was %s)",
+                    self.client_id,
+                    req.request_id,
+                    plan.plan_version,
+                    "->".join(req.route),
+                )
+                self._send(req, plan)
+            elif why and not req.future.done():
+                req.future.set_exception(NoPlanError(f"request {req.request_id}: {why}"))
+            else:
+                req.parked = True
+
+    async def _on_connect(self) -> None:
+        """After a reconnect the broker may have lost what was in flight: send it again."""
+        self._connects += 1
+        if self._connects > 1:
+            self._reconnected_at = time.time()
+            self._reroute(everything=True)
 
     # -- incoming ---------------------------------------------------------------
     async def _consume(self) -> None:
@@ -332,10 +358,26 @@ class InferenceClient:
                     async with self._plan_changed:
                         self._apply_plan(msg.topic, msg.payload)
                         self._plan_changed.notify_all()
+                    self._reroute()
+                elif parsed.kind in (Kind.STATUS, Kind.PLANNER_STATUS):
+                    self._on_status(parsed.agent_id, msg.topic, msg.payload)
+                    async with self._plan_changed:
+                        self._plan_changed.notify_all()
                 else:  # info and telemetry: the shared fold keeps what routing reads
                     self.fleet.apply(msg.topic, msg.payload, time.time())
             except EdgesliceError as exc:
                 log.warning("client=%s dropped message on %s: %s", self.client_id, msg.topic, exc)
+
+    def _on_status(self, agent_id: str, topic: str, payload: bytes) -> None:
+        """An agent (or the planner) said how it is: re-send what it can no longer answer."""
+        now = time.time()
+        self.fleet.apply(topic, payload, now)
+        state = self.fleet.agents.get(agent_id) if agent_id else None
+        if state is not None and state.online and now - self._reconnected_at < 30.0:
+            # back after a broker restart: what was sent to it before may be lost
+            self._reroute(via=agent_id, before=now)
+        else:  # a last will or a drain: re-send what it holds; a planner gone: fail parked
+            self._reroute()
 
     def _apply_plan(self, topic: str, payload: bytes) -> None:
         """Fold a plan message; a malformed one (retained garbage) is logged once and ignored
@@ -353,8 +395,13 @@ class InferenceClient:
 
     def _awaited(self, header: TransferHeader) -> str | None:
         """Reassembler gate: only results of requests this client is waiting for."""
-        if header.request_id in self._waiting:
+        if header.request_id in self.requests.open and not self.requests.count_duplicate(
+            header.request_id
+        ):
             return None
+        if self.requests.finished(header.request_id):
+            self.requests.count_duplicate(header.request_id)
+            return f"request {header.request_id[:32]!r} was answered already (a duplicate)"
         return f"request {header.request_id[:32]!r} is not one client {self.client_id} waits for"
 
     def _on_result_chunk(self, payload: bytes) -> None:
@@ -371,20 +418,13 @@ class InferenceClient:
             return
         if result is None:
             return
-        fut = self._waiting.get(result.header.request_id)
-        if fut is not None and not fut.done():
-            fut.set_result(result)
-
-
-def check_inputs(plan: PlanMessage, tensors: Sequence[Tensor]) -> None:
-    """Raise InferenceError when inputs do not match the plan's input specs."""
-    specs = plan.input_specs
-    if len(specs) != len(tensors):
-        raise InferenceError(f"model {plan.model!r} takes {len(specs)} inputs, got {len(tensors)}")
-    for i, (spec, t) in enumerate(zip(specs, tensors, strict=True)):
-        dtype = str(t.dtype).removeprefix("torch.")
-        if list(t.shape) != list(spec.get("shape", [])) or dtype != spec.get("dtype"):
-            raise InferenceError(
-                f"input {i} of model {plan.model!r} must be {spec.get('dtype')}"
-                f"{spec.get('shape')}, got {dtype}{list(t.shape)}"
-            )
+        req = self.requests.open.get(result.header.request_id)
+        if req is None or self.requests.count_duplicate(req.request_id):
+            return
+        if result.header.kind == "error":
+            failure = codec.from_wire(result.header.meta, ErrorReply)
+            if self.requests.is_stale_error(
+                req, result.header.plan_version, failure.stage, failure.agent
+            ):
+                return  # from a send this request was re-sent after: its new route answers
+        req.future.set_result(result)

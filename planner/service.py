@@ -113,7 +113,8 @@ class PlannerService:
             for task in tasks:
                 task.cancel()
             self.artifacts.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # bounded: on 3.11 a wait_for finishing as it is cancelled can eat the cancel
+            await asyncio.wait(tasks, timeout=2.0)
             await self._shutdown()
 
     async def _adopt_or_clear(self) -> bool:
@@ -254,7 +255,8 @@ class PlannerService:
                 wait,
             )
             self._request(LEAVE)
-            asyncio.get_running_loop().call_later(wait + 0.01, self._request, JOIN)
+            # its back-off over: re-plan at once (one known event, not a burst of joins)
+            asyncio.get_running_loop().call_later(wait + 0.01, self._request, LEAVE)
             return
         if rep.state == "ready":
             self.backoff.clear(agent_id)

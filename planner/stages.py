@@ -163,6 +163,11 @@ def _export(
                 f"output {i} ({output_names[i]})"
             )
     ep.example_inputs = None  # an activation copy the agent never needs
+    for node in ep.graph.nodes:
+        # provenance naming Python object ids (graph_id): the only part of the archive that
+        # differs between two exports of the same cut, so a restarted planner could not
+        # rebuild the artifacts it published (same cut -> same sha; planner/startup.py)
+        node.meta.pop("from_node", None)
     buffer = io.BytesIO()
     torch.export.save(ep, buffer)
     body = buffer.getvalue()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from memfleet import MLP_SPEC, SETTINGS, eventually, key_file, running
@@ -15,6 +16,7 @@ from edgeslice.broker.protocol.messages import (
     OFFLINE,
     ONLINE,
     AssignmentDesired,
+    AssignmentReported,
     Info,
     PlanMessage,
     PlannerStatus,
@@ -26,6 +28,7 @@ from edgeslice.broker.protocol.topics import Topics
 from edgeslice.planner.config import PlannerConfig
 from edgeslice.planner.costmodel import ModelCost, Segment
 from edgeslice.planner.registry import Registry
+from edgeslice.planner.replan import BackoffConfig
 from edgeslice.planner.service import PlannerService, describe_plan
 
 T = Topics("unit")
@@ -143,3 +146,98 @@ def test_registry_says_when_the_usable_set_changes_and_fits_corrections() -> Non
     lost = Status(agent_id="a", state=OFFLINE, session=3, reason="lost")
     assert registry.apply(T.status("a"), codec.encode(lost), 2.0)
     assert registry.usable_ids() == frozenset()
+
+
+async def _report_desired(
+    broker: MemoryBroker, client: MemoryClient, agent_id: str, state: str
+) -> int:
+    """Answer the agent's retained desired assignment with ``state``; its plan version."""
+    payload = broker.retained_payload(T.assignment_desired(agent_id))
+    assert payload, f"no desired assignment for {agent_id}"
+    desired = codec.decode(payload, AssignmentDesired)
+    stages = [s.stage for s in desired.stages]
+    error = "over the memory budget" if state == "error" else ""
+    report = AssignmentReported(
+        agent_id, desired.plan_id, desired.plan_version, state, stages, error=error
+    )
+    await client.publish(T.assignment_reported(agent_id), codec.encode(report), qos=1, retain=True)
+    return desired.plan_version
+
+
+def _config(tmp_path: Path, **changes: object) -> PlannerConfig:
+    values: dict[str, object] = {
+        "model_spec": MLP_SPEC,
+        "broker": SETTINGS,
+        "max_segments": 4,
+        "replan_delay_s": 30.0,  # joins wait long: only leaves and errors re-plan in the test
+        "fleet_key_file": key_file(tmp_path),
+    }
+    values.update(changes)
+    return PlannerConfig(**values)  # type: ignore[arg-type]
+
+
+def test_leave_replans_at_once_errors_back_off_and_no_agent_withdraws_the_plan(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        a = await _fake_agent(broker, "a")
+        planner = PlannerService(_config(tmp_path), transport=broker.factory)
+        planner.backoff.config = BackoffConfig(base_s=0.3, factor=2.0, cap_s=1.0)
+
+        def plan_where(check: Callable[[PlanMessage], bool]) -> PlanMessage | None:
+            plan = _plan(broker, "build_mlp")
+            return plan if plan is not None and check(plan) else None
+
+        def agents(plan: PlanMessage) -> set[str]:
+            return {x for s in plan.stages for x in s.agents}
+
+        async with running(planner.run):
+            # an agent known at start is planned on at once (no quiet period to wait out)
+            first = await eventually(lambda: plan_where(lambda p: True), what="a plan")
+            assert isinstance(first, PlanMessage) and agents(first) == {"a"}
+            # it cannot load the plan: re-planned at once; nobody else: withdrawn, saying why
+            await _report_desired(broker, a, "a", "error")
+            gone = await eventually(lambda: plan_where(lambda p: not p.stages), what="withdrawn")
+            assert isinstance(gone, PlanMessage)
+            assert "no usable agent" in gone.reason and "a sitting out" in gone.reason
+            # its back-off ends: it is planned on again (not excluded until a restart)
+            back = await eventually(lambda: plan_where(lambda p: bool(p.stages)), what="back")
+            assert isinstance(back, PlanMessage) and agents(back) == {"a"}
+            await _report_desired(broker, a, "a", "ready")
+            await eventually(lambda: plan_where(lambda p: p.ready), what="ready")
+            b = await _fake_agent(broker, "b")  # a join: waits for 30 s of quiet ...
+            a.crash()  # ... but a leave re-plans at once, on b
+            moved = await eventually(lambda: plan_where(lambda p: agents(p) == {"b"}), what="b")
+            assert isinstance(moved, PlanMessage) and moved.plan_version > back.plan_version
+            b.crash()
+            final = await eventually(lambda: plan_where(lambda p: not p.stages), what="none")
+            assert isinstance(final, PlanMessage) and final.reason == "no usable agent"
+
+    asyncio.run(scenario())
+
+
+def test_a_restarted_planner_adopts_the_valid_retained_plan(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        agents = {name: await _fake_agent(broker, name) for name in ("a", "b")}
+        config = _config(tmp_path)
+        first = PlannerService(config, transport=broker.factory)
+        async with running(first.run):
+            plan = await eventually(lambda: _plan(broker, "build_mlp"), what="a plan")
+            assert isinstance(plan, PlanMessage)
+            for name in {x for s in plan.stages for x in s.agents}:
+                await _report_desired(broker, agents[name], name, "ready")
+            await eventually(lambda: (p := _plan(broker, "build_mlp")) and p.ready, what="ready")
+        kept = _plan(broker, "build_mlp")
+        assert kept is not None and kept.ready  # kept on exit
+        second = PlannerService(config, transport=broker.factory)
+        async with running(second.run):
+            await eventually(lambda: second.served, what="adopted")
+            assert (second.plan_id, second.version) == (kept.plan_id, kept.plan_version)
+            await asyncio.sleep(0.3)  # nothing re-planned: the same plan is still served
+            assert _plan(broker, "build_mlp") == kept
+            status = codec.decode(broker.retained_payload(T.planner_status()) or b"", PlannerStatus)
+            assert status.state == ONLINE and status.plan_version == kept.plan_version
+
+    asyncio.run(scenario())
