@@ -15,7 +15,8 @@ username is its agent id):
 * the **planner** (also the operator account) reads and writes the namespace.
 * the **monitor** reads the namespace and ``$SYS``; it publishes nothing.
 * a **client** sends requests only to ``agents/+/inbox/<its username>`` and
-  reads plans and the planner status; results come back on
+  reads plans, the planner status and agents' status (to re-send requests off an agent
+  whose last will arrives), info and telemetry; results come back on
   ``clients/<username>/results``, granted by a ``pattern ... %u`` rule. An agent
   replies to the client named by the inbox topic, never to an id in the payload,
   so a client cannot have results delivered to another client: its client id
@@ -166,6 +167,7 @@ def acl_rules(setup: MosquittoSetup) -> list[AclRule]:
             AclRule(client, "read", t.planner_status(), "is the fleet up"),
             AclRule(client, "read", t.all_agents("telemetry"), "load, for replica scoring"),
             AclRule(client, "read", t.all_agents("info"), "link latency, for replica scoring"),
+            AclRule(client, "read", t.all_agents("status"), "last wills: re-send requests at once"),
         ]
     rules.append(
         AclRule(None, "read", f"{t.root}/clients/%u/results", "each account: its own results")
