@@ -68,6 +68,8 @@ __all__ = ["InferenceClient", "InferenceResult", "Measured", "NoPlanError", "che
 
 log = logging.getLogger(__name__)
 
+RESEND_AFTER_RECONNECT_S = 3.0  # second re-send pass after a reconnect (paho retries in 1-2 s)
+
 
 class InferenceClient:
     """One client connection; use ``async with InferenceClient(settings, model) as c``."""
@@ -319,7 +321,7 @@ class InferenceClient:
 
     def _reroute(self, everything: bool = False, via: str = "", before: float = 0.0) -> None:
         """Re-send requests whose route is no good any more (or ``everything``, or those sent
-        ``via`` an agent ``before`` it re-announced itself); park those no plan routes yet."""
+        ``before`` a time, ``via`` an agent if given); park those no plan routes yet."""
         plan, offline = self.plan, self._offline()
         todo = self.requests.to_resend(plan, offline, everything, via, before)
         if not todo:
@@ -346,6 +348,12 @@ class InferenceClient:
         if self._connects > 1:
             self._reconnected_at = time.time()
             self._reroute(everything=True)
+            first_pass = time.time()
+            # agents may reconnect after us (their chunks were then lost again): each one's
+            # re-announced status re-sends what it holds (_on_status); one more pass for
+            # what is still unanswered, in case an agent does not re-announce itself
+            await asyncio.sleep(RESEND_AFTER_RECONNECT_S)
+            self._reroute(before=first_pass)
 
     # -- incoming ---------------------------------------------------------------
     async def _consume(self) -> None:

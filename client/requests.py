@@ -143,12 +143,13 @@ class RequestTracker:
         before: float = 0.0,
     ) -> list[InFlight]:
         """Requests to send again: all sent ones (``everything``: after a reconnect), those
-        sent ``via`` an agent ``before`` it came back, else those whose route is no good."""
+        last sent ``before`` a time (``via`` an agent if given: it came back since), else
+        those whose route is no good any more."""
         sent = [r for r in self.open.values() if r.route and not r.future.done()]
         if everything:
             return sent
-        if via:
-            return [r for r in sent if via in r.route and r.sent_at < before]
+        if before:
+            return [r for r in sent if r.sent_at <= before and (not via or via in r.route)]
         return [r for r in sent if self.needs_resend(r, plan, offline)]
 
     def is_stale_error(self, req: InFlight, plan_version: int, stage: int, agent: str) -> bool:
