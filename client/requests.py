@@ -68,7 +68,7 @@ class InFlight:
 
     request_id: str
     tensor_meta: list[dict[str, Any]]
-    payload: bytes
+    payload: bytes | memoryview
     deadline: float
     future: asyncio.Future[Completed]
     route: list[str] = field(default_factory=list)  # empty: not sent yet
