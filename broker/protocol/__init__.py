@@ -12,4 +12,8 @@ PROTOCOL_MAJOR = 1
 #   2: the chunk header's "m" is a typed message: a RequestEnvelope for request, activation
 #      and result transfers, an ErrorReply (plus "code") for error transfers; both add "k"
 #      and "v" and keep 1.1's keys, so 1.1 peers read them and 1.2 reads 1.1's maps
-PROTOCOL_MINOR = 2
+#   3: per-chunk checksums: every chunk carries "x" = crc32 of its own data, checked on
+#      arrival; the header's whole-payload "c" is gone (the sender no longer reads the whole
+#      payload before chunk 0 leaves). 1.3 receivers still read 1.2 transfers ("c", no "x");
+#      a 1.2 receiver refuses a 1.3 header as malformed (no "c"): upgrade receivers first
+PROTOCOL_MINOR = 3

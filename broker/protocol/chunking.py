@@ -15,7 +15,10 @@ overhead is ~40 bytes per data chunk, ~120 + meta for the header chunk):
     st   0         int        stage index
     n    0         int        total chunks
     l    0         int        total payload length in bytes
-    c    0         int        zlib.crc32 of the whole payload
+    c    0         int        zlib.crc32 of the whole payload: senders before 1.3 only (still
+                              checked when present); 1.3 senders omit it
+    x    all       int        zlib.crc32 of this chunk's d (since 1.3): checked on arrival, so
+                              the sender needs no pass over the whole payload before chunk 0
     dl   0         float      deadline, unix seconds; 0.0 = none
     m    0         map        request/activation/result: a RequestEnvelope (route, reply-to,
                               tensor specs, timings), error: an ErrorReply, both as
@@ -24,9 +27,15 @@ overhead is ~40 bytes per data chunk, ~120 + meta for the header chunk):
                               copy each chunk straight to its offset; older senders omit it)
     d    all       bin        this chunk's slice of the payload, always the last key
 
-Chunk 0 carries the header and as much payload as fits; chunks 1..n-1 carry only t, s, d.
-Every encoded chunk is at most ``chunk_size`` bytes. Copies: one when sending (payload slice
-into the chunk), one when receiving (each chunk's data into its place in the final buffer).
+Chunk 0 carries the header and as much payload as fits; chunks 1..n-1 carry only t, s, x, d
+(in that order, x as a uint32: receivers parse that layout without msgpack). Every encoded
+chunk is at most ``chunk_size`` bytes. Copies: one when sending (payload slice into the chunk),
+one when receiving (each chunk's data into its place in the final buffer). Checksums are per
+chunk (protocol 1.3): chunk 0 leaves as soon as it is cut, each chunk's crc32 is computed while
+it is hot in cache, and a corrupted chunk is refused ("checksum", naming the transfer) when it
+arrives instead of after the last one. Receivers still read 1.2 headers (whole-payload ``c``,
+data chunks without ``x``); a 1.2 receiver refuses a 1.3 header (no ``c``): upgrade receivers
+(agents, clients) before senders.
 
 This module owns the wire format and the sending side; the receiving side (:class:`Reassembler`,
 :class:`Completed`, :class:`Refused`, :class:`TransferHeader`) lives in
@@ -137,9 +146,9 @@ def stream_transfer(
         raise ProtocolError(f"transfer meta cannot be sent as msgpack: {exc}") from exc
     view = memoryview(payload).cast("B")
     total = view.nbytes
-    checksum = zlib.crc32(view)
     packed_tid = msgpack.packb(tid)
-    cap = _capacity(3 + len(packed_tid) + 2 + 5 + 2, chunk_size)  # fixmap, t, id, s, seq, d
+    # fixmap, "t", id, "s", seq (worst case), "x", crc (uint32), "d"
+    cap = _capacity(3 + len(packed_tid) + 2 + 5 + 2 + 5 + 2, chunk_size)
     fields: dict[str, Any] = {
         "v": [PROTOCOL_MAJOR, PROTOCOL_MINOR],
         "t": tid,
@@ -151,7 +160,7 @@ def stream_transfer(
         "st": stage,
         "n": MAX_SEQ,  # worst-case encodings while sizing chunk 0
         "l": total,
-        "c": 0xFFFFFFFF,
+        "x": 0xFFFFFFFF,  # worst case while sizing chunk 0
         "dl": float(deadline),
         "m": meta,
         "dc": max(cap, 0),
@@ -168,14 +177,16 @@ def stream_transfer(
     if count > MAX_SEQ:
         raise TransferError(f"{total} bytes need {count} chunks; raise chunk_size", "too_large")
     fields["n"] = count
-    fields["c"] = checksum
-    prefix = b"\x83\xa1t" + packed_tid + b"\xa1s"
+    prefix = b"\x84\xa1t" + packed_tid + b"\xa1s"
 
     def generate() -> Iterator[bytes]:
-        yield msgpack.packb({**fields, "d": view[:first]})
+        yield msgpack.packb({**fields, "x": zlib.crc32(view[:first]), "d": view[:first]})
         for seq, offset in enumerate(range(first, total, cap), start=1):
             piece = view[offset : offset + cap]
-            yield b"".join((prefix, msgpack.packb(seq), b"\xa1d", _bin_header(len(piece)), piece))
+            crc = b"\xa1x\xce" + zlib.crc32(piece).to_bytes(4, "big")
+            yield b"".join(
+                (prefix, msgpack.packb(seq), crc, b"\xa1d", _bin_header(len(piece)), piece)
+            )
 
     header = TransferHeader(
         tid,
@@ -186,7 +197,7 @@ def stream_transfer(
         stage,
         count,
         total,
-        checksum,
+        None,  # no whole-payload crc since 1.3: each chunk carries its own (x)
         deadline,
         meta,
         cap,

@@ -33,7 +33,9 @@ class TransferHeader:
     stage: int
     total_chunks: int
     total_length: int
-    checksum: int
+    # crc32 of the whole payload (field c, senders before 1.3); None since 1.3, where each
+    # chunk carries the crc32 of its own data (field x), checked as it arrives
+    checksum: int | None
     deadline: float
     meta: dict[str, Any] = field(default_factory=dict)
     chunk_capacity: int = 0  # data bytes in each of chunks 1..n-2 (field dc); 0 = not announced
@@ -41,7 +43,7 @@ class TransferHeader:
 
 @dataclass(frozen=True)
 class Completed:
-    """A transfer whose chunks all arrived and whose checksum matches."""
+    """A transfer whose chunks all arrived and whose checksums match."""
 
     header: TransferHeader
     payload: bytearray  # owned by the receiver: unpack_tensors wraps it without a copy
@@ -65,10 +67,12 @@ class Refused:
 
 
 Piece = bytes | memoryview
+Parsed = tuple[str, int, Piece, int | None, TransferHeader | None]  # tid, seq, data, crc, header
 _HEADER_FIELDS: tuple[tuple[str, type], ...] = (
     ("r", str), ("k", str), ("p", str), ("pv", int), ("st", int), ("n", int), ("l", int),
-    ("c", int), ("m", dict),
+    ("m", dict),
 )  # fmt: skip
+_OPTIONAL_FIELDS = (("c", int), ("dc", int))  # c: senders before 1.3; dc: since 1.1
 _FIXSTR, _FIXINT, _NOFIX = range(0xA0, 0xC0), range(0x80), range(0)
 _STR8, _UINT, _BIN = {0xD9: 1}, {0xCC: 1, 0xCD: 2, 0xCE: 4}, {0xC4: 1, 0xC5: 2, 0xC6: 4}
 
@@ -85,23 +89,28 @@ def _field(buf: bytes, pos: int, key: bytes, fix: range, wide: dict[int, int]) -
     return value, pos + 3 + width
 
 
-def parse_data_chunk(buf: bytes) -> tuple[str, int, memoryview] | None:
-    """Fast path for the exact layout the sender writes for chunks 1..n-1 (t, s, d), without
-    copying the data; None sends the chunk down the general (msgpack) path."""
+def parse_data_chunk(buf: bytes) -> Parsed | None:
+    """Fast path for the exact layouts senders write for chunks 1..n-1 (t, s, x, d since 1.3;
+    t, s, d before), without copying the data; None sends the chunk down the msgpack path."""
     try:
-        size, pos = _field(buf, 1, b"\xa1t", _FIXSTR, _STR8) if buf[0] == 0x83 else (-1, 0)
+        size, pos = _field(buf, 1, b"\xa1t", _FIXSTR, _STR8) if buf[0] in (0x83, 0x84) else (-1, 0)
         tid = str(buf[pos : pos + size], "utf-8") if size > 0 else ""
         seq, pos = _field(buf, pos + size, b"\xa1s", _FIXINT, _UINT) if tid else (-1, 0)
+        crc: int | None = None
+        if seq > 0 and buf[0] == 0x84:
+            crc, pos = _field(buf, pos, b"\xa1x", _FIXINT, _UINT)
+            seq = seq if crc >= 0 else -1
         size, pos = _field(buf, pos, b"\xa1d", _NOFIX, _BIN) if seq > 0 else (-1, 0)
     except (IndexError, UnicodeDecodeError):
         return None
     if size < 0 or pos + size != len(buf):
         return None
-    return tid, seq, memoryview(buf)[pos:]
+    return tid, seq, memoryview(buf)[pos:], crc, None
 
 
-def parse_chunk(buf: bytes) -> tuple[str, int, Piece, TransferHeader | None] | Refused:
-    """Any chunk, through bounded msgpack: (transfer id, seq, data, header if seq 0)."""
+def parse_chunk(buf: bytes) -> Parsed | Refused:
+    """Any chunk, through bounded msgpack: (transfer id, seq, data, its crc32 if it carries
+    one, header if seq 0)."""
     try:
         obj = msgpack.unpackb(
             buf, raw=False, strict_map_key=True, max_ext_len=0, max_map_len=10_000,
@@ -116,8 +125,11 @@ def parse_chunk(buf: bytes) -> tuple[str, int, Piece, TransferHeader | None] | R
         return Refused("", "malformed", f"chunk field t (transfer id) is bad: {tid!r:.80}")
     if type(seq) is not int or not 0 <= seq <= MAX_SEQ or not isinstance(data, bytes):
         return Refused(tid, "malformed", "chunk fields s (int seq) and d (bin data) are required")
+    crc = obj.get("x")
+    if crc is not None and (type(crc) is not int or not 0 <= crc <= 0xFFFFFFFF):
+        return Refused(tid, "malformed", f"chunk field x (crc32 of d) is {crc!r:.80}")
     if seq > 0:
-        return tid, seq, data, None
+        return tid, seq, data, crc, None
     version = obj.get("v")
     if not (isinstance(version, list) and len(version) >= 2 and type(version[0]) is int):
         return Refused(tid, "malformed", "header chunk (seq 0) lacks field v = [major, minor]")
@@ -126,7 +138,7 @@ def parse_chunk(buf: bytes) -> tuple[str, int, Piece, TransferHeader | None] | R
             tid, "version", f"sender speaks protocol major {version[0]}, this receiver "
             f"{PROTOCOL_MAJOR}; upgrade edgeslice on the older side",
         )  # fmt: skip
-    checks = (*_HEADER_FIELDS, ("dc", int)) if "dc" in obj else _HEADER_FIELDS  # dc: optional
+    checks = (*_HEADER_FIELDS, *(field for field in _OPTIONAL_FIELDS if field[0] in obj))
     for key, kind in checks:
         value: Any = obj.get(key)
         if type(value) is not kind or (type(value) is int and value < 0):
@@ -135,10 +147,10 @@ def parse_chunk(buf: bytes) -> tuple[str, int, Piece, TransferHeader | None] | R
     if type(deadline) not in (int, float) or not 0.0 <= deadline < float("inf"):
         return Refused(tid, "malformed", f"header field dl (deadline) is {deadline!r:.80}")
     total_chunks, total_length = obj["n"], obj["l"]
-    if not 1 <= total_chunks <= min(total_length + 1, MAX_SEQ) or obj["c"] > 0xFFFFFFFF:
+    if not 1 <= total_chunks <= min(total_length + 1, MAX_SEQ) or obj.get("c", 0) > 0xFFFFFFFF:
         return Refused(tid, "malformed", f"header claims {total_chunks} chunks, {total_length} B")
     header = TransferHeader(
         tid, obj["r"], obj["k"], obj["p"], obj["pv"], obj["st"], total_chunks, total_length,
-        obj["c"], float(deadline), obj["m"], obj.get("dc", 0),
+        obj.get("c"), float(deadline), obj["m"], obj.get("dc", 0),
     )  # fmt: skip
-    return tid, 0, data, header
+    return tid, 0, data, crc, header

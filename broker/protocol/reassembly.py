@@ -1,12 +1,13 @@
 """Receiving chunked transfers: put payloads back together, bounded per sender, and safe.
 
 Wire format and sending side: :mod:`broker.protocol.chunking` (which re-exports this module);
-parsing a received chunk: :mod:`broker.protocol.chunkparse`. With the header's chunk capacity
+parsing a received chunk: :mod:`broker.protocol.chunkparse`. Since protocol 1.3 every chunk
+carries the crc32 of its own data (``x``), checked as it arrives: one corrupted chunk refuses
+its transfer ("checksum") at once, and completion is O(1). With the header's chunk capacity
 (``dc``) each data chunk is copied once, as it arrives, to its offset in the final bytearray
-(grown in order, so pages are touched as data comes, not all at the header) and crc32 runs over
-the in-order prefix meanwhile: completion is O(1), not a join plus a checksum pass after the
-last chunk (CPU the receiver's paho thread would wait for). Without ``dc`` (older senders)
-chunks are joined at completion.
+(grown in order, so pages are touched as data comes, not all at the header). Older senders:
+without ``dc`` chunks are joined at completion; a whole-payload crc (``c``, before 1.3) runs
+over the in-order prefix as chunks are placed, or over the joined payload.
 
 Bounds: open transfers and reserved bytes, in total and per *sender* (the listener names the
 sender from the topic it came on, never from the payload), so one flooding publisher cannot
@@ -49,10 +50,12 @@ Accept = Callable[[TransferHeader], str | None]  # a header -> None to admit, el
 
 class _Open:
     """One transfer being reassembled: its data in ``parts`` (no layout known yet) or placed in
-    ``payload`` (layout known), where ``crc`` covers the data of chunks ``0 .. crc_next-1``."""
+    ``payload`` (layout known), where ``crc`` covers the data of chunks ``0 .. crc_next-1``
+    (whole-payload crc of senders before 1.3); ``unchecked``: chunks without a crc of their own."""
 
     __slots__ = ("cap", "charged", "crc", "crc_next", "first", "first_seen", "header",
-                 "last_seen", "parts", "payload", "received", "seen", "sender")  # fmt: skip
+                 "last_seen", "parts", "payload", "received", "seen", "sender",
+                 "unchecked")  # fmt: skip
 
     def __init__(self, now: float, sender: str) -> None:
         self.header: TransferHeader | None = None
@@ -60,7 +63,7 @@ class _Open:
         self.parts: dict[int, Piece] = {}  # data not placed into ``payload`` (yet)
         self.payload: bytearray | None = None  # the final buffer, once the layout is known
         self.first = self.cap = 0  # data bytes in chunk 0; in each later chunk (but the last)
-        self.crc = self.crc_next = 0
+        self.crc = self.crc_next = self.unchecked = 0
         self.received = self.charged = 0  # data bytes held; bytes reserved (see Reassembler)
         self.first_seen = self.last_seen = now  # first chunk; latest chunk that added data
         self.sender = sender
@@ -70,8 +73,8 @@ class _Open:
         return start, self.first if seq == 0 else min(start + self.cap, total)
 
     def place(self, seq: int, piece: Piece) -> str | None:
-        """Copy ``piece`` into its slot of ``payload`` and extend the crc over the in-order
-        prefix; a detail string if the piece does not fit its slot."""
+        """Copy ``piece`` into its slot of ``payload`` and extend a whole-payload crc over the
+        in-order prefix; a detail string if the piece does not fit its slot."""
         payload, header = self.payload, self.header
         assert payload is not None and header is not None
         start, end = self.slot(seq, header.total_length)
@@ -81,6 +84,8 @@ class _Open:
             payload += bytes(start - len(payload))
         payload[start:end] = piece  # at the end this grows it: no page is touched before use
         self.seen.add(seq)
+        if header.checksum is None:  # 1.3: each chunk's own crc was checked on arrival
+            return None
         with memoryview(payload) as view:
             while self.crc_next in self.seen:  # in order: just this piece, while it is hot
                 start, end = self.slot(self.crc_next, len(view))
@@ -154,14 +159,13 @@ class Reassembler:
         if len(buf) > self.max_chunk_bytes:
             detail = f"chunk of {len(buf)} B > {self.max_chunk_bytes} B"
             return Refused("", "too_large", detail, sender=sender)
-        fast = parse_data_chunk(buf)
-        parsed = (*fast, None) if fast is not None else parse_chunk(buf)
+        parsed = parse_data_chunk(buf) or parse_chunk(buf)
         if isinstance(parsed, Refused):
             tid = parsed.transfer_id
             if tid and tid not in self._done and self._owned(tid, sender):
                 return self._drop(tid, parsed.reason, parsed.detail, now, sender=sender)
             return Refused(tid, parsed.reason, parsed.detail, sender=sender)
-        tid, seq, piece, header = parsed
+        tid, seq, piece, crc, header = parsed
         if tid in self._done:
             outcome = self._done[tid][1]
             if outcome == "completed":
@@ -184,6 +188,11 @@ class Reassembler:
             if header is not None and header != entry.header:
                 return self._drop(tid, "malformed", "a second header chunk disagrees", now)
             return Refused(tid, "duplicate", f"chunk {seq} already received", entry.header, sender)
+        if crc is None:
+            entry.unchecked += 1
+        elif (actual := zlib.crc32(piece)) != crc:
+            detail = f"chunk {seq} of transfer {tid}: crc32 {actual:#010x} != {crc:#010x}, "
+            return self._drop(tid, "checksum", detail + "corrupted in transit; resend", now, header)
         if header is not None and (refusal := self._admit(tid, entry, header, len(piece), now)):
             return refusal
         known = entry.header
@@ -338,10 +347,13 @@ class Reassembler:
         payload, crc = entry.payload, entry.crc  # placed as they came; crc ran alongside
         if payload is None:  # no layout: join now (a bytearray: unpack_tensors wraps it)
             payload = bytearray().join(entry.parts[seq] for seq in range(header.total_chunks))
-            crc = zlib.crc32(payload)
-        if crc != header.checksum:
-            detail = f"crc32 {crc:#010x} != {header.checksum:#010x}: corrupted in transit; resend"
-            return self._drop(tid, "checksum", detail, now)
+            crc = zlib.crc32(payload) if header.checksum is not None else 0
+        if header.checksum is None and entry.unchecked:
+            detail = f"{entry.unchecked} chunks carry no crc32 (x) and the header none (c)"
+            return self._drop(tid, "malformed", detail, now)
+        if header.checksum is not None and crc != header.checksum:
+            detail = f"crc32 {crc:#010x} != {header.checksum:#010x} over transfer {tid}: "
+            return self._drop(tid, "checksum", detail + "corrupted in transit; resend", now)
         self._release(tid, entry)
         self._tombstone(tid, "completed", now)
         return Completed(header, payload, entry.first_seen)

@@ -148,7 +148,9 @@ _msgpack_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=5)
     | st.binary(max_size=5),
     lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.sampled_from([*"tsdvrkpnlcm", "pv", "st", "dl", "dc"]), inner, max_size=8),
+    | st.dictionaries(
+        st.sampled_from([*"tsdvrkpnlcmx", "pv", "st", "dl", "dc"]), inner, max_size=8
+    ),
     max_leaves=20,
 )  # fmt: skip
 
@@ -177,6 +179,10 @@ def _header_chunk(**changes: object) -> bytes:
         msgpack.packb({"t": "x", "s": 0, "d": b"x"}),
         msgpack.packb({"t": "", "s": 1, "d": b"x"}),
         msgpack.packb({"t": "x", "s": 1, "d": msgpack.ExtType(5, b"zz")}),
+        msgpack.packb({"t": "x", "s": 1, "x": -1, "d": b"x"}),
+        msgpack.packb({"t": "x", "s": 1, "x": 2**32, "d": b"x"}),
+        msgpack.packb({"t": "x", "s": 1, "x": "crc", "d": b"x"}),
+        _header_chunk(x=1.5),
         _header_chunk(n=0),
         _header_chunk(n=102),  # more chunks than bytes
         _header_chunk(l=10),  # header chunk carries 100 bytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import msgpack
 from hypothesis import given, settings
@@ -53,7 +54,8 @@ def test_a_data_chunk_cut_differently_from_the_header_layout_is_malformed():
     payload = os.urandom(5000)
     chunks = _chunks(payload)
     fields = msgpack.unpackb(chunks[1], raw=False)
-    short = msgpack.packb(fields | {"d": fields["d"][:-1]})
+    cut = fields["d"][:-1]  # with its own crc: intact, but cut to the wrong length
+    short = msgpack.packb(fields | {"d": cut, "x": zlib.crc32(cut)})
     for order in ([chunks[0], short], [short, chunks[0]]):  # header first, and header last
         reassembler = Reassembler()
         results = _feed(reassembler, order)
@@ -72,3 +74,63 @@ def test_a_second_transfer_reuses_nothing_from_the_first():
     assert done_first.payload == first and done_second.payload == second
     done_first.payload[:10] = b"\x00" * 10  # the caller owns the buffer it was handed
     assert done_second.payload == second
+
+
+def _as_protocol_1_2(chunks: list[bytes], payload: bytes) -> list[bytes]:
+    """What a sender before 1.3 writes: a whole-payload crc in the header, none per chunk."""
+    header = _rewrite(chunks[0], drop=("x",), v=[1, 2], c=zlib.crc32(payload))
+    return [header, *(_rewrite(chunk, drop=("x",)) for chunk in chunks[1:])]
+
+
+def test_one_corrupted_chunk_refuses_its_transfer_on_arrival_naming_it():
+    chunks = _chunks(os.urandom(10_000))
+    damaged = bytearray(chunks[3])
+    damaged[-7] ^= 0x01
+    reassembler = Reassembler()
+    results = _feed(reassembler, [*chunks[:3], bytes(damaged)])
+    assert results[:3] == [None] * 3  # refused at the bad chunk, not after the last one
+    refused = results[3]
+    assert isinstance(refused, Refused) and refused.reason == "checksum" and refused.is_error
+    tid = msgpack.unpackb(chunks[0])["t"]
+    assert refused.transfer_id == tid and tid in refused.detail and "chunk 3" in refused.detail
+    assert refused.header is not None and refused.header.request_id == "r"
+    assert reassembler.open_transfers == 0 and reassembler.buffered_bytes == 0
+    late = _feed(reassembler, chunks[4:])
+    assert all(isinstance(r, Refused) and r.reason == "ignored" for r in late)
+
+
+def test_a_corrupted_header_chunk_or_early_data_chunk_is_refused_too():
+    chunks = _chunks(os.urandom(5000))
+    for index in (0, 2):
+        damaged = bytearray(chunks[index])
+        damaged[-1] ^= 0x80
+        order = [bytes(damaged), *chunks[1:]] if index == 0 else [bytes(damaged), chunks[0]]
+        refused = _feed(Reassembler(), order)[0]
+        assert isinstance(refused, Refused) and refused.reason == "checksum"
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(0, 12_000), rng=st.randoms(use_true_random=False))
+def test_protocol_1_2_transfers_still_reassemble_and_their_crc_is_checked(size, rng):
+    payload = rng.randbytes(size)
+    old = _as_protocol_1_2(_chunks(payload), payload)
+    arrivals = old + rng.sample(old, k=len(old) // 3)
+    rng.shuffle(arrivals)
+    done = [r for r in _feed(Reassembler(), arrivals) if isinstance(r, Completed)]
+    assert len(done) == 1 and done[0].payload == payload
+    assert done[0].header.checksum == zlib.crc32(payload)
+    if size:  # the same chunks, one byte flipped: refused once all arrived
+        fields = msgpack.unpackb(old[-1], raw=False)
+        flipped = bytes([fields["d"][0] ^ 1]) + fields["d"][1:]
+        bad = [*old[:-1], msgpack.packb(fields | {"d": flipped})]
+        results = _feed(Reassembler(), bad)
+        assert [r.reason for r in results if isinstance(r, Refused)] == ["checksum"]
+
+
+def test_a_1_3_header_with_chunks_that_carry_no_crc_is_malformed():
+    chunks = _chunks(os.urandom(5000))
+    stripped = [chunks[0], *(_rewrite(chunk, drop=("x",)) for chunk in chunks[1:])]
+    results = _feed(Reassembler(), stripped)
+    refused = [r for r in results if isinstance(r, Refused)]
+    assert [r.reason for r in refused] == ["malformed"] and "crc32" in refused[0].detail
+    assert not [r for r in results if isinstance(r, Completed)]
