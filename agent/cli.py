@@ -143,6 +143,17 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     "[env EDGESLICE_EMULATE]",
 )
 @click.option(
+    "--emulate-mode",
+    type=click.Choice(["paced", "quota"]),
+    envvar="EDGESLICE_EMULATE_MODE",
+    default="paced",
+    show_default=True,
+    help="With --emulate: 'paced' runs each stage at host speed and holds its result until "
+    "the profile's device would be done (no CPU quota, so no bursts; memory still a cgroup "
+    "limit; works without root, memory then unlimited); 'quota' limits CPU with a cgroup "
+    "quota (bursts within each 100 ms period). [env EDGESLICE_EMULATE_MODE]",
+)
+@click.option(
     "--emulate-scale",
     type=click.FloatRange(min=0, min_open=True),
     envvar="EDGESLICE_EMULATE_SCALE",
@@ -163,6 +174,7 @@ def agent_cmd(
     drain_timeout: float,
     calibrate_seconds: float,
     emulate: bool,
+    emulate_mode: str,
     emulate_scale: float,
 ) -> None:
     """Run an agent on this device until SIGTERM/Ctrl-C.
@@ -192,6 +204,7 @@ def agent_cmd(
             max_queue=max_queue,
             calibrate_seconds=calibrate_seconds,
             drain_timeout_s=drain_timeout,
+            emulate_mode=emulate_mode,
         )
         firmware = load_profile(profile)
     except EdgesliceError as exc:
@@ -199,9 +212,12 @@ def agent_cmd(
     applied: Any = None
     limits: dict[str, Any] = {}
     try:
-        if emulate:
+        if emulate and emulate_mode == "paced":
+            applied, limits, threads = _emulate_paced(config, firmware, emulate_scale)
+            config = dataclasses.replace(config, emulate=True, threads=threads)
+        elif emulate:
             applied, limits = _emulate(config, firmware, emulate_scale)
-        if applied is not None:
+        if applied is not None and emulate_mode == "quota":
             config = dataclasses.replace(
                 config,
                 emulate=True,
@@ -268,6 +284,22 @@ def _stop_promptly(
             task.result()  # re-raise what the service raised
 
     return bounded
+
+
+def _emulate_paced(config: Any, firmware: Any, scale: float) -> tuple[Any, dict[str, Any], int]:
+    """--emulate-mode paced: install the pacer (agent/pacing.py), limit memory with a cgroup."""
+    from edgeslice.agent import pacing
+
+    applied, limits, pacer = pacing.emulate_paced(config.agent_id, firmware, scale)
+    pacing.install(pacer)
+    memory = f"memory {pacer.plan.memory_bytes >> 20} MiB" if applied else "memory UNLIMITED"
+    click.echo(
+        f"emulating {firmware.name}: paced x{pacer.factor:.2f} ({pacer.plan.device_gflops:.1f} "
+        f"GFLOP/s on a {pacer.plan.host_core_gflops:.1f} GFLOP/s core), "
+        f"{pacer.plan.threads} thread(s), {memory}",
+        err=True,
+    )
+    return applied, limits, pacer.plan.threads
 
 
 def _emulate(config: Any, firmware: Any, scale: float) -> tuple[Any, dict[str, Any]]:

@@ -43,6 +43,7 @@ class AgentConfig:
     memory_budget_mb: int | None = None  # overrides the profile's budget
     max_queue: int = 64  # requests waiting for compute before new ones are refused
     emulate: bool = False
+    emulate_mode: str = "paced"  # with emulate: "paced" (agent/pacing.py) or "quota"
     link_test_bytes: int = 256 * 1024
     # on SIGTERM/SIGINT: keep serving at most this long for the planner to publish a plan
     # without this agent, then refuse new requests and finish the ones held (agent/drain.py)
@@ -61,6 +62,8 @@ class AgentConfig:
             raise ConfigError("--memory-mb must be > 0")
         if self.max_queue < 1:
             raise ConfigError("--max-queue must be >= 1")
+        if self.emulate_mode not in ("paced", "quota"):
+            raise ConfigError(f"--emulate-mode must be paced or quota, got {self.emulate_mode!r}")
         if self.drain_timeout_s < 0:
             raise ConfigError("--drain-timeout must be >= 0 seconds")
 

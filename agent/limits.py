@@ -175,7 +175,8 @@ class AppliedLimits:
         """The JSON-able ``info.limits`` the agent publishes."""
         p = self.plan
         info: dict[str, Any] = {
-            "mode": self.mode,
+            "mode": "quota",  # the CPU emulation (agent/pacing.py has the other, "paced")
+            "cgroup": self.mode,
             "cpu_cores": p.cores,
             "cpu_period_us": p.period_us,
             "cpu_quota_us": p.quota_us,
@@ -250,7 +251,8 @@ def apply_limits(
 
 def _write_cpu(group: Path, plan: EmulationPlan, mode: str) -> None:
     if mode == "cgroup-v2":
-        _write(group / "cpu.max", f"{plan.quota_us} {plan.period_us}")
+        quota = plan.quota_us if plan.quota_us > 0 else "max"  # -1: no quota (paced mode)
+        _write(group / "cpu.max", f"{quota} {plan.period_us}")
         return
     _write(group / "cpu.cfs_quota_us", "-1")  # lift an old quota so any period is accepted
     _write(group / "cpu.cfs_period_us", str(plan.period_us))

@@ -122,7 +122,7 @@ def host_core_gflops(seconds: float = 0.3) -> float:
     ``measure_gflops`` with one thread runs its kernels on the calling thread, so scaling
     its wall-clock rate by wall/thread-CPU time removes the time other processes took.
     """
-    from edgeslice.agent.runtime import measure_gflops
+    from edgeslice.broker.calibration import measure_gflops  # the host's, never paced
 
     wall, cpu = time.perf_counter(), time.thread_time()
     rate = measure_gflops(seconds, 1)

@@ -6,7 +6,9 @@ checked with its public key *before* ``torch.export.load`` sees a byte, since th
 may unpickle), a loaded stage maps a flat list of tensors to a flat list of tensors,
 :class:`ArtifactCache` keeps sealed artifacts on disk by sha256 so a restart does not
 refetch them (an artifact the runtime refuses is deleted from it), and
-:func:`measure_gflops` is the short calibration run agents report at start-up.
+:func:`measure_gflops` is the short calibration run agents report at start-up. Under
+``--emulate-mode paced`` both a stage run and the calibration go through the installed
+:class:`agent.pacing.Pacer`, which holds them until the emulated device would be done.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from edgeslice.broker.calibration import measure_gflops as measure_gflops  # re-export for the agent
+from edgeslice.agent import pacing
+from edgeslice.broker.calibration import measure_gflops as host_measure_gflops
 from edgeslice.broker.protocol.artifacts import (
     STAGE_FORMAT,
     STAGE_KIND,
@@ -48,6 +51,14 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 2 << 30  # refuse to inflate a compressed body beyond this
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def measure_gflops(seconds: float = 0.5, threads: int | None = None) -> float:
+    """The calibration rate agents announce: this device's, or the paced device's."""
+    pacer = pacing.current()
+    if pacer is not None:
+        return pacer.measure_gflops(seconds, threads)
+    return host_measure_gflops(seconds, threads)
 
 
 def set_threads(n: int) -> None:
@@ -124,8 +135,9 @@ class LoadedStage:
     def run(self, inputs: Sequence[Tensor]) -> list[Tensor]:
         """Run the stage under ``torch.inference_mode`` after checking the inputs."""
         self.check_inputs(inputs)
+        pacer = pacing.current()  # emulating a slower device: hold until it would be done
         with torch.inference_mode():
-            result = self._program(*inputs)
+            result = self._program(*inputs) if pacer is None else pacer.run(self._program, *inputs)
         outputs = list(result) if isinstance(result, tuple | list) else [result]
         if len(outputs) != len(self.info.outputs):
             raise InferenceError(

@@ -113,7 +113,7 @@ def test_v1_limits_land_in_cpu_and_memory_groups_nested_in_the_own_cgroup(tmp_pa
     assert (cpu / "cgroup.procs").read_text() == "4242"
     assert (mem / "cgroup.procs").read_text() == "4242"
     info = applied.to_info()
-    assert info["mode"] == "cgroup-v1"
+    assert info["mode"] == "quota" and info["cgroup"] == "cgroup-v1"
     assert info["cgroups"] == [str(cpu), str(mem)]
     assert info["cpu_cores"] == pytest.approx(0.2) and info["memory_bytes"] == 4096 * MIB
     assert applied.origins == (root / "cpu", root / "memory" / "sandbox" / "x")
@@ -131,7 +131,7 @@ def test_v2_limits_enable_controllers_and_write_cpu_max(tmp_path: Path) -> None:
     plan = plan_emulation(load_profile("rpi5-8gb"), 50.0, host_cpus=2)
     applied = apply_limits("pi-5", plan, 99, root, proc)
     group = root / "edgeslice" / "pi-5"
-    assert applied.to_info()["mode"] == "cgroup-v2"
+    assert applied.to_info()["cgroup"] == "cgroup-v2"
     assert applied.groups == (group,)
     assert (group / "cpu.max").read_text() == "50000 100000"
     assert (group / "memory.max").read_text() == str(8192 * MIB)
