@@ -5,13 +5,16 @@ benchmarks (the :class:`Testbed` API). A fleet file::
 
     namespace = "bench"            # optional
     broker = "mqtt://host:1883"    # optional: default starts a local broker
+    emulate_mode = "paced"         # optional: the default for every [[agents]] table
 
     [[agents]]
     profile = "rpi4-4gb"
     count = 4
     link = "profile"               # the profile's typical link (default), "none", or
                                    # { bandwidth_mbit = 20, latency_ms = 5, loss_pct = 0.1 }
-    emulate = true                 # cgroup CPU/memory limits from the profile (default)
+    emulate = true                 # run at the profile's speed and memory (default)
+    emulate_mode = "paced"         # "paced" (default): hold each stage for the device's
+                                   # time (agent/pacing.py); "quota": a cgroup CPU quota
 
 Every process (broker, one ``lab.linkem`` proxy per shaped agent, agents, a planner) is a
 real process run by :class:`lab.supervisor.Supervised`, detached so it outlives ``testbed
@@ -43,7 +46,8 @@ from edgeslice.lab.supervisor import stop_groups
 
 logger = logging.getLogger(__name__)
 
-_ALLOWED = {"profile", "count", "link", "emulate", "id_prefix"}
+_ALLOWED = {"profile", "count", "link", "emulate", "emulate_mode", "id_prefix"}
+DEFAULT_EMULATE_MODE = "paced"  # no quota bursts: stage times follow the profile (agent/pacing.py)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class TestbedAgent:
     profile: str
     link: LinkShape | None
     emulate: bool
+    emulate_mode: str = DEFAULT_EMULATE_MODE
 
 
 @dataclass(frozen=True)
@@ -134,9 +139,13 @@ def parse_fleet(data: dict[str, Any], source: str = "<dict>") -> FleetSpec:
         emulate = entry.get("emulate", True)
         if not isinstance(emulate, bool):
             raise ConfigError(f"{where}: emulate must be true or false")
+        mode = entry.get("emulate_mode", data.get("emulate_mode", DEFAULT_EMULATE_MODE))
+        if mode not in ("paced", "quota"):
+            raise ConfigError(f'{where}: emulate_mode must be "paced" or "quota", got {mode!r}')
         prefix = str(entry.get("id_prefix", profile))
         for _ in range(count):
-            agents.append(TestbedAgent(f"{prefix}-{len(agents) + 1}", profile, link, emulate))
+            agent_id = f"{prefix}-{len(agents) + 1}"
+            agents.append(TestbedAgent(agent_id, profile, link, emulate, mode))
     namespace = data.get("namespace", "testbed")
     broker = data.get("broker")
     if broker is not None and not isinstance(broker, str):
@@ -196,7 +205,7 @@ class Testbed:
         target = self.broker_url.removeprefix("mqtt://")
         extra: list[str] = ["--calibrate-seconds", "0.5"]
         if agent.emulate:
-            extra.append("--emulate")
+            extra += ["--emulate", "--emulate-mode", agent.emulate_mode]
         if agent.link is not None:
             port = free_port()
             self.fleet.spawn_module(

@@ -210,3 +210,17 @@ def test_paced_emulation_without_cgroups_still_paces(
     assert applied is None and pacer.factor == pytest.approx(100 / 3)
     assert info["mode"] == "paced" and info["memory"] == "unlimited" and info["reason"]
     assert "NOT limited" in caplog.text
+
+
+# -- the fleet file ---------------------------------------------------------------------------
+def test_fleet_files_choose_the_mode_per_fleet_or_agent() -> None:
+    from edgeslice.broker.protocol.errors import ConfigError
+    from edgeslice.lab.testbed import parse_fleet
+
+    agents = [{"profile": "rpi4-4gb"}, {"profile": "rpi3b", "emulate_mode": "paced"}]
+    default = parse_fleet({"agents": agents}).agents
+    assert [a.emulate_mode for a in default] == ["paced", "paced"]
+    mixed = parse_fleet({"emulate_mode": "quota", "agents": agents}).agents
+    assert [a.emulate_mode for a in mixed] == ["quota", "paced"]
+    with pytest.raises(ConfigError, match="emulate_mode"):
+        parse_fleet({"agents": [{"profile": "rpi3b", "emulate_mode": "fast"}]})
