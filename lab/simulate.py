@@ -1,24 +1,27 @@
 """Owns the discrete-event simulation of a plan on a fleet, priced by the planner's cost model.
 
 Why: this machine has two cores, so fleets of 8-64 devices can only be *simulated*. Every
-task is priced by the functions the planner plans with (``compute_s``,
-``link_occupancy_s``, the round-trip halves and per-chunk overheads of ``transfer_s``), so
+task is priced by the functions the planner plans with (``compute_s``, ``hop_cpu_time_s``,
+``link_occupancy_s``, the broker round and round-trip halves of ``transfer_s``), so
 simulated and predicted figures are comparable, and comparing the simulator with measured
 runs (``benchmarks/simulation.py``) tells how far the cost model's view is from reality.
 
 Resources, each a FIFO serving one task at a time:
 
-* per device: its CPU (one stage job at a time, like the agent's single stage thread),
-  its uplink and its downlink to the broker (each serialises bytes at ``bandwidth_bps``);
-* the client's uplink and downlink (``CostParams.client_*``).
+* per device: its CPU (one job at a time, like the agent's single stage thread: the
+  receiving side of the hop in, the stage, the sending side of the hop out), its uplink
+  and its downlink to the broker (each serialises bytes at ``bandwidth_bps``);
+* the client's CPU (packs inputs, unpacks outputs), uplink and downlink
+  (``CostParams.client_*``).
 
-The broker is *not* a resource: it forwards instantly and never queues, so a fleet whose
-broker saturates first would run slower than simulated. A hop is sender uplink, half of
-each side's round trip, receiver downlink -- with one request in flight exactly
-``transfer_s``. Receive, compute and send are separate resources because the agent
-overlaps them (chunks arrive and results leave while the stage thread computes); the
-planner's ``period_s`` adds them up, so on link-heavy stages the simulated saturated
-throughput can exceed ``plan.throughput_rps`` (it equals it for compute-bound stages).
+The broker is *not* a resource: it forwards after ``broker_round_s`` and never queues, so
+a fleet whose broker saturates first would run slower than simulated. A hop is sender
+CPU, sender uplink, the broker round and half of each side's round trip, receiver
+downlink, receiver CPU -- with one request in flight exactly ``transfer_s``. Links and
+CPU are separate resources because the agent overlaps them (chunks arrive and results
+leave while the stage thread computes), which is what the planner's period assumes too
+(``max(CPU, downlink, uplink)`` per device, and the client's own): a saturated pipeline
+runs at ``plan.throughput_rps``.
 
 Replica choice is the inference client's own policy, :func:`client.scoring.pick_replica`,
 fed with simulated values: one client picks the whole route when it issues a request;
@@ -49,6 +52,7 @@ from edgeslice.planner.costmodel import (
     Device,
     ModelCost,
     compute_s,
+    hop_cpu_time_s,
     link_occupancy_s,
     stage_in_bytes,
     stage_out_bytes,
@@ -108,11 +112,11 @@ class SimResult:
     makespan_s: float
     stages: tuple[StageStats, ...]
     devices: dict[str, DeviceStats] = field(default_factory=dict)
-    client: DeviceStats = DeviceStats(0.0, 0.0, 0.0, 0)  # the client's link shares
+    client: DeviceStats = DeviceStats(0.0, 0.0, 0.0, 0)  # the client's CPU and link shares
 
     def bottleneck(self) -> tuple[str, float]:
         """The busiest resource, e.g. ``("cpu rpi4-4gb-3", 0.98)`` or ``("client uplink", ..)``."""
-        shares = [(f"client {k}", getattr(self.client, k)) for k in ("uplink", "downlink")]
+        shares = [(f"client {k}", getattr(self.client, k)) for k in ("cpu", "uplink", "downlink")]
         for agent, d in sorted(self.devices.items()):
             shares += [(f"{k} {agent}", getattr(d, k)) for k in ("cpu", "uplink", "downlink")]
         return max(shares, key=lambda x: x[1])
@@ -149,6 +153,7 @@ class _Task:
     resource: tuple[str, str]  # (kind, agent); kind in cpu/up/down, agent "" = client
     duration_s: float
     stage: int
+    compute_s: float = 0.0  # the stage's own share of a CPU task (without the hop sides)
 
 
 @dataclass
@@ -243,28 +248,38 @@ class _Run:
     def tasks_for(self, route: Sequence[str]) -> list[_Task]:
         """The chain of resource tasks of one request along ``route`` (see module doc)."""
         p, model = self.params, self.model
-        tasks = [_Task(0.0, ("up", ""), link_occupancy_s(model.input_bytes, None, p), 0)]
+        first = model.input_bytes
+        tasks = [
+            _Task(0.0, ("cpu", ""), hop_cpu_time_s(first, None, p), -1),
+            _Task(0.0, ("up", ""), link_occupancy_s(first, None, p), 0),
+        ]
         prev_rtt, prev = p.client_rtt_s, ""
-        for stage, agent in zip(self.plan.stages, route, strict=True):
+        for k, (stage, agent) in enumerate(zip(self.plan.stages, route, strict=True)):
             dev = self.by_id[agent]
+            nxt = route[k + 1] if k + 1 < len(route) else ""
+            cpu = 0.0
             if agent != prev:  # a hand-off inside one agent costs nothing (transfer_s)
+                nbytes = stage_in_bytes(model, stage.start)
                 if prev:
-                    nbytes = stage_out_bytes(model, stage.start)
                     occupancy = link_occupancy_s(nbytes, self.by_id[prev], p)
                     tasks.append(_Task(0.0, ("up", prev), occupancy, stage.index - 1))
-                nbytes = stage_in_bytes(model, stage.start)
-                delay = 0.5 * (prev_rtt + dev.rtt_s)
+                delay = p.broker_round_s + 0.5 * (prev_rtt + dev.rtt_s)
                 tasks.append(
                     _Task(delay, ("down", agent), link_occupancy_s(nbytes, dev, p), stage.index)
                 )
+                cpu += hop_cpu_time_s(nbytes, dev, p)
+            if agent != nxt:
+                cpu += hop_cpu_time_s(stage_out_bytes(model, stage.end), dev, p)
             duration = compute_s(model, stage.start, stage.end, dev, p)
             if self.work.jitter:
                 duration *= 1.0 + self.rng.uniform(-self.work.jitter, self.work.jitter)
-            tasks.append(_Task(0.0, ("cpu", agent), duration, stage.index))
+            tasks.append(_Task(0.0, ("cpu", agent), cpu + duration, stage.index, duration))
             prev, prev_rtt = agent, dev.rtt_s
-        last, out, home = self.by_id[prev], model.output_bytes, 0.5 * (prev_rtt + p.client_rtt_s)
+        last, out = self.by_id[prev], model.output_bytes
+        home = p.broker_round_s + 0.5 * (prev_rtt + p.client_rtt_s)
         tasks.append(_Task(0.0, ("up", prev), link_occupancy_s(out, last, p), len(route) - 1))
         tasks.append(_Task(home, ("down", ""), link_occupancy_s(out, None, p), -1))  # no stage
+        tasks.append(_Task(0.0, ("cpu", ""), hop_cpu_time_s(out, None, p), -1))
         return tasks
 
 
@@ -319,10 +334,10 @@ def simulate(
         task = req.tasks[req.step]
         start = run.res[task.resource].serve(now, task.duration_s)
         kind, agent = task.resource
-        if kind == "cpu":
+        if kind == "cpu" and agent:
             req.queue_s[task.stage] = start - now
             run.cpu_wait[task.stage].append(start - now)
-            req.compute[task.stage] = task.duration_s
+            req.compute[task.stage] = task.compute_s
             key = (agent, task.stage)
             run.cpu_by_stage[key] = run.cpu_by_stage.get(key, 0.0) + task.duration_s
             run.tasks_by_stage[key] = run.tasks_by_stage.get(key, 0) + 1
@@ -388,5 +403,5 @@ def _result(run: _Run, latencies: list[float], done_at: list[float]) -> SimResul
         makespan_s=makespan,
         stages=tuple(stages),
         devices=devices,
-        client=DeviceStats(0.0, share("up", ""), share("down", ""), len(done_at)),
+        client=DeviceStats(share("cpu", ""), share("up", ""), share("down", ""), len(done_at)),
     )

@@ -1,33 +1,52 @@
 """Owns the analytic cost model: how long a slice of a model takes on a device and on the wire.
 
 The planner must compare thousands of (slice, device) pairs per plan, so costs
-are closed-form: FLOPs over a calibrated rate, bytes over a measured link, a
-fixed price per MQTT message. Analytic estimates are systematically off on real
-boards (cache effects, thermal limits, the Python overhead of a stage), so a
+are closed-form: FLOPs over a calibrated rate, bytes over a measured link, fixed
+prices per hop and per MQTT message. Analytic estimates are systematically off on
+real boards (cache effects, thermal limits, the Python overhead of a stage), so a
 per-agent multiplicative ``correction`` is fitted from the stage timings agents
 report (:func:`fit_correction`) -- FlexPie's learned-correction idea, fed by live
-data instead of an offline sweep, and kept to one robust ratio per agent so it
-cannot overfit a handful of samples.
+data instead of an offline sweep, one robust ratio per agent weighted by how many
+requests each reported timing averages.
 
-Every hop goes through the broker (a star): a transfer costs the sender's
-upload, the receiver's download, half of each round trip and a fixed overhead
-per chunk. ``None`` stands for the client, which sits on a fast local link.
+**A hop** (client -> stage, stage -> stage, stage -> client) goes through the
+broker (a star) and costs, in order:
 
-:class:`CostTable` precomputes prefix sums and per-(cut, device) link terms so a
-stage is priced in O(1); the partitioner's dynamic programs run on it, while
-:func:`compute_s` / :func:`transfer_s` are the readable reference definitions
+1. the sender's CPU: ``hop_cpu_s`` (envelope encode, ``pack_tensors``, chunking,
+   the publish calls) plus ``codec_s_per_byte`` per byte;
+2. the sender's uplink: bytes / bandwidth + half of ``per_message_s`` per chunk;
+3. the broker round ``broker_round_s`` plus half of each side's round trip;
+4. the receiver's downlink: bytes / bandwidth + the other half per chunk;
+5. the receiver's CPU: reassembly, ``unpack_tensors`` and the hand-off to the
+   stage worker's queue (the same ``hop_cpu_s`` + per-byte price).
+
+CPU prices are seconds on the host that measured them (``reference_gflops``) and
+scale with a device's speed like compute does (:func:`hop_cpu_time_s`). A
+request's latency adds everything. A device's **period** (busy time per request
+in steady state) is ``max(cpu, uplink, downlink)``: the agent receives and sends
+while its stage thread computes, but the hop CPU work competes with compute for
+the same cores. The client is one more device on the path (``None`` here): it
+packs every input and unpacks every output over its own link, so a plan's period
+is never below :func:`client_period_s`, however many replicas serve stage 0.
+
+Where the hop constants come from: :func:`hop_constants` fits them to the
+transport benchmark's chunked and raw transfers (``benchmarks/results/transport.json``,
+mosquitto on this 2-core host); the defaults below are that fit, rounded.
+
+:class:`~planner.costtable.CostTable` precomputes all this per (cut, device) for
+the partitioner's DPs; the functions here are the readable reference definitions
 the table must agree with (the tests check both).
 """
 
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
-from statistics import median
+from typing import Any
+
+CHUNK_BYTES = 262144  # chunk size on the wire (DESIGN §4)
 
 
 @dataclass(frozen=True)
@@ -68,14 +87,32 @@ class Device:
 
 @dataclass(frozen=True)
 class CostParams:
-    """Knobs of the cost model; ``correction`` maps agent_id -> fitted compute multiplier."""
+    """Knobs of the cost model; ``correction`` maps agent_id -> fitted compute multiplier.
 
-    per_message_s: float = 0.002  # broker + codec overhead per chunk
-    chunk_bytes: int = 262144  # chunk size on the wire (DESIGN §4)
+    Hop constants (see :func:`hop_constants` for the fit to ``transport.json``):
+    ``broker_round_s`` is the raw paho transfers' fixed part (2.02 ms),
+    ``per_message_s`` the chunked transfers' cost per 256 KiB chunk (1.12 ms, on
+    localhost including the broker's copy of the bytes), ``hop_cpu_s`` half the
+    fixed cost the chunked path adds to the raw one (2 x 1.11 ms: pack + unpack,
+    envelope, reassembly, queue hand-off), ``codec_s_per_byte`` what it adds per
+    byte (none measurable: ``pack_tensors`` is zero-copy). ``reference_gflops`` is
+    ``host_core_gflops`` of the host that ran the benchmark (101.8 and 102.1 in
+    ``benchmarks/results``). The client link defaults are an ASSUMPTION, not a
+    measurement: a client beside the broker (localhost/LAN; the chunked transport
+    moved 120-220 MB/s here), at the reference speed.
+    """
+
+    per_message_s: float = 0.00112  # link occupancy per chunk, half on each side's link
+    broker_round_s: float = 0.00202  # publish -> broker -> delivery, once per hop (latency)
+    hop_cpu_s: float = 0.00111  # CPU per hop per side at reference_gflops
+    codec_s_per_byte: float = 0.0  # serialisation CPU per byte per side at reference_gflops
+    reference_gflops: float = 100.0  # host_core_gflops where the hop constants were measured
+    chunk_bytes: int = CHUNK_BYTES
     memory_factor: float = 1.5  # headroom over weights + peak activation
     min_compute_s: float = 0.0002  # fixed per-stage overhead (dispatch, tensor unpack)
-    client_bandwidth_bps: float = 100e6  # the client's link to the broker (fast, local)
+    client_bandwidth_bps: float = 100e6  # the client's link to the broker (assumed, see above)
     client_rtt_s: float = 0.0005
+    client_gflops: float = 100.0  # the client's CPU speed for its own pack/unpack (assumed)
     max_slowdown: float = 10.0  # cap of the 1/(1-load) slowdown
     correction: Mapping[str, float] = field(default_factory=dict, hash=False)
 
@@ -112,13 +149,32 @@ def num_chunks(nbytes: int, params: CostParams = DEFAULT_PARAMS) -> int:
     return max(1, -(-nbytes // params.chunk_bytes))
 
 
+def hop_flops(nbytes: int, params: CostParams = DEFAULT_PARAMS) -> float:
+    """One side's CPU work for a hop of ``nbytes``, in calibration-equivalent FLOPs."""
+    seconds = params.hop_cpu_s + params.codec_s_per_byte * nbytes
+    return seconds * params.reference_gflops * 1e9
+
+
+def hop_cpu_time_s(
+    nbytes: int, device: Device | None, params: CostParams = DEFAULT_PARAMS
+) -> float:
+    """CPU seconds one side (sender or receiver) of a hop takes on ``device`` (client: None).
+
+    The measured seconds scale by the device's speed relative to the reference host,
+    so a board ten times slower than the host also packs ten times slower.
+    """
+    if device is None:
+        return hop_flops(nbytes, params) / (params.client_gflops * 1e9)
+    return hop_flops(nbytes, params) * seconds_per_flop(device, params)
+
+
 def link_occupancy_s(
     nbytes: int, device: Device | None, params: CostParams = DEFAULT_PARAMS
 ) -> float:
     """Time ``device``'s link is busy moving ``nbytes`` (its half of the per-chunk overhead).
 
-    Round trips are latency, not occupancy: while one request waits on them the
-    link carries the next, so pipelined throughput only pays this part.
+    Round trips and the broker round are latency, not occupancy: while one request
+    waits on them the link carries the next, so pipelined throughput only pays this.
     """
     bandwidth = params.client_bandwidth_bps if device is None else device.bandwidth_bps
     return nbytes / bandwidth + 0.5 * params.per_message_s * num_chunks(nbytes, params)
@@ -127,19 +183,21 @@ def link_occupancy_s(
 def transfer_s(
     nbytes: int, src: Device | None, dst: Device | None, params: CostParams = DEFAULT_PARAMS
 ) -> float:
-    """One hop through the broker: upload + download + half of both RTTs + chunk overhead.
+    """One hop's latency: sender CPU + uplink + broker round + RTT halves + downlink + receiver CPU.
 
-    Equals ``link_occupancy_s(src) + link_occupancy_s(dst) + (rtt_src + rtt_dst) / 2``;
-    a hand-off inside one agent costs nothing.
+    A hand-off inside one agent costs nothing.
     """
     if src is not None and dst is not None and src.agent_id == dst.agent_id:
         return 0.0
     rtt_src = params.client_rtt_s if src is None else src.rtt_s
     rtt_dst = params.client_rtt_s if dst is None else dst.rtt_s
     return (
-        link_occupancy_s(nbytes, src, params)
-        + link_occupancy_s(nbytes, dst, params)
+        hop_cpu_time_s(nbytes, src, params)
+        + link_occupancy_s(nbytes, src, params)
+        + params.broker_round_s
         + 0.5 * (rtt_src + rtt_dst)
+        + link_occupancy_s(nbytes, dst, params)
+        + hop_cpu_time_s(nbytes, dst, params)
     )
 
 
@@ -170,128 +228,118 @@ def fits(
     return stage_memory_bytes(model, start, end, params) <= device.memory_bytes
 
 
-def stage_period_s(
+def stage_cpu_s(
     model: ModelCost, start: int, end: int, device: Device, params: CostParams = DEFAULT_PARAMS
 ) -> float:
-    """Time ``device`` is busy per request running the stage: receive + compute + send."""
+    """CPU time per request of a stage: receiving side of its hop + compute + sending side."""
     return (
-        link_occupancy_s(stage_in_bytes(model, start), device, params)
+        hop_cpu_time_s(stage_in_bytes(model, start), device, params)
         + compute_s(model, start, end, device, params)
-        + link_occupancy_s(stage_out_bytes(model, end), device, params)
+        + hop_cpu_time_s(stage_out_bytes(model, end), device, params)
     )
 
 
-def fit_correction(
-    samples: Iterable[tuple[str, float, float]], prior_samples: float = 3.0
-) -> dict[str, float]:
-    """Per-agent compute multipliers from ``(agent_id, predicted_s, measured_s)`` samples.
+def stage_period_s(
+    model: ModelCost, start: int, end: int, device: Device, params: CostParams = DEFAULT_PARAMS
+) -> float:
+    """Time per request ``device`` needs in steady state: max(CPU, downlink, uplink)."""
+    return max(
+        stage_cpu_s(model, start, end, device, params),
+        link_occupancy_s(stage_in_bytes(model, start), device, params),
+        link_occupancy_s(stage_out_bytes(model, end), device, params),
+    )
 
-    The estimate is the median of measured/predicted (robust to a stray slow
-    request), shrunk toward 1 in log space with weight ``n / (n + prior_samples)``
-    so one sample cannot swing a plan; the result is clamped to [0.1, 10].
-    Samples with a non-positive or non-finite time are ignored.
+
+def client_period_s(model: ModelCost, params: CostParams = DEFAULT_PARAMS) -> float:
+    """The client's own time per request: max(its CPU, its uplink, its downlink).
+
+    One client sends every input and receives every output, so no plan runs faster
+    than one request per this, however many replicas serve the first stage.
     """
-    ratios: dict[str, list[float]] = defaultdict(list)
-    for agent_id, predicted, measured in samples:
-        ok = math.isfinite(predicted) and math.isfinite(measured)
-        if ok and predicted > 0 and measured > 0:
-            ratios[agent_id].append(measured / predicted)
+    cpu = hop_cpu_time_s(model.input_bytes, None, params)
+    cpu += hop_cpu_time_s(model.output_bytes, None, params)
+    return max(
+        cpu,
+        link_occupancy_s(model.input_bytes, None, params),
+        link_occupancy_s(model.output_bytes, None, params),
+    )
+
+
+def hop_constants(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Per-hop constants fitted to the transport benchmark's rows (``transport.json``).
+
+    Each row times one tensor of ``size_mib`` through mosquitto as chunked transfers
+    (``pack_tensors`` -> 256 KiB chunks -> reassembly -> ``unpack_tensors``,
+    ``chunked_s``) and as raw paho publishes of the same chunks (``raw_s``). A
+    straight line through the two smallest sizes (larger ones are dominated by the
+    host's memory traffic; activations here are at most a few MB) gives, per path,
+    a fixed part and a part per chunk. The raw fixed part is the broker round; the
+    chunked per-chunk part the per-message price; the fixed part the chunked path
+    adds, split over its two sides, the hop CPU; what it adds per byte the codec.
+    """
+    small = sorted(rows, key=lambda r: float(r["size_mib"]))[:2]
+    if len(small) < 2 or small[0]["size_mib"] == small[1]["size_mib"]:
+        raise ValueError("hop_constants needs transport rows of two different sizes")
+    size = [float(r["size_mib"]) * 2**20 for r in small]
+
+    def line(key: str) -> tuple[float, float]:
+        slope = (float(small[1][key]) - float(small[0][key])) / (size[1] - size[0])
+        return float(small[0][key]) - slope * size[0], slope
+
+    fixed_chunked, per_byte_chunked = line("chunked_s")
+    fixed_raw, per_byte_raw = line("raw_s")
+    chunk = float(small[0].get("chunk_bytes", CHUNK_BYTES))
+    return {
+        "broker_round_s": fixed_raw,
+        "per_message_s": per_byte_chunked * chunk,
+        "hop_cpu_s": max(0.0, fixed_chunked - fixed_raw) / 2,
+        "codec_s_per_byte": max(0.0, per_byte_chunked - per_byte_raw) / 2,
+    }
+
+
+Sample = tuple[str, float, float] | tuple[str, float, float, int]
+
+
+def _weighted_median(values: Sequence[tuple[float, float]]) -> float:
+    """Median of ``(value, weight)`` pairs (the lower one when the halves balance)."""
+    ordered = sorted(values)
+    half, seen = 0.5 * sum(w for _, w in ordered), 0.0
+    for value, weight in ordered:
+        seen += weight
+        if seen >= half:
+            return value
+    return ordered[-1][0]
+
+
+def correction_samples(samples: Iterable[Sample]) -> dict[str, list[tuple[float, float]]]:
+    """Valid ``measured / predicted`` ratios per agent, with their weights (request counts).
+
+    A sample is ``(agent_id, predicted_s, measured_s[, count])``; ``count`` is how
+    many requests an agent's reported mean covers (1 when absent). Samples with a
+    non-positive or non-finite time or count are dropped.
+    """
+    ratios: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for agent_id, predicted, measured, *rest in samples:
+        count = float(rest[0]) if rest else 1.0
+        ok = math.isfinite(predicted) and math.isfinite(measured) and math.isfinite(count)
+        if ok and predicted > 0 and measured > 0 and count > 0:
+            ratios[agent_id].append((measured / predicted, count))
+    return ratios
+
+
+def fit_correction(samples: Iterable[Sample], prior_samples: float = 3.0) -> dict[str, float]:
+    """Per-agent compute multipliers from ``(agent_id, predicted_s, measured_s[, count])``.
+
+    The estimate is the count-weighted median of measured/predicted over an agent's
+    stages (robust to one stray stage), shrunk toward 1 in log space with weight
+    ``N / (N + prior_samples)``, ``N`` the requests behind it, so one request cannot
+    swing a plan but a stage's mean over a few dozen requests is trusted (24 requests:
+    89 % of the way); the result is clamped to [0.1, 10].
+    """
     result: dict[str, float] = {}
-    for agent_id, values in sorted(ratios.items()):
-        weight = len(values) / (len(values) + prior_samples)
-        factor = math.exp(weight * math.log(median(values)))
+    for agent_id, values in sorted(correction_samples(samples).items()):
+        total = sum(w for _, w in values)
+        weight = total / (total + prior_samples)
+        factor = math.exp(weight * math.log(_weighted_median(values)))
         result[agent_id] = min(10.0, max(0.1, factor))
     return result
-
-
-class CostTable:
-    """Stage costs of one (model, fleet, params) precomputed for the partitioner's DPs.
-
-    Devices are addressed by index. ``period(i, j, d)`` is what
-    :func:`stage_period_s` returns for segments ``[i, j)`` on device ``d``;
-    ``latency(i, j, d)`` adds the device's RTT, which makes a pipeline's latency
-    separable by stage: ``client_s + sum(latency(stage))``.
-    """
-
-    def __init__(
-        self, model: ModelCost, devices: Sequence[Device], params: CostParams = DEFAULT_PARAMS
-    ) -> None:
-        segs = model.segments
-        self.n = n = len(segs)
-        self.min_compute = params.min_compute_s
-        self.flops = [0.0] * (n + 1)  # prefix sums
-        self.weights = [0.0] * (n + 1)  # prefix sums of headroom-scaled parameter bytes
-        for k, seg in enumerate(segs):
-            self.flops[k + 1] = self.flops[k] + seg.flops
-            self.weights[k + 1] = self.weights[k] + params.memory_factor * seg.param_bytes
-        # mem[i][j - i - 1]: memory of stage [i, j) before rounding up; non-decreasing in j.
-        weights, acts = [s.param_bytes for s in segs], [s.act_bytes for s in segs]
-        factor = params.memory_factor
-        # Unrounded: ceil(x) <= budget exactly when x <= budget, budgets being integers.
-        self.mem = [
-            [
-                factor * (w + a)
-                for w, a in zip(accumulate(weights[i:]), accumulate(acts[i:], max), strict=True)
-            ]
-            for i in range(n)
-        ]
-        self.spf = [seconds_per_flop(d, params) for d in devices]
-        self.budget = [d.memory_bytes for d in devices]
-        self.rtt = [d.rtt_s for d in devices]
-        # Same arithmetic as link_occupancy_s, with the chunk counts computed once per cut.
-        ins = [stage_in_bytes(model, i) for i in range(n)]
-        outs = [0] + [seg.out_bytes for seg in segs]
-        in_fixed = [0.5 * params.per_message_s * num_chunks(b, params) for b in ins]
-        out_fixed = [0.5 * params.per_message_s * num_chunks(b, params) for b in outs]
-        self.occ_in = [
-            [b / d.bandwidth_bps + c for b, c in zip(ins, in_fixed, strict=True)] for d in devices
-        ]
-        self.occ_out = [
-            [b / d.bandwidth_bps + c for b, c in zip(outs, out_fixed, strict=True)] for d in devices
-        ]
-        # The client's half of the first and the last hop.
-        self.client_s = (
-            link_occupancy_s(model.input_bytes, None, params)
-            + link_occupancy_s(model.output_bytes, None, params)
-            + params.client_rtt_s
-        )
-        # period(i, j, d) = head[d][j] + offset[d][i]: the DPs' inner loops read two lists.
-        self.head = [
-            [spf * f + out + self.min_compute for f, out in zip(self.flops, occ, strict=True)]
-            for spf, occ in zip(self.spf, self.occ_out, strict=True)
-        ]
-        self.offset = [
-            [occ[i] - spf * self.flops[i] for i in range(n)]
-            for spf, occ in zip(self.spf, self.occ_in, strict=True)
-        ]
-        # drop[d][j]: the last j' < j with head[d][j'] < head[d][j] (-1 if none). Scanning
-        # for the furthest end under a bound may jump there: everything between is no lower.
-        self.drop: list[list[int]] = []
-        for head in self.head:
-            drop, stack = [-1] * (n + 1), list[int]()
-            for j, value in enumerate(head):
-                while stack and head[stack[-1]] >= value:
-                    stack.pop()
-                drop[j] = stack[-1] if stack else -1
-                stack.append(j)
-            self.drop.append(drop)
-        self.suffix_mem = [0.0] * (n + 1)  # largest one-segment memory from segment k on
-        for k in range(n - 1, -1, -1):
-            self.suffix_mem[k] = max(self.suffix_mem[k + 1], self.mem[k][0])
-        # reach[d][i]: largest end j such that [i, j) fits device d (i when none does);
-        # non-decreasing in i, because a shorter stage never needs more memory.
-        self.reach = [
-            [i + bisect_right(self.mem[i], budget) for i in range(n)] for budget in self.budget
-        ]
-
-    def period(self, i: int, j: int, d: int) -> float:
-        """Receive + compute + send time of stage ``[i, j)`` on device ``d``."""
-        return self.head[d][j] + self.offset[d][i]
-
-    def latency(self, i: int, j: int, d: int) -> float:
-        """This stage's share of one request's latency (its link halves + RTT + compute)."""
-        return self.head[d][j] + self.offset[d][i] + self.rtt[d]
-
-    def fits(self, i: int, j: int, d: int) -> bool:
-        """Whether stage ``[i, j)`` fits device ``d``."""
-        return j <= self.reach[d][i]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from math import inf
 
-from edgeslice.planner.costmodel import CostTable
+from edgeslice.planner.costtable import CostTable
 
 Stage = tuple[int, int, int]  # (start, end, device index)
 
@@ -25,14 +25,17 @@ def _reach(t: CostTable, i: int, d: int, limit_s: float) -> int:
     """Furthest end ``j`` with ``[i, j)`` fitting ``d`` and period <= ``limit_s`` (or ``i``).
 
     Starts below both the memory limit and the compute-only bound, then walks
-    down ``drop`` links, skipping ends whose period cannot be lower.
+    down: ``drop`` links skip ends whose CPU cannot be lower, single steps skip
+    ends whose uplink is too slow for the bound.
     """
-    theta = limit_s - t.offset[d][i]  # period(i, j) <= limit_s  <=>  head[j] <= theta
+    if t.down[d][i] > limit_s:
+        return i
+    theta = limit_s - t.offset[d][i]  # CPU(i, j) <= limit_s  <=>  head[j] <= theta
     flops_bound = (theta - t.min_compute) / t.spf[d]  # head[j] >= spf * flops[j] + min_compute
     j = min(t.reach[d][i], bisect_right(t.flops, flops_bound) - 1)
-    head, drop = t.head[d], t.drop[d]
-    while j > i and head[j] > theta:
-        j = drop[j]
+    head, drop, up = t.head[d], t.drop[d], t.up[d]
+    while j > i and (head[j] > theta or up[j] > limit_s):
+        j = drop[j] if head[j] > theta else j - 1
     return max(j, i)
 
 

@@ -46,45 +46,61 @@ period a *max*. Choosing which devices and in which order is what makes it hard
    stage fits the spare; the fastest fitting spare goes first. For throughput,
    a shorter pipeline leaves more devices to replicate (a model that fits one
    board is often fastest as pure data parallelism), so pipelines limited to
-   1, 2, 3, 4, 8, 16, ... stages and the unlimited one are each searched (the
+   1, 2, ..., 8, 16, 32, ... stages and the unlimited one are each searched (the
    shorter ones with a quarter of the exact-DP budget and a cheaper local
-   search), completed with replicas, and the lowest period wins.
+   search) and completed with replicas. From the shortest up, a deeper one
+   wins only if its period is lower by more than ``margin``
+   (:mod:`planner.margin`: the model's measured prediction error, 10 % by
+   default): every stage adds hops, and a gain smaller than the error is noise.
+5. **Baseline** (the plan being served): re-priced on the current fleet, given
+   the new spare devices as replicas, and kept unless the search's plan beats it
+   by more than ``margin``. Re-planning after a device joins therefore never
+   predicts a lower throughput than before (the old plan plus a replica is
+   always a candidate), and never deepens the pipeline for a gain within the
+   error; the same rule is the hysteresis against flapping.
 
 ``Plan.exact`` is True exactly when step 1 ran or step 2 ended without a
 repeated device. It speaks for the pipeline of primaries (replicas are added
 greedily): with ``replicas=False`` it means no plan of at most ``max_stages``
 stages does better on the objective under the cost model.
 
-The period counts each stage's own link (receive + send) and compute; the
-client's link and the broker's own capacity are not modelled as bottlenecks.
+A stage's period is ``max(CPU, downlink, uplink)`` with the CPU counting both
+sides of its hops (:mod:`planner.costmodel`), and a plan's period is never below
+the client's own (:func:`~planner.costmodel.client_period_s`); the broker's
+capacity is not modelled as a bottleneck.
 
-Baselines for benchmarks (same :class:`Plan`, same cost model) are in
-:data:`STRATEGIES`; :func:`brute_force_partition` is the test oracle.
+Plans are priced in :mod:`planner.plans`; baselines for benchmarks (same
+:class:`Plan`, same cost model) are in :mod:`planner.baselines` (:data:`STRATEGIES`);
+:func:`brute_force_partition` is the test oracle.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from itertools import combinations, pairwise, permutations
 from typing import Literal
 
 from edgeslice.broker.protocol.errors import PlanningError
-from edgeslice.planner.costmodel import (
-    DEFAULT_PARAMS,
-    CostParams,
-    CostTable,
-    Device,
-    ModelCost,
-    compute_s,
-    fits,
-    stage_in_bytes,
-    stage_memory_bytes,
-    stage_period_s,
-    transfer_s,
+from edgeslice.planner.baselines import (
+    STRATEGIES,
+    amp4ec_balanced,
+    even_split,
+    memory_proportional,
+    monolithic,
 )
-from edgeslice.planner.search import EXACT_BUDGET_US, device_classes, plan_groups
+from edgeslice.planner.costmodel import DEFAULT_PARAMS, CostParams, Device, ModelCost, fits
+from edgeslice.planner.costtable import CostTable
+from edgeslice.planner.margin import DEFAULT_MARGIN, worth_switching
+from edgeslice.planner.plans import Plan, StagePlan, build_plan, pipeline_cost, validated
+from edgeslice.planner.search import (
+    EXACT_BUDGET_US,
+    Group,
+    add_replicas,
+    device_classes,
+    group_cost,
+    plan_groups,
+)
 
 __all__ = [
     "EXACT_BUDGET_US",
@@ -102,97 +118,6 @@ __all__ = [
 Objective = Literal["latency", "throughput"]
 
 
-@dataclass(frozen=True)
-class StagePlan:
-    """One stage: segments ``[start, end)`` on ``agents`` (first = primary, rest = replicas)."""
-
-    index: int
-    start: int
-    end: int
-    agents: tuple[str, ...]
-    compute_s: float  # on the primary
-    in_transfer_s: float  # previous primary (or the client) -> this primary
-    memory_bytes: int
-    period_s: float  # busy time per request, replicas sharing the load
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A placement with its predictions.
-
-    ``exact`` says the search proved the pipeline of primaries optimal for the
-    objective among pipelines of its length limit; replicas are added greedily.
-    """
-
-    model: str
-    objective: str
-    strategy: str
-    stages: tuple[StagePlan, ...]
-    latency_s: float  # client -> stages -> client, one request, primaries only
-    period_s: float  # slowest stage's effective period
-    throughput_rps: float
-    exact: bool = False
-
-
-def build_plan(
-    model: ModelCost,
-    devices: Sequence[Device],
-    stages: Sequence[tuple[int, int, Sequence[str]]],
-    *,
-    objective: str,
-    strategy: str,
-    params: CostParams = DEFAULT_PARAMS,
-    exact: bool = False,
-) -> Plan:
-    """Price ``(start, end, agents)`` stages with the reference cost functions."""
-    by_id = {d.agent_id: d for d in devices}
-    out: list[StagePlan] = []
-    latency, prev = 0.0, None
-    for index, (start, end, agents) in enumerate(stages):
-        missing = [a for a in agents if a not in by_id]
-        if missing:
-            raise PlanningError(f"stage {index} names agents {missing} that are not in the fleet")
-        primary = by_id[agents[0]]
-        comp = compute_s(model, start, end, primary, params)
-        hop = transfer_s(stage_in_bytes(model, start), prev, primary, params)
-        rate = sum(1.0 / stage_period_s(model, start, end, by_id[a], params) for a in agents)
-        mem = stage_memory_bytes(model, start, end, params)
-        out.append(StagePlan(index, start, end, tuple(agents), comp, hop, mem, 1.0 / rate))
-        latency += hop + comp
-        prev = primary
-    latency += transfer_s(model.output_bytes, prev, None, params)
-    period = max(s.period_s for s in out)
-    return Plan(model.name, objective, strategy, tuple(out), latency, period, 1.0 / period, exact)
-
-
-def _validated(
-    model: ModelCost, devices: Sequence[Device], params: CostParams, max_stages: int | None = None
-) -> list[Device]:
-    """Check inputs and the one-segment memory bound; devices sorted by id (determinism)."""
-    where = f"cannot plan model {model.name!r}"
-    if not model.segments:
-        raise PlanningError(f"{where}: it has no segments; profile it first")
-    if not devices:
-        raise PlanningError(f"{where}: no devices are available; start an agent and retry")
-    if len({d.agent_id for d in devices}) != len(devices):
-        raise PlanningError(f"{where}: duplicate agent ids in the fleet")
-    for d in devices:
-        if not (d.gflops > 0 and d.bandwidth_bps > 0 and d.rtt_s >= 0 and d.memory_bytes >= 0):
-            raise PlanningError(f"{where}: agent {d.agent_id!r} reports {d}; recalibrate it")
-    if max_stages is not None and max_stages < 1:
-        raise PlanningError(f"{where}: max_stages must be at least 1, got {max_stages}")
-    largest = max(devices, key=lambda d: (d.memory_bytes, d.agent_id))
-    for k in range(len(model.segments)):
-        need = stage_memory_bytes(model, k, k + 1, params)
-        if need > largest.memory_bytes:
-            raise PlanningError(
-                f"{where}: segment {k} needs {need} bytes (x{params.memory_factor} headroom) but "
-                f"the largest budget is {largest.memory_bytes} bytes (agent "
-                f"{largest.agent_id!r}); add a device with more memory or cut the model finer"
-            )
-    return sorted(devices, key=lambda d: d.agent_id)
-
-
 def plan_partition(
     model: ModelCost,
     devices: Sequence[Device],
@@ -202,22 +127,35 @@ def plan_partition(
     replicas: bool = True,
     *,
     exact: bool | None = None,
+    margin: float = DEFAULT_MARGIN,
+    baseline: Sequence[tuple[int, int, Sequence[str]]] | None = None,
 ) -> Plan:
     """The best pipeline for ``objective`` (see the module docstring for how and when exact).
 
     ``exact=None`` runs the exponential DP only when its estimated work is small,
     ``True`` always (exponential in distinct devices), ``False`` never (a latency
     plan may still come out proven by the lazy relaxation). ``Plan.exact`` says
-    whether the result is proven optimal. Raises :class:`PlanningError` when no
-    plan fits the fleet or the inputs are invalid.
+    whether the result is proven optimal. ``margin`` is the relative gain a deeper
+    pipeline (or any plan other than ``baseline``) must show
+    (:func:`~planner.margin.decision_margin`); ``baseline`` is the plan being
+    served as ``(start, end, agents)``, kept (with spare devices as new replicas)
+    unless beaten by more than ``margin``; agents no longer in the fleet are
+    dropped from it and it is ignored when a stage loses all of them. Raises
+    :class:`PlanningError` when no plan fits the fleet or the inputs are invalid.
     """
     if objective not in ("latency", "throughput"):
         raise PlanningError(f"unknown objective {objective!r}; use 'latency' or 'throughput'")
-    devs = _validated(model, devices, params, max_stages)
+    devs = validated(model, devices, params, max_stages)
     t = CostTable(model, devs, params)
     limit = min(len(devs), t.n, max_stages or len(devs))
     classes = device_classes(devs, params)
-    groups, proven = plan_groups(t, classes, objective, limit, exact, replicas)
+    groups, proven = plan_groups(t, classes, objective, limit, exact, replicas, margin)
+    kept = _baseline_groups(t, devs, baseline or [], replicas, max_stages)
+    if kept is not None and groups:
+        pick = 0 if objective == "throughput" else 1
+        new, old = group_cost(t, groups)[pick], group_cost(t, kept)[pick]
+        if kept == groups or not worth_switching(new, old, margin):
+            groups, proven = kept, proven and kept == groups
     if not groups:
         how = "" if proven else " (heuristic search for this fleet size; exact=True is exhaustive)"
         raise PlanningError(
@@ -232,17 +170,34 @@ def plan_partition(
     )
 
 
-def _pipeline_cost(
-    model: ModelCost, ranges: Sequence[tuple[int, int]], chosen: Sequence[Device], p: CostParams
-) -> tuple[float, float]:
-    """(latency, period) of single-agent stages, from the reference cost functions."""
-    latency, prev, period = 0.0, None, 0.0
-    for (start, end), d in zip(ranges, chosen, strict=True):
-        latency += transfer_s(stage_in_bytes(model, start), prev, d, p)
-        latency += compute_s(model, start, end, d, p)
-        period = max(period, stage_period_s(model, start, end, d, p))
-        prev = d
-    return latency + transfer_s(model.output_bytes, prev, None, p), period
+def _baseline_groups(
+    t: CostTable,
+    devs: Sequence[Device],
+    baseline: Sequence[tuple[int, int, Sequence[str]]],
+    replicas: bool,
+    max_stages: int | None,
+) -> list[Group] | None:
+    """``baseline`` on today's fleet (gone or no longer fitting agents dropped, spares
+    as replicas), or None when it no longer covers the model or breaks a limit."""
+    index = {d.agent_id: k for k, d in enumerate(devs)}
+    groups: list[Group] = []
+    pos = 0
+    for start, end, agents in baseline:
+        if start != pos or end <= start or end > t.n:
+            return None
+        ds = [index[a] for a in agents if a in index and t.fits(start, end, index[a])]
+        if not ds:
+            return None
+        groups.append((start, end, ds))
+        pos = end
+    used = [d for _, _, ds in groups for d in ds]
+    if pos != t.n or len(used) != len(set(used)) or len(groups) > (max_stages or t.n):
+        return None
+    if not replicas and len(used) > len(groups):
+        return None
+    if replicas:
+        add_replicas(t, groups, [d for d in range(len(devs)) if d not in set(used)])
+    return groups
 
 
 def brute_force_partition(
@@ -256,7 +211,7 @@ def brute_force_partition(
 
     Exponential (sum over k of P(D, k) * C(n - 1, k - 1) pipelines): only for tiny instances.
     """
-    devs = _validated(model, devices, params, max_stages)
+    devs = validated(model, devices, params, max_stages)
     n = len(model.segments)
     found: list[tuple[float, float, list[tuple[int, int]], tuple[Device, ...]]] = []
     for k in range(1, min(len(devs), n, max_stages or n) + 1):
@@ -267,7 +222,7 @@ def brute_force_partition(
                 if all(
                     fits(model, a, b, d, params) for (a, b), d in zip(ranges, chosen, strict=True)
                 ):
-                    latency, period = _pipeline_cost(model, ranges, chosen, params)
+                    latency, period = pipeline_cost(model, ranges, chosen, params)
                     found.append((period, latency, ranges, chosen))
     if not found:
         raise PlanningError(f"cannot plan model {model.name!r}: no pipeline fits the fleet")
@@ -279,105 +234,3 @@ def brute_force_partition(
     return build_plan(
         model, devs, stages, objective=objective, strategy="brute-force", params=params, exact=True
     )
-
-
-def _contiguous(
-    model: ModelCost,
-    devices: Sequence[Device],
-    counts: Sequence[int],
-    params: CostParams,
-    strategy: str,
-) -> Plan:
-    """Consecutive runs of ``counts[k]`` segments on ``devices[k]`` (zero counts skipped)."""
-    stages, pos = [], 0
-    for d, count in zip(devices, counts, strict=True):
-        if count:
-            if not fits(model, pos, pos + count, d, params):
-                need = stage_memory_bytes(model, pos, pos + count, params)
-                raise PlanningError(
-                    f"{strategy}: segments [{pos}, {pos + count}) need {need} bytes but agent "
-                    f"{d.agent_id!r} has {d.memory_bytes}; this strategy cannot run on this fleet"
-                )
-            stages.append((pos, pos + count, (d.agent_id,)))
-            pos += count
-    return build_plan(model, devices, stages, objective="none", strategy=strategy, params=params)
-
-
-def _apportion(total: int, weights: Sequence[float]) -> list[int]:
-    """Split ``total`` items in proportion to ``weights`` (largest remainder, sums exactly)."""
-    shares = [total * w / sum(weights) for w in weights]
-    counts = [math.floor(s) for s in shares]
-    by_remainder = sorted(range(len(shares)), key=lambda k: (counts[k] - shares[k], k))
-    for k in by_remainder[: total - sum(counts)]:
-        counts[k] += 1
-    return counts
-
-
-def monolithic(
-    model: ModelCost, devices: Sequence[Device], params: CostParams = DEFAULT_PARAMS
-) -> Plan:
-    """The whole model on the one device that fits and answers fastest (AMP4EC's baseline)."""
-    devs = _validated(model, devices, params)
-    n = len(model.segments)
-    fitting = [d for d in devs if fits(model, 0, n, d, params)]
-    if not fitting:
-        need = stage_memory_bytes(model, 0, n, params)
-        raise PlanningError(f"monolithic: model {model.name!r} needs {need} bytes on one device")
-    best = min(fitting, key=lambda d: _pipeline_cost(model, [(0, n)], [d], params)[0])
-    return _contiguous(model, [best], [n], params, "monolithic")
-
-
-def even_split(
-    model: ModelCost, devices: Sequence[Device], params: CostParams = DEFAULT_PARAMS
-) -> Plan:
-    """Equal numbers of segments per device in the given order (distributed-llama style)."""
-    _validated(model, devices, params)
-    k = min(len(devices), len(model.segments))
-    base, extra = divmod(len(model.segments), k)
-    counts = [base + (idx < extra) for idx in range(k)]
-    return _contiguous(model, devices[:k], counts, params, "even-split")
-
-
-def memory_proportional(
-    model: ModelCost, devices: Sequence[Device], params: CostParams = DEFAULT_PARAMS
-) -> Plan:
-    """Segments in proportion to memory, largest memory first (exo's ring placement)."""
-    _validated(model, devices, params)
-    devs = sorted(devices, key=lambda d: (-d.memory_bytes, d.agent_id))
-    counts = _apportion(len(model.segments), [max(d.memory_bytes, 1) for d in devs])
-    return _contiguous(model, devs, counts, params, "memory-proportional")
-
-
-def amp4ec_balanced(
-    model: ModelCost, devices: Sequence[Device], params: CostParams = DEFAULT_PARAMS
-) -> Plan:
-    """AMP4EC: contiguous cuts balancing FLOPs in proportion to each device's capacity.
-
-    Devices keep the given order; capacity is the calibrated rate left by the
-    current load. Cut ``m`` goes where cumulative FLOPs come closest to the
-    first ``m`` devices' share, keeping at least one segment per device.
-    """
-    _validated(model, devices, params)
-    n = len(model.segments)
-    devs = list(devices[: min(len(devices), n)])
-    capacity = [d.gflops * (1.0 - min(max(d.load, 0.0), 0.9)) for d in devs]
-    flops = [0.0]
-    for seg in model.segments:
-        flops.append(flops[-1] + seg.flops)
-    cuts, share = [0], 0.0
-    for m in range(1, len(devs)):
-        share += capacity[m - 1] / sum(capacity)
-        lo, hi = cuts[-1] + 1, n - (len(devs) - m)
-        cuts.append(min(range(lo, hi + 1), key=lambda p: abs(flops[p] - share * flops[n])))
-    cuts.append(n)
-    counts = [b - a for a, b in pairwise(cuts)]
-    return _contiguous(model, devs, counts, params, "amp4ec")
-
-
-Strategy = Callable[[ModelCost, Sequence[Device], CostParams], Plan]
-STRATEGIES: dict[str, Strategy] = {
-    "monolithic": monolithic,
-    "even-split": even_split,
-    "memory-proportional": memory_proportional,
-    "amp4ec": amp4ec_balanced,
-}

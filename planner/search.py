@@ -14,8 +14,10 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from edgeslice.planner.costmodel import CostParams, CostTable, Device, seconds_per_flop
+from edgeslice.planner.costmodel import CostParams, Device, seconds_per_flop
+from edgeslice.planner.costtable import CostTable
 from edgeslice.planner.heuristics import best_order, greedy
+from edgeslice.planner.margin import prefer
 
 EXACT_BUDGET_US = 40_000  # the exact DP runs by default when estimated under this
 _INF = math.inf
@@ -31,8 +33,9 @@ def _extend(
     ``mode`` "sum" adds the stage's latency, "max" takes the bottleneck; stages
     whose period exceeds ``cap`` are not allowed.
     """
-    n, flops, spf, base, rtt = t.n, t.flops, t.spf[d], t.min_compute, t.rtt[d]
-    head, b, reach = t.head[d], t.offset[d], t.reach[d]  # period(i, j) = head[j] + b[i]
+    n, flops, spf, base = t.n, t.flops, t.spf[d], t.min_compute
+    head, b, reach = t.head[d], t.offset[d], t.reach[d]  # CPU of (i, j) = head[j] + b[i]
+    up, down, lhead, lb = t.up[d], t.down[d], t.lhead[d], t.loff[d]  # latency = lhead + lb
     vals, args = [_INF] * (n + 1), [-1] * (n + 1)
     starts = [i for i in range(n) if prev[i] < _INF]
     if not starts:
@@ -47,8 +50,8 @@ def _extend(
         if mode == "sum" and cap == _INF:
             while nxt < j:  # admit start j-1 into the deque
                 if prev[nxt] < _INF:
-                    key = prev[nxt] + b[nxt]
-                    while window and prev[window[-1]] + b[window[-1]] >= key:
+                    key = prev[nxt] + lb[nxt]
+                    while window and prev[window[-1]] + lb[window[-1]] >= key:
                         window.pop()
                     window.append(nxt)
                 nxt += 1
@@ -56,14 +59,16 @@ def _extend(
                 window.popleft()
             if window:
                 i = window[0]
-                vals[j], args[j] = prev[i] + b[i] + a + rtt, i
+                vals[j], args[j] = prev[i] + lb[i] + lhead[j], i
             continue
         best, arg = _INF, -1
+        if up[j] > cap:
+            continue
         for i in starts[bisect_left(starts, first) : bisect_left(starts, j)]:
-            h = a + b[i]
+            h = max(a + b[i], down[i])
             if h > cap:
                 continue
-            v = prev[i] + h + rtt if mode == "sum" else max(prev[i], h)
+            v = prev[i] + lhead[j] + lb[i] if mode == "sum" else max(prev[i], h, up[j])
             if v < best:
                 best, arg = v, i
         vals[j], args[j] = best, arg
@@ -199,7 +204,7 @@ def _latency_layers(t: CostTable, tracked: Sequence[int]) -> list[Stage]:
         windows: list[deque[int]] = [deque() for _ in free]
         for j in range(1, n + 1):
             for w, d in zip(windows, free, strict=True):
-                b, reach = t.offset[d], t.reach[d]
+                b, reach = t.loff[d], t.reach[d]
                 if val[j - 1] < _INF:
                     key = val[j - 1] + b[j - 1]
                     while w and val[w[-1]] + b[w[-1]] >= key:
@@ -208,7 +213,7 @@ def _latency_layers(t: CostTable, tracked: Sequence[int]) -> list[Stage]:
                 while w and reach[w[0]] < j:
                     w.popleft()
                 if w:
-                    v = val[w[0]] + b[w[0]] + t.head[d][j] + t.rtt[d]
+                    v = val[w[0]] + b[w[0]] + t.lhead[d][j]
                     if v < val[j]:
                         val[j], par[j] = v, (w[0], d, m)
         layers.append(val)
@@ -293,13 +298,25 @@ def search(
 
 
 def _stage_limits(limit: int) -> list[int]:
-    """Pipeline lengths worth trying before replicas: 1-4, then doubling, and ``limit``."""
-    limits = {k for k in (1, 2, 3, 4) if k < limit} | {limit}
-    k = 8
+    """Pipeline lengths worth trying before replicas: 1-8, then doubling, and ``limit``.
+
+    Every length up to 8 is tried so that a fleet of up to 8 devices tries every
+    length the fleet one device smaller tried (adding a device cannot lose a candidate).
+    """
+    limits = set(range(1, min(limit, 8) + 1)) | {limit}
+    k = 16
     while k < limit:
         limits.add(k)
         k *= 2
     return sorted(limits)
+
+
+def group_cost(t: CostTable, groups: Sequence[Group]) -> tuple[float, float]:
+    """(period, latency) of stages with replicas; the period is never below the client's."""
+    period = max(
+        [t.client_period] + [1.0 / sum(1.0 / t.period(i, j, d) for d in ds) for i, j, ds in groups]
+    )
+    return period, sum(t.latency(i, j, ds[0]) for i, j, ds in groups)
 
 
 def plan_groups(
@@ -309,19 +326,23 @@ def plan_groups(
     limit: int,
     exact: bool | None,
     replicas: bool,
+    margin: float = 0.0,
 ) -> tuple[list[Group], bool]:
     """Stages as ``(start, end, [primary, *replicas])`` and whether the pipeline is proven.
 
     For throughput with replicas, shorter pipelines leave more devices to
     replicate (a model that fits one board may run fastest as pure data
     parallelism), so the best pipeline of each length in :func:`_stage_limits`
-    gets its replicas and the lowest period wins, then the lowest latency.
+    gets its replicas; from the shortest up, a deeper candidate replaces the best
+    so far only when its period is lower by more than ``margin``
+    (:func:`~planner.margin.prefer`), one no deeper when it is lower at all, or
+    equal with a lower latency.
     """
     lengths = _stage_limits(limit) if replicas and objective == "throughput" else [limit]
-    best: tuple[float, float] = (_INF, _INF)
+    best: tuple[float, float, int] = (_INF, _INF, 0)
     chosen: list[Group] = []
     proven = True
-    for k in reversed(lengths):  # shorter candidates get a smaller local-search budget
+    for k in lengths:  # shorter candidates get a smaller local-search budget
         stages, ok = search(t, classes, objective, k, exact, thorough=k == limit)
         if not stages:
             if k == limit:  # the most permissive search: its verdict explains a failure
@@ -331,10 +352,11 @@ def plan_groups(
         if replicas:
             used = {d for _, _, d in stages}
             add_replicas(t, groups, [d for d in range(len(t.spf)) if d not in used])
-        period = max(1.0 / sum(1.0 / t.period(i, j, d) for d in ds) for i, j, ds in groups)
-        latency = sum(t.latency(i, j, ds[0]) for i, j, ds in groups)
-        if period < best[0] * (1 - 1e-9) or (period <= best[0] * (1 + 1e-9) and latency < best[1]):
-            best, chosen, proven = (period, latency), groups, ok
+        period, latency = group_cost(t, groups)
+        depth = len(groups)
+        tie = period <= best[0] * (1 + 1e-9) and depth <= best[2] and latency < best[1]
+        if not chosen or prefer(period, depth, best[0], best[2], margin) or tie:
+            best, chosen, proven = (period, latency, depth), groups, ok
     return chosen, proven
 
 

@@ -15,9 +15,10 @@ from edgeslice.planner.costmodel import (
     Device,
     ModelCost,
     Segment,
+    client_period_s,
     stage_period_s,
 )
-from edgeslice.planner.partition import Plan, build_plan
+from edgeslice.planner.partition import Plan, build_plan, plan_partition
 
 MODEL = ModelCost(
     "m",
@@ -64,8 +65,10 @@ def test_a_replica_doubles_a_compute_bound_stage() -> None:
     two = _plan(TWINS[:2], [(0, 2, ["twin0", "twin1"])])
     r1 = simulate(MODEL, one, TWINS[:1], Workload(requests=80, in_flight=8))
     r2 = simulate(MODEL, two, TWINS[:2], Workload(requests=80, in_flight=8))
-    # Compute-bound: the agent receives and sends while computing, so the CPU sets the pace.
-    assert r1.throughput_rps == pytest.approx(1 / one.stages[0].compute_s, rel=0.01)
+    # Compute-bound: the agent receives and sends while computing, so its CPU (the stage
+    # plus both hop sides' pack/unpack) sets the pace -- the planner's period.
+    assert r1.throughput_rps == pytest.approx(1 / one.period_s, rel=0.01)
+    assert one.period_s > one.stages[0].compute_s
     assert r2.throughput_rps == pytest.approx(2 * r1.throughput_rps, rel=0.02)
 
 
@@ -140,3 +143,29 @@ def test_bad_inputs_say_what_is_wrong() -> None:
         simulate(MODEL, plan, [FAST, SLOW], Workload(in_flight=0))
     with pytest.raises(ConfigError, match="dispatch"):
         simulate(MODEL, plan, [FAST, SLOW], Workload(dispatch="random"))
+
+
+def test_many_replicas_run_at_the_clients_link_and_the_planner_knows_it() -> None:
+    # 600 kB inputs over a 20 MB/s client link: 30 ms + 3 chunks x 0.56 ms per request,
+    # while eight replicas of the whole model could serve one per 0.2 s / 8 = 25 ms.
+    model = ModelCost("big-input", 600_000, (Segment(4e9, 1000, 4_000, 4_000),))
+    fleet = [dataclasses.replace(FAST, agent_id=f"r{i}") for i in range(8)]
+    params = CostParams(client_bandwidth_bps=20e6)
+    plan = plan_partition(model, fleet, "throughput", params)
+    client = client_period_s(model, params)
+    assert client == pytest.approx(0.03 + 0.00168)
+    assert plan.period_s == pytest.approx(client) == plan.client_period_s
+    res = simulate(model, plan, fleet, Workload(requests=200, in_flight=16), params)
+    assert res.throughput_rps == pytest.approx(1 / plan.period_s, rel=0.01)
+    assert res.bottleneck()[0] == "client uplink"
+
+
+def test_a_saturated_link_and_cpu_mix_matches_the_planners_period() -> None:
+    # Stage 0 on a thin link (downlink 100 kB / 50 kB/s = 2 s, uplink 1 s, CPU 0.1 s), stage
+    # 1 CPU-bound (1 s): the simulated rate is the planner's max over every device's CPU,
+    # downlink, uplink and the client's -- here thin's downlink.
+    thin = dataclasses.replace(FAST, agent_id="thin", bandwidth_bps=5e4)
+    plan = _plan([thin, SLOW], [(0, 1, ["thin"]), (1, 2, ["slow"])])
+    res = simulate(MODEL, plan, [thin, SLOW], Workload(requests=60, in_flight=6))
+    assert res.throughput_rps == pytest.approx(plan.throughput_rps, rel=0.01)
+    assert res.bottleneck()[0] == "downlink thin"
