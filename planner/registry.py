@@ -73,10 +73,12 @@ class Registry:
             if a.telemetry is not None
         }
 
-    def correction(self, cost: ModelCost, stages: list[PlanStage], now: float) -> dict[str, float]:
-        """FlexPie's learned correction: measured / predicted compute of the current stages."""
+    def timing_samples(
+        self, cost: ModelCost, stages: list[PlanStage], now: float
+    ) -> list[tuple[str, float, float, int]]:
+        """(agent, predicted compute uncorrected, reported mean compute, requests) per stage."""
         if not stages:
-            return {}
+            return []
         devices = {d.agent_id: d for d in self.devices(now)}
         ranges = {s.artifact: (s.start_segment, s.end_segment) for s in stages}
         samples = []
@@ -86,5 +88,11 @@ class Registry:
                     continue
                 predicted = compute_s(cost, *ranges[sha], devices[agent_id])
                 if predicted > 0 and t.get("compute_s", 0) > 0:
-                    samples.append((agent_id, predicted, float(t["compute_s"])))
+                    samples.append((agent_id, predicted, float(t["compute_s"]), int(t["count"])))
+        return samples
+
+    def correction(self, cost: ModelCost, stages: list[PlanStage], now: float) -> dict[str, float]:
+        """FlexPie's learned correction: measured / predicted compute of the current stages,
+        each reported mean weighted by the requests it covers."""
+        samples = self.timing_samples(cost, stages, now)
         return fit_correction(samples) if samples else {}

@@ -42,7 +42,8 @@ from edgeslice.broker.transport import TransportFactory, mqtt_transport
 from edgeslice.planner import replan, retained
 from edgeslice.planner.artifact_server import ArtifactServer
 from edgeslice.planner.config import PlannerConfig
-from edgeslice.planner.costmodel import CostParams, Device
+from edgeslice.planner.costmodel import CostParams, Device, fit_correction
+from edgeslice.planner.margin import decision_margin
 from edgeslice.planner.partition import STRATEGIES, Objective, plan_partition
 from edgeslice.planner.registry import Registry
 from edgeslice.planner.replan import JOIN, LEAVE
@@ -333,11 +334,18 @@ class PlannerService:
         cost = self.cost
         current = self.plan_message
         previous = current.stages if current is not None else []
-        params = CostParams(correction=self.registry.correction(cost, previous, now))
+        samples = self.registry.timing_samples(cost, previous, now)
+        params = CostParams(correction=fit_correction(samples))
         if self.config.strategy == "edgeslice":
             objective = cast(Objective, self.config.objective)
-            plan = plan_partition(
-                cost, devices, objective, params, max_stages=self.config.max_stages
+            plan = plan_partition(  # keep the served plan unless beaten beyond the model's error
+                cost,
+                devices,
+                objective,
+                params,
+                max_stages=self.config.max_stages,
+                margin=decision_margin(samples, params.correction),
+                baseline=[(s.start_segment, s.end_segment, s.agents) for s in previous],
             )
         else:  # a baseline, priced by the same cost model so predictions stay comparable
             plan = STRATEGIES[self.config.strategy](cost, devices, params)
