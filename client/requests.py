@@ -178,11 +178,22 @@ def check_inputs(plan: PlanMessage, tensors: Sequence[Tensor]) -> None:
 def no_plan_reason(
     plan: PlanMessage | None, planner: PlannerStatus | None, offline: Iterable[str]
 ) -> str:
-    """Why no request can be served now ("" if one may be): a withdrawn plan, or an offline
-    planner (nobody will re-plan) and a plan with a stage no online agent runs."""
-    if plan is not None and not plan.stages and plan.reason:
+    """Why no request can be served now ("" if one may be): a withdrawn plan, or a kept
+    plan with a stage no online agent runs whose planner is offline (nobody will re-plan).
+    No plan at all is not a reason: a planner may be starting (the caller's timeout says)."""
+    if plan is None:
+        return ""
+    if not plan.stages and plan.reason:
         return plan.reason
-    if planner is not None and planner.state == OFFLINE and not routable(plan, offline):
-        state = "no plan" if plan is None else f"plan v{plan.plan_version} lost its agents"
-        return f"the planner is offline ({planner.summary or 'stopped'}) and {state}"
+    if (
+        planner is not None
+        and planner.state == OFFLINE
+        and planner.model in ("", plan.model)
+        and plan.ready
+        and not routable(plan, offline)
+    ):
+        return (
+            f"its planner is offline ({planner.summary or 'stopped'}) and plan "
+            f"v{plan.plan_version} has a stage with no online agent; start the planner"
+        )
     return ""

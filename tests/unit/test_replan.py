@@ -148,3 +148,4 @@ def test_routable_and_no_plan_reasons() -> None:
     gone = PlannerStatus(state=OFFLINE, summary="stopped")
     assert no_plan_reason(plan, gone, set()) == ""  # a kept plan serves while agents live
     assert "planner is offline" in no_plan_reason(plan, gone, {"c"})
+    assert no_plan_reason(None, gone, set()) == ""  # a planner may be starting: wait
