@@ -12,6 +12,7 @@ BENCHMARKS = {
     "strategies": "strategies",
     "scaling": "scaling",
     "simulation": "simulation",
+    "emulation": "emulation",
 }
 
 
