@@ -3,6 +3,12 @@
 One planner (objective throughput) and one client stay up; an emulated rpi4-4gb joins at
 each step, the planner re-plans, and throughput at saturation is measured on the new plan.
 The issue's target: adding a device never lowers throughput.
+
+This is the planner service's own path (``edgeslice planner`` as a process): each re-plan
+starts from the plan being served (``plan_partition(baseline=...)``), which keeps it
+unless a new plan beats it by more than the measured prediction error
+(:mod:`planner.margin`), so the *predicted* throughput never drops as devices join;
+``predicted_never_lower`` checks that, ``met`` checks the measurement.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ def main(quick: bool = False, model: str = "mobilenetv2") -> dict[str, Any]:
         bed.down()
     thr = [r["measured"]["throughput_rps"] for r in rows]
     never_lower = all(b >= a * 0.95 for a, b in itertools.pairwise(thr))
+    predicted = [r["predicted_throughput_rps"] for r in rows]
+    predicted_never_lower = all(b >= a * (1 - 1e-9) for a, b in itertools.pairwise(predicted))
     speedup = [t / thr[0] for t in thr]
     result: dict[str, Any] = {
         "quick": quick,
@@ -76,11 +84,12 @@ def main(quick: bool = False, model: str = "mobilenetv2") -> dict[str, Any]:
         "speedup_vs_one": speedup,
         "target": "adding a device never lowers throughput (5 % noise allowance)",
         "met": never_lower,
+        "predicted_never_lower": predicted_never_lower,
     }
     path = write_result("scaling-quick" if quick else "scaling", result)
     print(
         f"speed-up vs one device: {[round(x, 2) for x in speedup]}; "
-        f"never lower: {never_lower}; wrote {path}"
+        f"never lower: {never_lower} (predicted: {predicted_never_lower}); wrote {path}"
     )
     _chart(rows, "scaling-quick" if quick else "scaling")
     return result

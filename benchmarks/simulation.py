@@ -2,7 +2,9 @@
 
 This machine has two cores, so fleets of 8-64 devices are run through
 :mod:`planner.simulate`, which prices every task with the planner's own cost model and
-adds queueing, overlap of links and compute, replica dispatch and the client's link.
+adds queueing and replica dispatch (the planner's period already counts hop CPU, the
+overlap of links and compute and the client's own link, so at saturation the two agree
+but for dispatch and queueing effects).
 Model costs are each model's profiled FLOPs (``profile_model(...).to_cost()``, the only
 torch use here); devices come from the firmware profiles (rated GFLOP/s, memory budget,
 typical link). Nothing here is measured on devices: the JSON says ``"simulated": true``
