@@ -1,7 +1,8 @@
 """The one connection to a broker: a thin asyncio wrapper over paho-mqtt 2.x.
 
 paho runs its network loop in its own thread (``loop_start``); every callback
-hands its data to the asyncio loop with ``call_soon_threadsafe`` and never
+hands its data to the asyncio loop through a :class:`~edgeslice.broker.handoff.LoopHandoff`
+(in order, one loop wake-up per burst of messages or PUBACKs, not one each) and never
 raises into paho (an exception in a paho callback silently stops its thread).
 What this adds to paho, and why:
 
@@ -34,6 +35,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from edgeslice.broker.handoff import LoopHandoff
 from edgeslice.broker.protocol.errors import BrokerError
 from edgeslice.broker.settings import BrokerSettings
 
@@ -76,6 +78,7 @@ class MqttClient:
         self.client_id = client_id
         self._on_connect_hook = on_connect
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._handoff = LoopHandoff()  # paho's thread -> the loop
         self._queue: asyncio.Queue[IncomingMessage] = asyncio.Queue()
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -122,6 +125,7 @@ class MqttClient:
     async def connect(self, timeout: float = 10.0) -> None:
         """Connect (retrying inside ``timeout``); BrokerError naming URL and cause on failure."""
         self._loop = asyncio.get_running_loop()
+        self._handoff.bind(self._loop)
         self._first_connect = self._loop.create_future()
         try:
             self._paho.connect_async(
@@ -258,10 +262,7 @@ class MqttClient:
         return self._loop
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # loop closing during shutdown
-                loop.call_soon_threadsafe(fn, *args)
+        self._handoff.call(fn, *args)
 
     def _cb_connect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         try:
