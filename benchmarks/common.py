@@ -23,14 +23,25 @@ def results_dir() -> Path:
     return _SOURCE_RESULTS if _SOURCE_RESULTS.is_dir() else Path.cwd() / "edgeslice-bench-results"
 
 
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages (0s where the OS has none): timings taken under
+    load are slower and noisier, so results say what the load was."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (0.0, 0.0, 0.0)
+
+
 def machine() -> dict[str, Any]:
-    """What the figures were measured on (every results file carries it)."""
+    """What the figures were measured on (every results file carries it), including the load
+    average when the result was written."""
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
+        "load_avg_1_5_15": list(load_average()),
     }
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:

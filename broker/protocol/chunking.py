@@ -180,7 +180,9 @@ def stream_transfer(
     prefix = b"\x84\xa1t" + packed_tid + b"\xa1s"
 
     def generate() -> Iterator[bytes]:
-        yield msgpack.packb({**fields, "x": zlib.crc32(view[:first]), "d": view[:first]})
+        head = view[:first]  # packed as bin by hand: msgpack would copy it twice
+        packed = msgpack.packb({**fields, "x": zlib.crc32(head), "d": b""})[:-2]  # d: c4 00
+        yield b"".join((packed, _bin_header(first), head))
         for seq, offset in enumerate(range(first, total, cap), start=1):
             piece = view[offset : offset + cap]
             crc = b"\xa1x\xce" + zlib.crc32(piece).to_bytes(4, "big")

@@ -13,7 +13,9 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["planner", "transport", "strategies", "scaling", "simulation"])
+@pytest.mark.parametrize(
+    "name", ["planner", "transport", "dispatch", "strategies", "scaling", "simulation"]
+)
 def test_quick_benchmark_writes_results_with_machine(name: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "edgeslice.lab.cli", "bench", name, "--quick"],
@@ -28,6 +30,11 @@ def test_quick_benchmark_writes_results_with_machine(name: str) -> None:
     assert result["machine"]["cpu_count"] >= 1
     if name == "transport":
         assert all(row["chunked_MBps"] > 0 and row["raw_MBps"] > 0 for row in result["rows"])
+        assert all(len(row["runs"]) == result["runs"] >= 1 for row in result["rows"])
+        assert len(result["machine"]["load_avg_1_5_15"]) == 3
+    if name == "dispatch":
+        assert result["runs"] >= 3 and len(result["run_results"]) == result["runs"]
+        assert result["per_request_ms"]["total"]["median_ms"] > 0
     if name == "simulation":
         assert result["simulated"] is True and "SIMULATED" in result["note"]
     if name in ("strategies", "scaling"):  # measured on an emulated fleet, every row complete
