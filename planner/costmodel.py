@@ -30,8 +30,12 @@ packs every input and unpacks every output over its own link, so a plan's period
 is never below :func:`client_period_s`, however many replicas serve stage 0.
 
 Where the hop constants come from: :func:`hop_constants` fits them to the
-transport benchmark's chunked and raw transfers (``benchmarks/results/transport.json``,
-mosquitto on this 2-core host); the defaults below are that fit, rounded.
+transport benchmark's chunked and raw transfers (``benchmarks/results/transport.json``
+of 2026-11-23, mosquitto on this 2-core host); the defaults below are that fit, rounded
+(``tests/unit/test_costmodel.py`` keeps those rows and checks the fit). Cross-check
+against what agents report: the median ``transfer_s`` of a stage-to-stage hop
+(previous hop's send -> first chunk here) measured 1.6-3.3 ms on two emulated rpi4s,
+against the 2.02 ms broker round plus uplink the model charges.
 
 :class:`~planner.costtable.CostTable` precomputes all this per (cut, device) for
 the partitioner's DPs; the functions here are the readable reference definitions

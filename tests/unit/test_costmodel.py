@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -33,7 +31,6 @@ from edgeslice.planner.costtable import CostTable
 # per_message 1.12 ms per chunk, broker round 2.02 ms, hop CPU 1.11 ms per side at
 # 100 GFLOP/s, chunk 262144 B, memory x1.5, min_compute 0.2 ms
 PARAMS = CostParams()
-TRANSPORT = Path(__file__).parents[2] / "benchmarks" / "results" / "transport.json"
 
 
 def dev(
@@ -120,8 +117,17 @@ def test_a_stage_period_is_cpu_or_a_link_whichever_is_busier() -> None:
     assert stage_period_s(MODEL, 0, 2, thin, PARAMS) == pytest.approx(1.00056)
 
 
+# benchmarks/results/transport.json of 2026-11-23 (mosquitto, this 2-core host): the
+# measurement the default hop constants were fitted to (a later re-run may differ).
+TRANSPORT_ROWS = [
+    {"size_mib": 1, "chunk_bytes": 262144, "chunked_s": 0.0087008, "raw_s": 0.0069817},
+    {"size_mib": 16, "chunk_bytes": 262144, "chunked_s": 0.0756254, "raw_s": 0.0813360},
+    {"size_mib": 64, "chunk_bytes": 262144, "chunked_s": 0.4075008, "raw_s": 0.3283851},
+]
+
+
 def test_hop_constants_are_the_fit_to_the_transport_benchmark() -> None:
-    rows = json.loads(TRANSPORT.read_text())["rows"]
+    rows = TRANSPORT_ROWS
     fitted = hop_constants(rows)
     for name, value in fitted.items():
         assert getattr(PARAMS, name) == pytest.approx(value, rel=0.02, abs=1e-9), name
