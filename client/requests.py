@@ -188,6 +188,7 @@ def no_plan_reason(
     if (
         planner is not None
         and planner.state == OFFLINE
+        and planner.ts > 0  # stopped on purpose; a last will (crash, broker stop) may return
         and planner.model in ("", plan.model)
         and plan.ready
         and not routable(plan, offline)

@@ -22,12 +22,14 @@ asyncio), so each rule is unit-tested in tests/unit/test_replan.py:
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from edgeslice.broker.fleetstate import AgentState
-from edgeslice.broker.protocol.messages import PlanMessage
+from edgeslice.broker.protocol.messages import PlanMessage, PlanStage
+from edgeslice.planner.costmodel import Device
 
 JOIN = "join"
 LEAVE = "leave"
@@ -49,11 +51,11 @@ class ReplanSchedule:
     delay_s: float
     due: float | None = None
 
-    def join(self, now: float) -> None:
+    def join(self, now: float, delay_s: float | None = None) -> None:
         """An agent joined (or came back): re-plan after ``delay_s`` of quiet."""
         if self.due is not None and self.due <= now:
             return  # a leave already asked for a re-plan now: it includes this join
-        self.due = now + self.delay_s
+        self.due = now + (self.delay_s if delay_s is None else delay_s)
 
     def leave(self, now: float) -> None:
         """An agent of the fleet left or failed: re-plan now."""
@@ -126,11 +128,13 @@ class Backoff:
 Layout = tuple[tuple[int, int, tuple[str, ...], str], ...]
 
 
-def layout(plan: PlanMessage | None) -> Layout:
-    """What a plan runs where: per stage (start, end, agents, artifact)."""
-    if plan is None:
-        return ()
-    return tuple((s.start_segment, s.end_segment, tuple(s.agents), s.artifact) for s in plan.stages)
+def layout(plan: PlanMessage | None, stages: Sequence[PlanStage] | None = None) -> Layout:
+    """What a plan (or a list of its stages) runs where: per stage (start, end, agents in
+    a canonical order, artifact). Equal layouts: nothing to republish."""
+    chosen = stages if stages is not None else (plan.stages if plan is not None else [])
+    return tuple(
+        (s.start_segment, s.end_segment, tuple(sorted(s.agents)), s.artifact) for s in chosen
+    )
 
 
 def adopt_problem(
@@ -214,3 +218,22 @@ class LoadShift:
                 self.derated[agent_id] = min(c.max_load, load)
             changed = True
         return changed
+
+
+def candidates(
+    devices: Sequence[Device],
+    sessions: Mapping[str, int],
+    backoff: Backoff,
+    shift: LoadShift,
+    now: float,
+) -> tuple[list[Device], list[str]]:
+    """The usable devices to plan on (derated ones with their effective rate: planned with
+    the load they were derated at), and the agents sitting out a back-off."""
+    out, sitting_out = [], []
+    for d in devices:
+        if not backoff.eligible(d.agent_id, sessions.get(d.agent_id, 0), now):
+            sitting_out.append(d.agent_id)
+            continue
+        derate = shift.derated.get(d.agent_id)
+        out.append(d if derate is None else dataclasses.replace(d, load=derate))
+    return out, sitting_out

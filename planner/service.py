@@ -42,7 +42,7 @@ from edgeslice.broker.transport import TransportFactory, mqtt_transport
 from edgeslice.planner import replan, retained
 from edgeslice.planner.artifact_server import ArtifactServer
 from edgeslice.planner.config import PlannerConfig
-from edgeslice.planner.costmodel import CostParams, Device, fit_correction
+from edgeslice.planner.costmodel import CostParams, fit_correction
 from edgeslice.planner.margin import decision_margin
 from edgeslice.planner.partition import STRATEGIES, Objective, plan_partition
 from edgeslice.planner.registry import Registry
@@ -88,6 +88,7 @@ class PlannerService:
         self.on_plan = on_plan
         self._wake = asyncio.Event()
         self._load_checked = 0.0
+        self._empty_since: float | None = None  # when the last usable agent went away
         self.client = (transport or mqtt_transport(config.broker))(
             f"planner-{config.planner_id}-{uuid.uuid4().hex[:6]}",
             will=Will(self.topics.planner_status(), codec.encode(PlannerStatus(state=OFFLINE))),
@@ -303,34 +304,34 @@ class PlannerService:
                     "planning model=%s crashed; will retry on the next change", self.model_name
                 )
 
-    def _candidates(self, now: float) -> tuple[list[Device], list[str]]:
-        """Devices to plan on (derated ones with their effective rate), and who sits out."""
-        out, sitting_out = [], []
-        for d in self.registry.devices(now):
-            if not self.backoff.eligible(d.agent_id, self.registry.agents[d.agent_id].session, now):
-                sitting_out.append(d.agent_id)
-                continue
-            derate = self.loadshift.derated.get(d.agent_id)
-            out.append(d if derate is None else dataclasses.replace(d, load=derate))
-        return out, sitting_out
-
     async def _make_plan(self) -> None:
         from edgeslice.planner.stages import build_stages
 
         started = time.perf_counter()
         now = time.time()
-        devices, sitting_out = self._candidates(now)
+        sessions = {a: v.session for a, v in self.registry.agents.items()}
+        devices, sitting_out = replan.candidates(
+            self.registry.devices(now), sessions, self.backoff, self.loadshift, now
+        )
         gate = replan.first_plan_gate(len(devices), self.config.min_agents, self.served)
         if gate is not None:
             log.info("planner %s", gate)
             await self._publish_status(gate)
             return
         if not devices:
+            # every agent gone at once is most often the broker going away (it publishes
+            # every last will as it stops): withdraw only if they are still gone after a grace
+            if self._empty_since is None and not sitting_out:
+                self._empty_since = time.monotonic()
+                self.schedule.join(time.monotonic(), min(self.config.replan_delay_s, 2.0))
+                self._wake.set()
+                return
             why = "no usable agent"
             if sitting_out:
                 why += f" ({', '.join(sitting_out)} sitting out after an assignment error)"
             await self._withdraw(why)
             return
+        self._empty_since = None
         cost = self.cost
         current = self.plan_message
         previous = current.stages if current is not None else []
@@ -361,9 +362,7 @@ class PlannerService:
         for art in artifacts:
             self.artifacts.add(art.sha256, art.data)
         stages = retained.plan_stages(plan, artifacts, cost, devices, params)
-        if current is not None and replan.layout(current) == tuple(
-            (s.start_segment, s.end_segment, tuple(s.agents), s.artifact) for s in stages
-        ):
+        if current is not None and replan.layout(current) == replan.layout(None, stages):
             log.info("plan model=%s v%d unchanged: still served", self.model_name, self.version)
             return
         self.version += 1

@@ -59,6 +59,7 @@ class Load:
     failed: int = 0
     errors: list[str] = field(default_factory=list)
     done: list[tuple[float, list[str]]] = field(default_factory=list)  # (time, route)
+    answered: dict[str, float] = field(default_factory=dict)  # request id -> when
     wrong: int = 0
 
     @property
@@ -98,6 +99,7 @@ async def keep_in_flight(
                 continue
             load.completed += 1
             load.done.append((time.time(), list(result.route)))
+            load.answered[result.request_id] = time.time()
             if not torch.allclose(result.outputs[0], expected, rtol=1e-4, atol=1e-4):
                 load.wrong += 1
 
@@ -136,11 +138,20 @@ def _report(fleet: LocalFleet, *names: str) -> None:
         print(f"--- {name} log tail ---\n{fleet.log_tail(name, 15)}")
 
 
-def test_kill9_agent_with_requests_in_flight_loses_none(fleet: LocalFleet, model_spec: str) -> None:
+@pytest.mark.parametrize(
+    "layout",
+    [(), ("--strategy", "even-split")],
+    ids=["replicas", "pipeline"],  # one stage on 3 replicas / 3 stages, one agent each
+)
+def test_kill9_agent_with_requests_in_flight_loses_none(
+    fleet: LocalFleet, model_spec: str, layout: tuple[str, ...]
+) -> None:
     """(a) kill -9 an agent holding requests: every request completes, once, at once; and
-    (b) with --min-agents 3 the fleet then serves a new ready plan on the two left."""
+    (b) with --min-agents 3 the fleet then serves a new ready plan on the two left. With
+    replicas the lost agent's requests move to another replica at once; in a pipeline they
+    wait for the re-plan (a leave re-plans at once)."""
     name, inputs, expected = _expected(model_spec)
-    _start(fleet, model_spec, "--min-agents", "3")
+    _start(fleet, model_spec, "--min-agents", "3", *layout)
     settings = parse_broker_url(fleet.broker_url, fleet.namespace)
 
     async def scenario() -> None:
@@ -159,7 +170,7 @@ def test_kill9_agent_with_requests_in_flight_loses_none(fleet: LocalFleet, model
             victim = max(
                 AGENTS, key=lambda a: client.measured[a].in_flight if a in client.measured else -1
             )
-            held = client.measured[victim].in_flight
+            held = {r.request_id for r in client.requests.open.values() if victim in r.route}
             killed_at = time.time()
             fleet.signal(victim, signal.SIGKILL)
 
@@ -169,6 +180,8 @@ def test_kill9_agent_with_requests_in_flight_loses_none(fleet: LocalFleet, model
 
             await until(lambda: flowing() is not None, 60, "requests flowing after the kill")
             recovered = (flowing() or killed_at) - killed_at
+            await until(lambda: held <= set(load.answered), 60, "the killed agent's requests")
+            rescued = max((load.answered[r] for r in held), default=killed_at) - killed_at
 
             def replanned() -> bool:
                 p = client.plan
@@ -187,8 +200,9 @@ def test_kill9_agent_with_requests_in_flight_loses_none(fleet: LocalFleet, model
             plan = client.plan
             assert plan is not None
             print(
-                f"\nkill -9 {victim} holding {held} request(s): requests flowing again "
-                f"{recovered:.3f}s after the kill; plan v{first.plan_version} "
+                f"\nkill -9 {victim} holding {len(held)} request(s): requests flowing again "
+                f"{recovered:.3f}s after the kill, the ones it held all answered after "
+                f"{rescued:.3f}s; plan v{first.plan_version} "
                 f"{[s.agents for s in first.stages]} -> v{plan.plan_version} "
                 f"{[s.agents for s in plan.stages]} (ready, --min-agents 3, 2 agents left)"
             )

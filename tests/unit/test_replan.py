@@ -14,6 +14,7 @@ from edgeslice.broker.protocol.messages import (
     PlanStage,
 )
 from edgeslice.client.requests import InFlight, RequestTracker, no_plan_reason, routable
+from edgeslice.planner.costmodel import Device
 from edgeslice.planner.replan import (
     JOIN,
     LEAVE,
@@ -22,6 +23,7 @@ from edgeslice.planner.replan import (
     LoadShiftConfig,
     ReplanSchedule,
     adopt_problem,
+    candidates,
     classify,
     first_plan_gate,
     layout,
@@ -79,6 +81,8 @@ def test_layout_and_adoption_of_a_retained_plan() -> None:
     plan = _plan(("a",), ("b",))
     assert layout(plan) == ((0, 1, ("a",), "sha0"), (1, 2, ("b",), "sha1"))
     assert layout(None) == ()
+    swapped = _plan(("b", "a"))
+    assert layout(swapped) == layout(None, [PlanStage(0, 0, 1, ["a", "b"], artifact="sha0")])
 
     def agent(agent_id: str, state: str = "ready", version: int = 1) -> AgentState:
         view = AgentState(agent_id, online=True, state="online", session=3)
@@ -145,7 +149,21 @@ def test_routable_and_no_plan_reasons() -> None:
     assert not routable(_plan(("a",), ready=False), set())
     withdrawn = PlanMessage("m", "p", 3, "throughput", "edgeslice", [], reason="no usable agent")
     assert no_plan_reason(withdrawn, None, set()) == "no usable agent"
-    gone = PlannerStatus(state=OFFLINE, summary="stopped")
+    will = PlannerStatus(state=OFFLINE)  # its last will: it may come back, keep waiting
+    assert no_plan_reason(plan, will, {"c"}) == ""
+    gone = PlannerStatus(state=OFFLINE, summary="stopped", ts=1.0)
     assert no_plan_reason(plan, gone, set()) == ""  # a kept plan serves while agents live
     assert "planner is offline" in no_plan_reason(plan, gone, {"c"})
     assert no_plan_reason(None, gone, set()) == ""  # a planner may be starting: wait
+
+
+def test_candidates_leave_out_backed_off_agents_and_derate_hot_ones() -> None:
+    devices = [
+        Device(a, gflops=1.0, memory_bytes=1 << 30, bandwidth_bps=1e6, rtt_s=0.001) for a in "abc"
+    ]
+    backoff, shift = Backoff(), LoadShift()
+    backoff.fail("b", 1, 0.0)
+    shift.derated["c"] = 0.8
+    out, sitting_out = candidates(devices, {"a": 1, "b": 1, "c": 1}, backoff, shift, 1.0)
+    assert [d.agent_id for d in out] == ["a", "c"] and sitting_out == ["b"]
+    assert out[0].load == 0.0 and out[1].load == 0.8  # planned with its effective rate
