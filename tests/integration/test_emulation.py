@@ -1,9 +1,12 @@
-"""`edgeslice agent --emulate` as a user runs it: limited agents measure their profile's rate."""
+"""`edgeslice agent --emulate` as a user runs it: emulated agents measure their profile's rate,
+paced (the default: stages held for the device's time) or under a cgroup CPU quota."""
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import signal
+import statistics
 import time
 import uuid
 from pathlib import Path
@@ -14,11 +17,14 @@ from edgeslice.agent.limits import cgroup_problem
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.messages import Info
 from edgeslice.broker.protocol.topics import Topics
+from edgeslice.broker.settings import parse_broker_url
+from edgeslice.client.inference import InferenceClient
 from edgeslice.lab.fleet import AgentSpec, LocalFleet
 
 pytestmark = pytest.mark.integration
 
-EMULATE = ("--emulate", "--calibrate-seconds", "0.5")
+EMULATE = ("--emulate", "--emulate-mode", "quota", "--calibrate-seconds", "0.5")
+PACED = ("--emulate", "--emulate-mode", "paced", "--calibrate-seconds", "0.5")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,9 +34,16 @@ def _needs_cgroups() -> None:
         pytest.skip(f"cgroups not writable here: {problem}")
 
 
-def _start(fleet: LocalFleet, watcher_factory, topics: Topics, agent_id: str, profile: str) -> Info:
+def _start(
+    fleet: LocalFleet,
+    watcher_factory,
+    topics: Topics,
+    agent_id: str,
+    profile: str,
+    args: tuple[str, ...] = EMULATE,
+) -> Info:
     watcher = watcher_factory([topics.info(agent_id)])
-    fleet.start_agent(AgentSpec(agent_id, profile, EMULATE))
+    fleet.start_agent(AgentSpec(agent_id, profile, args))
     seen = watcher.wait_for(lambda m: True, timeout=60, what=f"info of {agent_id}")
     return codec.decode(seen.payload, Info)
 
@@ -47,7 +60,8 @@ def test_emulated_agents_measure_rates_in_the_ratio_of_their_profiles(
     }
     for agent_id, info in infos.items():
         assert info.emulated is True, fleet.log_tail(agent_id)
-        assert info.limits["mode"].startswith("cgroup"), info.limits
+        assert info.limits["mode"] == "quota", info.limits
+        assert info.limits["cgroup"].startswith("cgroup"), info.limits
         assert info.threads == 1  # both need less than one core of any host this runs on
         groups = [Path(g) for g in info.limits["cgroups"]]
         assert groups and all(g.is_dir() and g.name == agent_id for g in groups)
@@ -96,3 +110,72 @@ def test_sigterm_during_start_up_ends_an_emulated_agent_promptly(
     assert code is not None, f"agent ignored SIGTERM for 15 s:\n{fleet.log_tail(agent_id)}"
     assert "Traceback" not in fleet.log_tail(agent_id), fleet.log_tail(agent_id)
     assert not _groups_of(agent_id)  # it removed its own cgroups on the way out
+
+
+def test_paced_agents_announce_rates_in_the_ratio_of_their_profiles(
+    fleet: LocalFleet,
+    watcher_factory,
+    topics: Topics,
+) -> None:
+    infos = {
+        agent_id: _start(fleet, watcher_factory, topics, agent_id, profile, PACED)
+        for agent_id, profile in (("pi4p", "rpi4-4gb"), ("pi5p", "rpi5-8gb"))
+    }
+    for agent_id, info in infos.items():
+        assert info.emulated is True, fleet.log_tail(agent_id)
+        assert info.limits["mode"] == "paced", info.limits
+        assert info.threads == 1
+        assert "cpu_quota_us" not in info.limits  # no CPU quota: memory only
+        groups = [Path(g) for g in info.limits["cgroups"]]
+        assert groups and all(g.is_dir() and g.name == agent_id for g in groups)
+    rates = {a: round(i.gflops, 2) for a, i in infos.items()}
+    ratio = infos["pi5p"].gflops / infos["pi4p"].gflops
+    host = infos["pi4p"].limits["host_core_gflops"]
+    print(
+        f"\npaced: announced {rates} GFLOP/s (profiles 10, 25; host core {host}): "
+        f"rpi5/rpi4 {ratio:.2f} (profiles 2.5)"
+    )
+    assert 1.5 <= ratio <= 4.0, f"rpi5/rpi4 announced {rates}: ratio {ratio:.2f}"
+    # generous: each within a factor 2 of its profile, far below the host core
+    assert 5.0 <= infos["pi4p"].gflops <= 20.0, rates
+    assert infos["pi5p"].gflops < 0.6 * host, rates
+    for agent_id, info in infos.items():
+        assert fleet.stop(agent_id) == 0, fleet.log_tail(agent_id)
+        assert not [g for g in info.limits["cgroups"] if Path(g).exists()]
+
+
+def test_a_paced_agent_computes_a_real_stage_in_the_profiles_time(
+    fleet: LocalFleet, watcher_factory, topics: Topics, namespace: str
+) -> None:
+    """MobileNetV2 as one stage on a paced rpi4: its compute time follows the profile."""
+    from edgeslice.benchmarks.emulation import host_stage_cpu_s
+    from edgeslice.planner.modelspec import load_model
+
+    host_cpu_s = host_stage_cpu_s("mobilenetv2")  # before the agent runs: a quiet host
+    info = _start(fleet, watcher_factory, topics, "pi4s", "rpi4-4gb", PACED)
+    fleet.start_planner("mobilenetv2", ["--max-stages", "1", "--min-agents", "1"])
+    inputs = load_model("mobilenetv2").example_inputs
+    settings = parse_broker_url(fleet.broker_url, namespace)
+
+    async def run() -> tuple[list[float], list[float]]:
+        async with InferenceClient(settings, "mobilenetv2") as client:
+            await client.wait_ready(180)
+            await client.infer(inputs, timeout=120)  # warm-up
+            alone = [await client.infer(inputs, timeout=120) for _ in range(5)]
+            queued = await asyncio.gather(*(client.infer(inputs, timeout=120) for _ in range(4)))
+        compute = [float(t["compute_s"]) for r in alone for t in r.timings]
+        return compute, [float(t["compute_s"]) for r in queued for t in r.timings]
+
+    alone, queued = asyncio.run(run())
+    host = info.limits["host_core_gflops"]
+    expected = host_cpu_s * host / 10.0  # the rpi4's 10 GFLOP/s
+    measured, under_load = statistics.median(alone), statistics.median(queued)
+    print(
+        f"\npaced rpi4 MobileNetV2 stage: {measured * 1e3:.0f} ms alone, "
+        f"{under_load * 1e3:.0f} ms with 4 queued; the board's {expected * 1e3:.0f} ms "
+        f"(host {host_cpu_s * 1e3:.1f} ms x {host:.0f}/10): x{expected / measured:.2f}, "
+        f"x{expected / under_load:.2f} of its speed"
+    )
+    assert 0.5 * expected <= measured <= 2.0 * expected
+    assert 0.5 * expected <= under_load <= 2.0 * expected
+    assert measured > 3 * host_cpu_s  # held: far slower than this host runs it
