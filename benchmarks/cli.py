@@ -14,6 +14,7 @@ BENCHMARKS = {
     "strategies": "strategies",
     "scaling": "scaling",
     "simulation": "simulation",
+    "emulation": "emulation",
 }
 
 
