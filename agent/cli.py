@@ -232,8 +232,17 @@ def agent_cmd(
             f"edgeslice agent {config.agent_id} ({service.profile.name}) -> {settings.url}",
             err=True,
         )
+        # Across the hand-over to the event loop a signal only sets a flag: raising
+        # SystemExit while asyncio.run builds its loop leaves a half-built loop behind.
+        early: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: early.append(signum))
         try:
-            asyncio.run(run_until_signalled(_stop_promptly(service.run, service.serving)))
+            asyncio.run(
+                run_until_signalled(
+                    _stop_promptly(service.run, service.serving), pending=lambda: bool(early)
+                )
+            )
         except EdgesliceError as exc:
             text = str(exc)  # name the agent once, whether or not the error already does
             named = repr(config.agent_id) in text or f"agent {config.agent_id}" in text

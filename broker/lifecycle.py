@@ -17,8 +17,17 @@ from collections.abc import Awaitable, Callable
 log = logging.getLogger(__name__)
 
 
-async def run_until_signalled(run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Await ``run(stop)``; the first SIGTERM/SIGINT sets ``stop``, a second one cancels it."""
+async def run_until_signalled(
+    run: Callable[[asyncio.Event], Awaitable[None]],
+    pending: Callable[[], bool] | None = None,
+) -> None:
+    """Await ``run(stop)``; the first SIGTERM/SIGINT sets ``stop``, a second one cancels it.
+
+    ``pending`` says whether a stop signal already arrived before this coroutine could
+    install its handlers (while ``asyncio.run`` was still building the loop, say): a
+    caller records signals with a plain flag across that hand-over instead of raising
+    from a signal handler mid-construction, and the stop is honoured here.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(run(stop))
@@ -37,6 +46,8 @@ async def run_until_signalled(run: Callable[[asyncio.Event], Awaitable[None]]) -
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
+    if pending is not None and pending():
+        on_signal(signal.SIGTERM)
     try:
         await task
     except asyncio.CancelledError:
