@@ -7,7 +7,9 @@ For each tensor size (1, 16, 64 MiB), ``runs`` times (5 by default), against the
   ``unpack_tensors``; timed from ``pack_tensors`` to the tensor in the receiver's hand.
 * **raw** (baseline): as many random bytes cut into the same chunk size, QoS 1, published by
   a plain paho client and counted by a plain paho subscriber; timed from the first cut to the
-  last byte counted.
+  last byte counted. Both raw clients get TCP_NODELAY, as MqttClient sets it: without it
+  Nagle's algorithm holds back the subscriber's PUBACKs behind delayed ACKs, which made the
+  baseline slow and erratic (16 MiB took 60 to 170 ms) and flattered the ratio.
 * **unchunked**: one 64 MiB QoS 1 message through plain paho, for contrast.
 
 One *run* of one size measures both paths back to back (which goes first alternates between
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
+import socket
 import threading
 import time
 import uuid
@@ -72,6 +75,13 @@ async def _chunked_receiver(url: str, topic: str, runs: int, ready: Any, done: A
     await receiver.close()
 
 
+def _nodelay(client: paho.Client) -> None:
+    """TCP_NODELAY on a plain paho client's socket, as MqttClient sets it on every connect."""
+    sock = client.socket()
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _raw_receiver(url: str, topic: str, runs: int, size: int, ready: Any, done: Any) -> None:
     settings = parse_broker_url(url)
     got = 0
@@ -90,6 +100,7 @@ def _raw_receiver(url: str, topic: str, runs: int, size: int, ready: Any, done: 
     rx.on_message = on_message
     rx.on_subscribe = lambda *_: subscribed.set()
     rx.connect(settings.host, settings.port)
+    _nodelay(rx)
     rx.loop_start()
     rx.subscribe(topic, qos=1)
     subscribed.wait(10)
@@ -142,6 +153,7 @@ def _send_raw(url: str, topic: str, size: int, runs: int, chunk: int, done: Any)
     tx = paho.Client(CallbackAPIVersion.VERSION2, client_id="raw-tx-" + uuid.uuid4().hex[:8])
     tx.max_inflight_messages_set(64)
     tx.connect(settings.host, settings.port)
+    _nodelay(tx)
     tx.loop_start()
     times = []
     for _ in range(runs):
