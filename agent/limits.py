@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeslice.agent.quota import EmulationPlan, corrected_plan, host_core_gflops, plan_emulation
-from edgeslice.broker.protocol.errors import EdgesliceError
+from edgeslice.broker.protocol.errors import CgroupUnavailable
 from edgeslice.firmware_profiles.schema import MIB, FirmwareProfile
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,6 @@ DEFAULT_ROOT = Path("/sys/fs/cgroup")
 PREFIX = "edgeslice"
 CONTROLLERS = ("cpu", "memory")
 _MAX_DEPTH = 8  # how deep remove_agent_cgroups looks for edgeslice/ groups
-
-
-class CgroupUnavailable(EdgesliceError):
-    """Limits cannot be applied on this machine; the message says why (shown to the user)."""
 
 
 @dataclass(frozen=True)

@@ -236,9 +236,10 @@ def emulate_paced(
     """Measure the host core, limit memory with a cgroup, and return (limits or None, the
     ``info.limits`` dict, the pacer); the caller installs the pacer. Never raises for a
     machine without cgroups: compute is still paced, memory is not limited (a WARNING)."""
-    from edgeslice.agent.limits import DEFAULT_ROOT, CgroupUnavailable, apply_limits
+    from edgeslice.agent.limits import DEFAULT_ROOT, apply_limits
     from edgeslice.agent.limits import _stop_signals_held as stop_signals_held
     from edgeslice.agent.quota import PERIOD_US, EmulationPlan, host_core_gflops
+    from edgeslice.broker.protocol.errors import CgroupUnavailable
 
     root = root or DEFAULT_ROOT
     plan = plan_pacing(profile, host_core_gflops(), scale)

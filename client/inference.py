@@ -13,6 +13,7 @@ or that may have been lost by a broker restart is re-sent at once under the same
 request id (client/requests.py: first result wins, duplicates dropped and counted), so
 no request is lost and none waits out its timeout. A withdrawn plan fails requests at
 once with the planner's reason (:class:`NoPlanError`). Many ``infer`` calls may run at once.
+Watching the plan and waiting for a ready one is client/planwatch.py's.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from edgeslice.broker.protocol.chunking import (
 )
 from edgeslice.broker.protocol.errors import (
     EdgesliceError,
+    NoPlanError,
     RemoteStageError,
     RequestTimeout,
 )
@@ -51,20 +53,18 @@ from edgeslice.broker.protocol.tensors import pack_tensors, unpack_tensors
 from edgeslice.broker.protocol.topics import Kind, Topics
 from edgeslice.broker.settings import BrokerSettings
 from edgeslice.broker.transport import TransportFactory, mqtt_transport
+from edgeslice.client.planwatch import PlanWatch
 from edgeslice.client.requests import (
     InferenceResult,
     InFlight,
-    Measured,
-    NoPlanError,
     RequestTracker,
     check_inputs,
-    no_plan_reason,
     routable,
 )
 from edgeslice.client.routing import Router
 from edgeslice.client.scoring import Weights
 
-__all__ = ["InferenceClient", "InferenceResult", "Measured", "NoPlanError", "check_inputs"]
+__all__ = ["InferenceClient", "InferenceResult"]  # what infer() returns: part of the API
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class InferenceClient:
         self.fleet = FleetState(self.topics)  # info, telemetry and this model's plan
         self.router = Router(self.fleet, self.weights)
         self.measured = self.router.measured  # agent -> what this client measured of it
-        self._plan_changed = asyncio.Condition()
+        self.watch = PlanWatch(settings, model, self.client_id, self.fleet, self.router.offline)
         self.requests = RequestTracker()  # in flight: routes, re-sends, duplicates
         self._connects = 0
         self._reconnected_at = float("-inf")
@@ -103,7 +103,6 @@ class InferenceClient:
             max_open=512, max_age_s=120.0, idle_s=5.0, accept=self._awaited
         )
         self._expired_at = 0.0
-        self._bad_plan: dict[str, str] = {}  # plan topic -> why its last payload was refused
         self._task: asyncio.Task[None] | None = None
         self.client = (transport or mqtt_transport(settings))(
             self.client_id, on_connect=self._on_connect
@@ -143,54 +142,8 @@ class InferenceClient:
         self, timeout: float = 120.0, newer_than: int = 0, other_than: str = ""
     ) -> PlanMessage:
         """The current plan once every agent of it is ready (and its version > newer_than,
-        and its plan id not ``other_than``: a restarted planner's plan)."""
-
-        def ready() -> bool:
-            p = self.plan
-            if self._no_plan_reason() and (p is None or p.plan_version > newer_than):
-                return True  # withdrawn (or nobody to re-plan): raise below, do not wait
-            return (
-                p is not None
-                and routable(p, self._offline())
-                and p.plan_version > newer_than
-                and p.plan_id != other_than
-            )
-
-        async with self._plan_changed:
-            try:
-                await asyncio.wait_for(self._plan_changed.wait_for(ready), timeout)
-                why = self._no_plan_reason()
-                if why:
-                    raise NoPlanError(
-                        f"model {self.model!r} on {self.settings.url} namespace "
-                        f"{self.settings.namespace!r} has no plan: {why}"
-                    )
-            except TimeoutError:
-                state = (
-                    "no plan published"
-                    if self.plan is None
-                    else (f"plan v{self.plan.plan_version} not ready")
-                )
-                if self.plan is None and self._bad_plan:
-                    topic, why = next(iter(self._bad_plan.items()))
-                    state = (
-                        f"no valid plan: a malformed plan was seen on topic {topic} ({why}); "
-                        "the planner replaces it when it publishes its next plan (restart it "
-                        "to republish now)"
-                    )
-                raise RequestTimeout(
-                    f"model {self.model!r}: {state} after {timeout:.0f}s on "
-                    f"{self.settings.url} namespace {self.settings.namespace!r}; is "
-                    "`edgeslice planner` running with enough agents?"
-                ) from None
-        assert self.plan is not None
-        return self.plan
-
-    def _offline(self) -> set[str]:
-        return self.router.offline()
-
-    def _no_plan_reason(self) -> str:
-        return no_plan_reason(self.plan, self.fleet.planner, self._offline())
+        and its plan id not ``other_than``: a restarted planner's plan); client/planwatch.py."""
+        return await self.watch.wait_ready(timeout, newer_than, other_than)
 
     # -- requests ---------------------------------------------------------------
     async def infer(
@@ -246,23 +199,12 @@ class InferenceClient:
                     "client=%s req=%s retrying after: %s", self.client_id, req.request_id, last
                 )
                 req.future = loop.create_future()
-                await self._wait_plan_change(plan, min(5.0, max(0.0, deadline - time.time())))
+                await self.watch.wait_change(plan, min(5.0, max(0.0, deadline - time.time())))
         finally:
             self._release(req)
         if last is not None:
             raise last
         raise RequestTimeout(f"model {self.model!r}: no result within {timeout:.1f}s")
-
-    async def _wait_plan_change(self, used: PlanMessage, timeout: float) -> None:
-        """After a retryable error: give the planner a moment to publish what changed."""
-
-        def changed() -> bool:
-            p = self.plan
-            return p is None or (p.plan_id, p.plan_version) != (used.plan_id, used.plan_version)
-
-        async with self._plan_changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._plan_changed.wait_for(changed), timeout)
 
     def choose_route(self, plan: PlanMessage) -> list[str]:
         """One agent per stage among the stage's replicas (client/routing.py)."""
@@ -322,11 +264,11 @@ class InferenceClient:
     def _reroute(self, everything: bool = False, via: str = "", before: float = 0.0) -> None:
         """Re-send requests whose route is no good any more (or ``everything``, or those sent
         ``before`` a time, ``via`` an agent if given); park those no plan routes yet."""
-        plan, offline = self.plan, self._offline()
+        plan, offline = self.plan, self.router.offline()
         todo = self.requests.to_resend(plan, offline, everything, via, before)
         if not todo:
             return
-        why = self._no_plan_reason()
+        why = self.watch.no_plan_reason()
         for req in todo:
             if plan is not None and routable(plan, offline):
                 log.info(
@@ -363,14 +305,11 @@ class InferenceClient:
                 if parsed.kind is Kind.CLIENT_RESULTS:
                     self._on_result_chunk(msg.payload)
                 elif parsed.kind is Kind.PLAN:
-                    async with self._plan_changed:
-                        self._apply_plan(msg.topic, msg.payload)
-                        self._plan_changed.notify_all()
+                    await self.watch.on_plan(msg.topic, msg.payload)
                     self._reroute()
                 elif parsed.kind in (Kind.STATUS, Kind.PLANNER_STATUS):
                     self._on_status(parsed.agent_id, msg.topic, msg.payload)
-                    async with self._plan_changed:
-                        self._plan_changed.notify_all()
+                    await self.watch.notify()
                 else:  # info and telemetry: the shared fold keeps what routing reads
                     self.fleet.apply(msg.topic, msg.payload, time.time())
             except EdgesliceError as exc:
@@ -386,20 +325,6 @@ class InferenceClient:
             self._reroute(via=agent_id, before=now)
         else:  # a last will or a drain: re-send what it holds; a planner gone: fail parked
             self._reroute()
-
-    def _apply_plan(self, topic: str, payload: bytes) -> None:
-        """Fold a plan message; a malformed one (retained garbage) is logged once and ignored
-        (the last valid plan stays), and named by wait_ready's error if no valid one comes."""
-        try:
-            self.fleet.apply(topic, payload, time.time())
-        except EdgesliceError as exc:
-            if topic not in self._bad_plan:
-                log.warning(
-                    "client=%s ignoring malformed plan on %s: %s", self.client_id, topic, exc
-                )
-            self._bad_plan[topic] = f"{exc}"[:200]
-            return
-        self._bad_plan.pop(topic, None)
 
     def _awaited(self, header: TransferHeader) -> str | None:
         """Reassembler gate: only results of requests this client is waiting for."""

@@ -33,13 +33,6 @@ from edgeslice.broker.protocol.errors import InferenceError
 from edgeslice.broker.protocol.messages import OFFLINE, PlanMessage, PlannerStatus
 
 
-class NoPlanError(InferenceError):
-    """No plan can serve the request (the planner withdrew it, or is offline and the plan
-    has no online agent for a stage); raised at once with the reason, not after a timeout."""
-
-    code = "no_plan"
-
-
 @dataclass(frozen=True)
 class InferenceResult:
     """Outputs of one request plus where its time went."""

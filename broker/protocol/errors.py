@@ -5,6 +5,8 @@ Tree (``code`` in brackets; ``R`` marks errors that are retryable)::
     EdgesliceError                [error]
     ├── ConfigError               [config]       bad flag, env var, URL or file (names source)
     │   └── ProfileError          [profile]      a firmware profile is invalid (file + field)
+    ├── CgroupUnavailable         [cgroup]       an agent's limits cannot be applied on this
+    │                                            machine (no cgroup fs, no permission; says why)
     ├── ProtocolError             [protocol]     a message that cannot be understood
     │   ├── DecodeError           [decode]       not msgpack, too large, or wrong shape/types
     │   ├── VersionError          [version]      sent by a newer protocol major version
@@ -23,6 +25,9 @@ Tree (``code`` in brackets; ``R`` marks errors that are retryable)::
         │                                        the route names: the plan changed
         ├── AgentBusyError        [busy]       R the agent's queue is full
         ├── AgentDrainingError    [draining]   R the agent is shutting down: the plan moved on
+        ├── NoPlanError           [no_plan]      the plan was withdrawn (or its planner stopped
+        │                                        and no online agent runs a stage): says why,
+        │                                        raised at once, not after a timeout
         └── RequestTimeout        [timeout]      no result before the deadline
 
 Two attributes travel with every error. ``retryable`` (class default ``False``) says that
@@ -53,6 +58,13 @@ class ProfileError(ConfigError):
     """A firmware profile file is missing a field or has a bad value."""
 
     code = "profile"
+
+
+class CgroupUnavailable(EdgesliceError):
+    """An agent's limits cannot be applied on this machine; the message says why (shown to
+    the user)."""
+
+    code = "cgroup"
 
 
 class ProtocolError(EdgesliceError):
@@ -171,6 +183,13 @@ class AgentDrainingError(InferenceError):
 
     retryable = True
     code = "draining"
+
+
+class NoPlanError(InferenceError):
+    """No plan can serve the request (the planner withdrew it, or is offline and the plan
+    has no online agent for a stage); raised at once with the reason, not after a timeout."""
+
+    code = "no_plan"
 
 
 class RequestTimeout(InferenceError):

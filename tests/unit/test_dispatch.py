@@ -14,7 +14,8 @@ from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.errors import PlanningError
 from edgeslice.broker.protocol.messages import Info, PlanMessage, PlanStage, Telemetry
 from edgeslice.broker.settings import parse_broker_url
-from edgeslice.client.inference import InferenceClient, Measured
+from edgeslice.client.inference import InferenceClient
+from edgeslice.client.requests import Measured
 from edgeslice.client.scoring import Candidate, Weights, choose, pick_replica
 
 

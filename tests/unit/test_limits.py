@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from edgeslice.agent.limits import (
-    CgroupUnavailable,
     apply_limits,
     cgroup_problem,
     detect_layout,
@@ -17,6 +16,7 @@ from edgeslice.agent.limits import (
     remove_agent_cgroups,
 )
 from edgeslice.agent.quota import cpu_period_quota, plan_emulation
+from edgeslice.broker.protocol.errors import CgroupUnavailable
 from edgeslice.firmware_profiles import load_profile
 
 MIB = 1024 * 1024

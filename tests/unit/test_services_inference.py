@@ -19,7 +19,7 @@ from edgeslice.agent.service import AgentService
 from edgeslice.broker.fleetkey import load_signing_key
 from edgeslice.broker.memory import MemoryBroker
 from edgeslice.broker.protocol import codec
-from edgeslice.broker.protocol.errors import InferenceError
+from edgeslice.broker.protocol.errors import InferenceError, NoPlanError
 from edgeslice.broker.protocol.messages import (
     AssignmentDesired,
     AssignmentReported,
@@ -28,7 +28,7 @@ from edgeslice.broker.protocol.messages import (
     StageAssignment,
 )
 from edgeslice.broker.protocol.topics import Topics
-from edgeslice.client.inference import InferenceClient, NoPlanError
+from edgeslice.client.inference import InferenceClient
 from edgeslice.planner.config import PlannerConfig
 from edgeslice.planner.profile import profile_model
 from edgeslice.planner.service import PlannerService
