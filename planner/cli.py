@@ -106,7 +106,8 @@ def planner_cmd(
     serves the stage artifacts, and re-plans when agents join or leave.
     """
     from edgeslice.planner.config import PlannerConfig
-    from edgeslice.planner.service import PlannerService, describe_plan
+    from edgeslice.planner.retained import describe_plan
+    from edgeslice.planner.service import PlannerService
 
     try:
         service = PlannerService(

@@ -9,12 +9,13 @@ otherwise the plan is cleared and a new one made, numbered on from it.
 Re-planning follows planner/replan.py: a join waits for ``replan_delay_s`` of quiet, a
 leave (or an error from an agent of a new plan) re-plans at once, ``min_agents`` gates
 only the first plan, a failed agent sits out with a growing back-off, an agent busy far
-above the rest for long is planned with its effective rate. A plan: the partitioner picks
-stages and agents, :func:`planner.stages.build_stages` cuts and signs artifacts (cached
-per cut), agents get their retained ``assignment/desired``, ``plans/{model}`` goes out
-with ``ready=False`` and again with ``ready=True`` once every agent reports ready. A
-re-plan giving the layout already served publishes nothing; when no plan is possible the
-plan is **withdrawn** (no stages, a ``reason``: clients fail at once saying why).
+above the rest for long is planned with its effective rate. A plan (planner/planning.py
+decides it): the partitioner picks stages and agents, :func:`planner.stages.build_stages`
+cuts and signs artifacts (cached per cut); this service publishes it -- agents get their
+retained ``assignment/desired``, ``plans/{model}`` goes out with ``ready=False`` and again
+with ``ready=True`` once every agent reports ready. A re-plan giving the layout already
+served publishes nothing; when no plan is possible the plan is **withdrawn** (no stages, a
+``reason``: clients fail at once saying why).
 
 After every (re)connect all retained state is published again (planner/retained.py). On
 stop the plan is kept (agents serve on; a restarted planner adopts it) and the status says
@@ -24,33 +25,28 @@ stop the plan is kept (agents serve on; a restarted planner adopts it) and the s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from edgeslice.broker.client import Will
 from edgeslice.broker.fleetkey import key_fingerprint, load_signing_key
 from edgeslice.broker.protocol import codec
-from edgeslice.broker.protocol.errors import PlanningError
 from edgeslice.broker.protocol.messages import OFFLINE, ONLINE, PlanMessage, PlannerStatus
 from edgeslice.broker.protocol.topics import Kind, Topics
 from edgeslice.broker.transport import TransportFactory, mqtt_transport
-from edgeslice.planner import replan, retained
+from edgeslice.planner import planning, replan, retained
 from edgeslice.planner.artifact_server import ArtifactServer
 from edgeslice.planner.config import PlannerConfig
-from edgeslice.planner.costmodel import CostParams, fit_correction
-from edgeslice.planner.margin import decision_margin
-from edgeslice.planner.partition import STRATEGIES, Objective, plan_partition
 from edgeslice.planner.registry import Registry
 from edgeslice.planner.replan import JOIN, LEAVE
 from edgeslice.planner.retained import describe_plan
 from edgeslice.planner.startup import examine_retained, load_and_price
 
-__all__ = ["PlannerService", "describe_plan"]
+__all__ = ["PlannerService"]
 
 log = logging.getLogger(__name__)
 
@@ -281,32 +277,13 @@ class PlannerService:
             and rep.state == "ready"
         )
 
-    # -- planning ------------------------------------------------------------------
+    # -- planning (planner/planning.py decides; this publishes) -----------------
     async def _planning_loop(self) -> None:
-        while True:
-            self._wake.clear()
-            wait = self.schedule.wait_s(time.monotonic())
-            if wait is None:
-                await self._wake.wait()
-                continue
-            if wait > 0:  # a join's quiet period: a new change may shorten or extend it
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
-                continue
-            self.schedule.take(time.monotonic())
-            try:
-                await self._make_plan()
-            except PlanningError as exc:
-                log.error("planning model=%s failed: %s", self.model_name, exc)
-                await self._withdraw(f"no plan fits the usable agents: {exc}")
-            except Exception:
-                log.exception(
-                    "planning model=%s crashed; will retry on the next change", self.model_name
-                )
+        await planning.planning_loop(
+            self.schedule, self._wake, self._make_plan, self._withdraw, self.model_name
+        )
 
     async def _make_plan(self) -> None:
-        from edgeslice.planner.stages import build_stages
-
         started = time.perf_counter()
         now = time.time()
         sessions = {a: v.session for a, v in self.registry.agents.items()}
@@ -332,57 +309,24 @@ class PlannerService:
             await self._withdraw(why)
             return
         self._empty_since = None
-        cost = self.cost
         current = self.plan_message
         previous = current.stages if current is not None else []
-        samples = self.registry.timing_samples(cost, previous, now)
-        params = CostParams(correction=fit_correction(samples))
-        if self.config.strategy == "edgeslice":
-            objective = cast(Objective, self.config.objective)
-            plan = plan_partition(  # keep the served plan unless beaten beyond the model's error
-                cost,
-                devices,
-                objective,
-                params,
-                max_stages=self.config.max_stages,
-                margin=decision_margin(samples, params.correction),
-                baseline=[(s.start_segment, s.end_segment, s.agents) for s in previous],
-            )
-        else:  # a baseline, priced by the same cost model so predictions stay comparable
-            plan = STRATEGIES[self.config.strategy](cost, devices, params)
-        boundaries = [s.start for s in plan.stages] + [len(cost.segments)]
-        artifacts = await asyncio.to_thread(
-            build_stages,
-            self.loaded.module,
-            self.loaded.example_inputs,
-            self.profile,
-            boundaries,
-            self.key,
+        samples = self.registry.timing_samples(self.cost, previous, now)
+        proposal = await planning.propose(
+            self.config, self.cost, self.loaded, self.profile, self.key, devices, samples, previous
         )
-        for art in artifacts:
+        for art in proposal.artifacts:
             self.artifacts.add(art.sha256, art.data)
-        stages = retained.plan_stages(plan, artifacts, cost, devices, params)
-        if current is not None and replan.layout(current) == replan.layout(None, stages):
+        if current is not None and replan.layout(current) == replan.layout(None, proposal.stages):
             log.info("plan model=%s v%d unchanged: still served", self.model_name, self.version)
             return
         self.version += 1
-        self.plan_message = PlanMessage(
-            model=self.model_name,
-            plan_id=self.plan_id,
-            plan_version=self.version,
-            objective=plan.objective,
-            strategy=plan.strategy,
-            stages=stages,
-            input_specs=[s.to_wire() for s in artifacts[0].input_specs],
-            predicted_latency_s=plan.latency_s,
-            predicted_period_s=plan.period_s,
-            compression=self.config.compression or "",
-            ready=False,
-            ts=time.time(),
+        self.plan_message = planning.plan_message(
+            self.model_name, self.plan_id, self.version, proposal, self.config
         )
         self.served = True
         # set before publishing: reports for this version may arrive while we publish
-        wanted = retained.desired_assignments(plan, artifacts)
+        wanted = retained.desired_assignments(proposal.plan, proposal.artifacts)
         self.assigned = {a: [s.stage for s in st] for a, st in wanted.items()}
         await self.retained.publish_assignments(
             self.plan_id, self.version, self.model_name, wanted, self.registry.usable_ids()

@@ -29,7 +29,8 @@ from edgeslice.planner.config import PlannerConfig
 from edgeslice.planner.costmodel import ModelCost, Segment
 from edgeslice.planner.registry import Registry
 from edgeslice.planner.replan import BackoffConfig
-from edgeslice.planner.service import PlannerService, describe_plan
+from edgeslice.planner.retained import describe_plan
+from edgeslice.planner.service import PlannerService
 
 T = Topics("unit")
 

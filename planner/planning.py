@@ -1,0 +1,133 @@
+"""Deciding one plan: the planning loop's timing, and partition + cut + price for the fleet.
+
+The planner service (planner/service.py) owns the state and publishes; this module holds
+the steps in between. :func:`planning_loop` waits as planner/replan.py's schedule says (a
+leave plans at once, a join after a quiet period that a new change may shorten or
+extend) and calls the service back. :func:`propose` turns the usable devices into a
+:class:`Proposal`: the partitioner picks stages and agents -- for ``edgeslice``, keeping
+the served layout unless another beats it by more than the cost model's measured error
+(planner/margin.py) -- and :func:`planner.stages.build_stages` cuts and signs the
+artifacts off the event loop. :func:`plan_message` is the ``plans/{model}`` message of a
+proposal (pure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from edgeslice.broker.protocol.errors import PlanningError
+from edgeslice.broker.protocol.messages import PlanMessage, PlanStage
+from edgeslice.planner import retained
+from edgeslice.planner.config import PlannerConfig
+from edgeslice.planner.costmodel import CostParams, Device, ModelCost, fit_correction
+from edgeslice.planner.margin import decision_margin
+from edgeslice.planner.partition import STRATEGIES, Objective, Plan, plan_partition
+from edgeslice.planner.replan import ReplanSchedule
+
+log = logging.getLogger(__name__)
+
+
+async def planning_loop(
+    schedule: ReplanSchedule,
+    wake: asyncio.Event,
+    make_plan: Callable[[], Awaitable[None]],
+    withdraw: Callable[[str], Awaitable[None]],
+    model: str,
+) -> None:
+    """Plan whenever ``schedule`` says so (``wake`` is set on every change); forever.
+
+    A :class:`PlanningError` withdraws the plan saying why; any other failure is logged
+    and planning goes on at the next change.
+    """
+    while True:
+        wake.clear()
+        wait = schedule.wait_s(time.monotonic())
+        if wait is None:
+            await wake.wait()
+            continue
+        if wait > 0:  # a join's quiet period: a new change may shorten or extend it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), wait)
+            continue
+        schedule.take(time.monotonic())
+        try:
+            await make_plan()
+        except PlanningError as exc:
+            log.error("planning model=%s failed: %s", model, exc)
+            await withdraw(f"no plan fits the usable agents: {exc}")
+        except Exception:
+            log.exception("planning model=%s crashed; will retry on the next change", model)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A partition of the model over the devices, with its built artifacts and wire stages."""
+
+    plan: Plan
+    artifacts: list[Any]  # planner.stages.StageArtifact, in stage order
+    stages: list[PlanStage]
+
+
+async def propose(
+    config: PlannerConfig,
+    cost: ModelCost,
+    loaded: Any,
+    profile: Any,
+    key: Any,
+    devices: Sequence[Device],
+    samples: Sequence[tuple[str, float, float, int]],
+    previous: Sequence[PlanStage],
+) -> Proposal:
+    """The plan ``config``'s strategy makes for ``devices`` (raises PlanningError if none).
+
+    ``samples`` are the measured stage timings (Registry.timing_samples) that correct the
+    cost model; ``previous`` the stages served now, kept unless beaten beyond its error.
+    """
+    from edgeslice.planner.stages import build_stages
+
+    params = CostParams(correction=fit_correction(samples))
+    if config.strategy == "edgeslice":
+        plan = plan_partition(  # keep the served plan unless beaten beyond the model's error
+            cost,
+            devices,
+            cast(Objective, config.objective),
+            params,
+            max_stages=config.max_stages,
+            margin=decision_margin(samples, params.correction),
+            baseline=[(s.start_segment, s.end_segment, s.agents) for s in previous],
+        )
+    else:  # a baseline, priced by the same cost model so predictions stay comparable
+        plan = STRATEGIES[config.strategy](cost, devices, params)
+    boundaries = [s.start for s in plan.stages] + [len(cost.segments)]
+    artifacts = await asyncio.to_thread(
+        build_stages, loaded.module, loaded.example_inputs, profile, boundaries, key
+    )
+    stages = retained.plan_stages(plan, artifacts, cost, devices, params)
+    return Proposal(plan, list(artifacts), stages)
+
+
+def plan_message(
+    model: str, plan_id: str, version: int, proposal: Proposal, config: PlannerConfig
+) -> PlanMessage:
+    """The ``plans/{model}`` message of a new plan version, not ready yet (pure)."""
+    plan = proposal.plan
+    return PlanMessage(
+        model=model,
+        plan_id=plan_id,
+        plan_version=version,
+        objective=plan.objective,
+        strategy=plan.strategy,
+        stages=proposal.stages,
+        input_specs=[s.to_wire() for s in proposal.artifacts[0].input_specs],
+        predicted_latency_s=plan.latency_s,
+        predicted_period_s=plan.period_s,
+        compression=config.compression or "",
+        ready=False,
+        ts=time.time(),
+    )
