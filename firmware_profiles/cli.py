@@ -180,3 +180,52 @@ def validate_cmd(files: tuple[str, ...]) -> None:
             [f"{len(errors)} of {len(files)} profile files are invalid:"] if len(files) > 1 else []
         )
         raise click.ClickException("\n".join([*summary, *errors]))
+
+
+@profiles_group.command("detect")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, exists=True),
+    default="/",
+    show_default=True,
+    help="Read proc/device-tree/model, proc/cpuinfo and proc/meminfo under this directory "
+    "(another board's files copied here, to check what it would get).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def detect_cmd(root: str, as_json: bool) -> None:
+    """Print the profile `edgeslice agent --profile auto` would choose here, and why.
+
+    Raspberry Pi and Jetson boards are recognised by their device-tree model and
+    sized by their RAM; an x86-64 machine is the x86-laptop class. A board with no
+    exact profile gets the nearest one (architecture, cores, RAM) and a warning.
+    """
+    from edgeslice.firmware_profiles.detect import detect
+
+    try:
+        found = detect(root)
+    except ProfileError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        facts = found.facts
+        click.echo(
+            json.dumps(
+                {
+                    "profile": found.profile,
+                    "exact": found.exact,
+                    "reason": found.reason,
+                    "detected": {
+                        "model": facts.model,
+                        "arch": facts.arch,
+                        "cores": facts.cores,
+                        "ram_mb": facts.ram_mb,
+                        "cpu": facts.cpu,
+                    },
+                }
+            )
+        )
+        return
+    click.echo(f"detected  {found.facts.describe()}")
+    click.echo(f"profile   {found.profile}")
+    click.echo(f"why       {found.reason}" + ("" if found.exact else " (no exact match)"))
+    if found.warning:
+        click.echo(f"WARNING: {found.warning}", err=True)
