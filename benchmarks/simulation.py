@@ -23,7 +23,8 @@ from typing import Any
 from edgeslice.benchmarks.common import results_dir, write_result
 from edgeslice.client.scoring import Weights
 from edgeslice.firmware_profiles import FirmwareProfile, list_profiles
-from edgeslice.lab.simulate import Workload, simulate
+from edgeslice.lab.simfleet import Workload
+from edgeslice.lab.simulate import simulate
 from edgeslice.planner.costmodel import (
     DEFAULT_PARAMS,
     CostParams,

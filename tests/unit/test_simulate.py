@@ -8,7 +8,8 @@ import pytest
 
 from edgeslice.broker.protocol.errors import ConfigError, PlanningError
 from edgeslice.client.scoring import Candidate, pick_replica
-from edgeslice.lab.simulate import Workload, simulate
+from edgeslice.lab.simfleet import Workload
+from edgeslice.lab.simulate import simulate
 from edgeslice.planner.costmodel import (
     DEFAULT_PARAMS,
     CostParams,
