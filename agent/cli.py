@@ -64,10 +64,10 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
 @click.option(
     "--profile",
     envvar="EDGESLICE_PROFILE",
-    default="x86-laptop",
+    default="auto",
     show_default=True,
-    help="Firmware profile name (see `edgeslice profiles list`) or a TOML file. "
-    "[env EDGESLICE_PROFILE]",
+    help="Firmware profile name (see `edgeslice profiles list`), a TOML file, or 'auto': "
+    "detect the board (`edgeslice profiles detect` shows the choice). [env EDGESLICE_PROFILE]",
 )
 @click.option(
     "--telemetry-interval",
@@ -113,6 +113,24 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     default=64,
     show_default=True,
     help="Requests waiting for compute before new ones are refused.",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    envvar="EDGESLICE_MAX_BATCH",
+    default=8,
+    show_default=True,
+    help="Most requests of one stage run together as one batch (1 = batching off). "
+    "[env EDGESLICE_MAX_BATCH]",
+)
+@click.option(
+    "--max-batch-wait-ms",
+    type=click.FloatRange(min=0),
+    envvar="EDGESLICE_MAX_BATCH_WAIT_MS",
+    default=2.0,
+    show_default=True,
+    help="Longest a request waits for others to batch with (0 = batch only what is already "
+    "queued; never past a request's deadline). [env EDGESLICE_MAX_BATCH_WAIT_MS]",
 )
 @click.option(
     "--drain-timeout",
@@ -171,6 +189,8 @@ def agent_cmd(
     threads: int | None,
     memory_mb: int | None,
     max_queue: int,
+    max_batch: int,
+    max_batch_wait_ms: float,
     drain_timeout: float,
     calibrate_seconds: float,
     emulate: bool,
@@ -190,8 +210,12 @@ def agent_cmd(
     from edgeslice.agent.config import AgentConfig, default_agent_id
     from edgeslice.agent.service import AgentService
     from edgeslice.firmware_profiles import load_profile
+    from edgeslice.firmware_profiles.detect import resolve_profile
 
     try:
+        profile, warning = resolve_profile(profile)  # "auto" -> the detected board's
+        if warning:
+            click.echo(f"WARNING: {warning}", err=True)
         config = AgentConfig(
             agent_id=agent_id or default_agent_id(),
             profile=profile,
@@ -202,6 +226,8 @@ def agent_cmd(
             threads=threads,
             memory_budget_mb=memory_mb,
             max_queue=max_queue,
+            max_batch=max_batch,
+            max_batch_wait_ms=max_batch_wait_ms,
             calibrate_seconds=calibrate_seconds,
             drain_timeout_s=drain_timeout,
             emulate_mode=emulate_mode,

@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "List and show firmware profiles (device classes).",
     ),
     "agent": ("edgeslice.agent.cli:agent_cmd", "Run an agent on this device."),
+    "agent-service": (
+        "edgeslice.agent.systemd_cli:agent_service_group",
+        "Install the agent as a systemd service (unit + env file).",
+    ),
     "planner": ("edgeslice.planner.cli:planner_cmd", "Run the planner service for a model."),
     "infer": ("edgeslice.client.cli:infer_cmd", "Send an inference request to a running fleet."),
     "profile": (
