@@ -1,10 +1,11 @@
 """Owns ``edgeslice broker``: run a development broker in the foreground, or write a prod config.
 
-``edgeslice broker`` starts :class:`broker.server.LocalBroker` (mosquitto if
-installed, else amqtt), prints its URL and waits; Ctrl-C or SIGTERM stops the
-broker and exits 0. A port that is already taken is a runtime failure (exit 1)
-with a hint, not a traceback. ``edgeslice broker config --out DIR`` writes the
-files of :mod:`broker.mosquitto_conf` for a TLS + password + ACL mosquitto into a new or
+``edgeslice broker`` starts :class:`lab.server.LocalBroker` (mosquitto if installed,
+else amqtt; ``--kind rabbitmq`` or ``--kind nats`` for those, each with its own data
+dirs in a temp dir, never the machine's services), prints its URL and waits; Ctrl-C or
+SIGTERM stops the broker and exits 0. A port that is already taken is a runtime failure
+(exit 1) with a hint, not a traceback. ``edgeslice broker config --out DIR`` writes the
+files of :mod:`lab.mosquitto_conf` for a TLS + password + ACL mosquitto into a new or
 empty folder (``--force`` to write over what is there).
 """
 
@@ -20,7 +21,7 @@ import click
 from edgeslice.broker.protocol.errors import BrokerError, ConfigError
 from edgeslice.broker.settings import DEFAULT_NAMESPACE
 from edgeslice.lab.mosquitto_conf import MosquittoSetup, render_all, split_names
-from edgeslice.lab.server import BrokerKind, LocalBroker, port_in_use
+from edgeslice.lab.server import KINDS, BrokerKind, LocalBroker, port_in_use
 
 
 class _Terminated(Exception):
@@ -55,10 +56,12 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 @click.option(
     "--kind",
     envvar="EDGESLICE_BROKER_KIND",
-    type=click.Choice(["auto", "mosquitto", "amqtt"]),
+    type=click.Choice(["auto", *KINDS]),
     default="auto",
     show_default=True,
-    help="Which broker: auto = mosquitto if installed, else amqtt. [env EDGESLICE_BROKER_KIND]",
+    help="Which broker: auto = mosquitto if installed, else amqtt; rabbitmq (a node of its "
+    "own with the MQTT plugin) or nats (JetStream + MQTT) to try the clustered ones. "
+    "[env EDGESLICE_BROKER_KIND]",
 )
 @click.option(
     "--log-file",

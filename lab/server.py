@@ -1,10 +1,12 @@
-"""Owns the local development broker: a mosquitto or amqtt subprocess on a free loopback port.
+"""Owns the local development broker: mosquitto, amqtt, RabbitMQ or NATS on a free loopback port.
 
 Development, tests, the demo and the benchmarks need a broker that starts in
 a second and leaves nothing behind. :class:`LocalBroker` runs mosquitto when
 its binary is installed, else amqtt (the ``broker`` extra, run by this
-module's ``__main__``), returns once a real MQTT CONNECT gets a CONNACK, and
-stops it through :class:`lab.supervisor.Supervised` (own process group, SIGTERM, then
+module's ``__main__``); ``kind="rabbitmq"`` or ``"nats"`` runs those servers from the
+recipes in :mod:`lab.brokers` (own node, ports and data dirs; :class:`NatsCluster`
+runs several NATS servers routed together). It returns once a real MQTT CONNECT gets
+a CONNACK, and stops it through :class:`lab.supervisor.Supervised` (own process group, SIGTERM, then
 SIGKILL, atexit, and the parent-death signal on Linux; see that module). Here:
 
 * The amqtt runner also polls its parent pid (``--parent-pid``), which covers a broker
@@ -31,11 +33,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgeslice.broker.protocol.errors import BrokerError, EdgesliceError
+from edgeslice.lab import brokers
 from edgeslice.lab.supervisor import LOG_TAIL_BYTES, Supervised
 
 logger = logging.getLogger(__name__)
 
-BrokerKind = Literal["auto", "mosquitto", "amqtt"]
+BrokerKind = Literal["auto", "mosquitto", "amqtt", "rabbitmq", "nats"]
+KINDS = ("mosquitto", "amqtt", "rabbitmq", "nats")
 _MOSQUITTO_FALLBACK = "/usr/sbin/mosquitto"
 _TMP_PREFIX = "edgeslice-broker-"
 
@@ -75,8 +79,19 @@ def amqtt_available() -> bool:
     return importlib.util.find_spec("amqtt") is not None
 
 
-def resolve_kind(kind: BrokerKind) -> Literal["mosquitto", "amqtt"]:
+def resolve_kind(kind: BrokerKind) -> str:
     """Turn ``auto`` into the broker that is installed; raise if the requested one is not."""
+    if kind == "rabbitmq":
+        if not brokers.rabbitmq_mqtt_available():
+            raise BrokerError(
+                "RabbitMQ with its MQTT plugin is not installed (apt install rabbitmq-server; "
+                "the plugin ships with it)"
+            )
+        return kind
+    if kind == "nats":
+        if brokers.find_nats() is None:
+            raise BrokerError("nats-server is not installed (apt install nats-server)")
+        return kind
     if kind in ("auto", "mosquitto") and find_mosquitto():
         return "mosquitto"
     if kind == "mosquitto":
@@ -158,15 +173,18 @@ class LocalBroker:
         port: int = 0,
         kind: BrokerKind = "auto",
         log_path: str | None = None,
+        routes: brokers.Routes | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.requested_kind: BrokerKind = kind
         self.kind: str = kind
         self.log_path = log_path
+        self.routes = routes  # NATS only: this server's place in a cluster
         self._auto_port = port == 0
         self._child: Supervised | None = None
         self._tmpdir: str | None = None
+        self._launch = brokers.Launch([])
 
     @property
     def url(self) -> str:
@@ -180,12 +198,17 @@ class LocalBroker:
     def is_running(self) -> bool:
         return self._child is not None and self._child.is_running()
 
-    def start(self, timeout: float = 10.0) -> LocalBroker:
-        """Start the broker and return once it answers an MQTT CONNECT; BrokerError if not."""
+    def start(self, timeout: float | None = None, wait: bool = True) -> LocalBroker:
+        """Start the broker and return once it answers an MQTT CONNECT; BrokerError if not.
+
+        ``timeout`` defaults to the kind's own (10 s; NATS 60 s; RabbitMQ 120 s: Erlang
+        boots slowly on a busy box). ``wait=False`` only spawns it (see :meth:`wait_ready`):
+        the servers of a NATS cluster must all be up before any of them is ready.
+        """
         if self.is_running():
             return self
         self.kind = resolve_kind(self.requested_kind)
-        attempts = 3 if self._auto_port else 1
+        attempts = 3 if self._auto_port and wait else 1
         for attempt in range(attempts):
             if self._auto_port:
                 self.port = free_port(self.host)
@@ -196,7 +219,9 @@ class LocalBroker:
                 )
             child = self._child = self._prepare()
             try:
-                child.start(lambda: mqtt_probe(self.host, self.port, timeout=1.0), timeout)
+                child.spawn()
+                if wait:
+                    self._ready(child, timeout)
                 break
             except EdgesliceError as exc:
                 self.stop()
@@ -205,18 +230,34 @@ class LocalBroker:
                     logger.info("port %d was taken meanwhile; retrying on another", self.port)
                     continue
                 raise BrokerError(f"{self.kind} on {self.url}: {exc}") from None
-        logger.info("broker=%s url=%s pid=%s started", self.kind, self.url, self.pid)
         return self
+
+    def wait_ready(self, timeout: float | None = None) -> LocalBroker:
+        """After ``start(wait=False)``: return once the broker answers; BrokerError if not."""
+        if self._child is None:
+            raise BrokerError(f"{self.kind} on {self.url} was not started")
+        try:
+            self._ready(self._child, timeout)
+        except EdgesliceError as exc:
+            self.stop()
+            raise BrokerError(f"{self.kind} on {self.url}: {exc}") from None
+        return self
+
+    def _ready(self, child: Supervised, timeout: float | None) -> None:
+        limit = timeout if timeout is not None else self._launch.ready_timeout
+        child.wait_ready(lambda: mqtt_probe(self.host, self.port, timeout=1.0), limit)
+        logger.info("broker=%s url=%s pid=%s started", self.kind, self.url, self.pid)
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the broker process to exit; its return code, or None on timeout."""
         return self._child.wait(timeout) if self._child is not None else None
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM the broker's process group, SIGKILL after ``timeout``; safe to call twice."""
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM the broker's process group, SIGKILL after ``timeout`` (the kind's own
+        grace: 5 s, RabbitMQ 20 s); safe to call twice."""
         child, self._child = self._child, None
         if child is not None:
-            child.stop(grace=timeout)
+            child.stop(grace=timeout if timeout is not None else self._launch.stop_grace)
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
@@ -240,11 +281,67 @@ class LocalBroker:
         if self.kind == "mosquitto":
             conf = os.path.join(self._tmpdir, "mosquitto.conf")
             Path(conf).write_text(mosquitto_dev_config(self.host, self.port), encoding="utf-8")
-            cmd = [str(find_mosquitto()), "-c", conf]
+            self._launch = brokers.Launch([str(find_mosquitto()), "-c", conf])
+        elif self.kind == "rabbitmq":
+            dist = free_port("127.0.0.1")
+            self._launch = brokers.rabbitmq_launch(self._tmpdir, self.host, self.port, dist)
+        elif self.kind == "nats":
+            client = free_port(self.host)
+            self._launch = brokers.nats_launch(
+                self._tmpdir, self.host, self.port, client, self.routes
+            )
         else:
             cmd = [sys.executable, "-m", "edgeslice.lab.server", "--amqtt", "--host", self.host]
             cmd += ["--port", str(self.port), "--parent-pid", str(os.getpid())]
-        return Supervised(f"broker-{self.kind}", cmd, log, cwd=self._tmpdir)
+            self._launch = brokers.Launch(cmd)
+        launch = self._launch
+        return Supervised(f"broker-{self.kind}", launch.cmd, log, env=launch.env, cwd=self._tmpdir)
+
+
+class NatsCluster:
+    """``size`` NATS servers (JetStream + MQTT) routed together on loopback, one temp dir each.
+
+    Every server lists every other as a route; JetStream's meta group needs a quorum
+    (2 of 2, 2 of 3), so all servers are spawned before any is waited for. The MQTT
+    streams get ``min(3, size)`` replicas: with 2 servers both must stay up.
+    """
+
+    def __init__(self, size: int = 2, host: str = "127.0.0.1") -> None:
+        route_ports = [free_port(host) for _ in range(size)]
+        self.servers = [
+            LocalBroker(
+                host,
+                free_port(host),
+                "nats",
+                routes=brokers.Routes(port, tuple(p for p in route_ports if p != port)),
+            )
+            for port in route_ports
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def start(self, timeout: float | None = None) -> NatsCluster:
+        try:
+            for server in self.servers:
+                server.start(wait=False)
+            for server in self.servers:
+                server.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> NatsCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def _sweep_stale_dirs() -> None:
