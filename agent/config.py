@@ -42,6 +42,10 @@ class AgentConfig:
     calibrate_seconds: float = 0.5
     memory_budget_mb: int | None = None  # overrides the profile's budget
     max_queue: int = 64  # requests waiting for compute before new ones are refused
+    # dynamic batching (agent/batching.py): requests of one stage run together, at most
+    # max_batch, waiting at most max_batch_wait_ms for more (0: only what is queued)
+    max_batch: int = 8
+    max_batch_wait_ms: float = 2.0
     emulate: bool = False
     emulate_mode: str = "paced"  # with emulate: "paced" (agent/pacing.py) or "quota"
     link_test_bytes: int = 256 * 1024
@@ -62,6 +66,10 @@ class AgentConfig:
             raise ConfigError("--memory-mb must be > 0")
         if self.max_queue < 1:
             raise ConfigError("--max-queue must be >= 1")
+        if self.max_batch < 1:
+            raise ConfigError("--max-batch must be >= 1 (1 turns batching off)")
+        if self.max_batch_wait_ms < 0:
+            raise ConfigError("--max-batch-wait-ms must be >= 0")
         if self.emulate_mode not in ("paced", "quota"):
             raise ConfigError(f"--emulate-mode must be paced or quota, got {self.emulate_mode!r}")
         if self.drain_timeout_s < 0:

@@ -81,6 +81,7 @@ class StageInfo:
     outputs: tuple[TensorSpec, ...]
     param_bytes: int
     torch_version: str
+    batchable: bool = False  # exported with a dynamic dim 0: requests may run together
 
     @classmethod
     def from_meta(cls, sha256: str, meta: dict[str, Any]) -> StageInfo:
@@ -100,6 +101,7 @@ class StageInfo:
                 outputs=tuple(TensorSpec.from_wire(s) for s in meta["outputs"]),
                 param_bytes=int(meta.get("param_bytes", 0)),
                 torch_version=str(meta.get("torch", "")),
+                batchable=meta.get("batchable") is True,
             )
         except (KeyError, TypeError, ValueError, DecodeError) as exc:
             raise ArtifactError(f"artifact {sha256[:12]} has malformed meta: {exc}") from exc
@@ -138,6 +140,34 @@ class LoadedStage:
         pacer = pacing.current()  # emulating a slower device: hold until it would be done
         with torch.inference_mode():
             result = self._program(*inputs) if pacer is None else pacer.run(self._program, *inputs)
+        return self._check_outputs(result)
+
+    def run_batch(self, requests: Sequence[Sequence[Tensor]]) -> list[list[Tensor]]:
+        """Run several requests' inputs as one batch (concatenated on dim 0) and split the
+        outputs back, one list per request, in order. A stage that is not ``batchable``
+        (or a single request) runs them one by one. Each request's inputs are checked
+        first, so one bad request fails the whole call: callers check them beforehand."""
+        if len(requests) == 1 or not self.info.batchable:
+            return [self.run(inputs) for inputs in requests]
+        for inputs in requests:
+            self.check_inputs(inputs)
+        stacked = [torch.cat(parts) for parts in zip(*requests, strict=True)]
+        pacer = pacing.current()
+        with torch.inference_mode():
+            result = (
+                self._program(*stacked) if pacer is None else pacer.run(self._program, *stacked)
+            )
+        outputs = self._check_outputs(result)
+        rows = [spec.shape[0] for spec in self.info.outputs]
+        split = [out.split(n) for out, n in zip(outputs, rows, strict=True)]
+        if any(len(parts) != len(requests) for parts in split):
+            raise InferenceError(
+                f"stage {self.info.index} of model {self.info.model!r} returned a batch that "
+                f"does not split into {len(requests)} requests"
+            )
+        return [[parts[i] for parts in split] for i in range(len(requests))]
+
+    def _check_outputs(self, result: Any) -> list[Tensor]:
         outputs = list(result) if isinstance(result, tuple | list) else [result]
         if len(outputs) != len(self.info.outputs):
             raise InferenceError(

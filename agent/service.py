@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from edgeslice.agent.assignments import Assignments
+from edgeslice.agent.batching import BatchPolicy, measure_batch_speedup
 from edgeslice.agent.config import AgentConfig
 from edgeslice.agent.dataplane import DataPlane
 from edgeslice.agent.drain import PlanWatch, wait_idle
@@ -45,6 +46,7 @@ from edgeslice.broker.protocol.messages import (
     DRAINING,
     OFFLINE,
     ONLINE,
+    BatchSpeedup,
     Command,
     CommandResult,
     Info,
@@ -92,6 +94,7 @@ class AgentService:
         self.session = int(time.time() * 1000)
         self.limits = limits or {}
         self.gflops = 0.0
+        self.batch_speedup: list[BatchSpeedup] = []  # measured with the calibration
         self.link_rtt_s = 0.0
         self.link_bandwidth_bps = 0.0
         self.malformed = 0
@@ -108,7 +111,12 @@ class AgentService:
         self.link = LinkTest(self.client, self.topics.probe(config.agent_id))
         self.plans = PlanWatch(self.client, self.topics)
         self.dataplane = DataPlane(
-            config.agent_id, self.client, self.topics, self.runtime, max_queue=config.max_queue
+            config.agent_id,
+            self.client,
+            self.topics,
+            self.runtime,
+            max_queue=config.max_queue,
+            batching=BatchPolicy(config.max_batch, config.max_batch_wait_ms / 1e3),
         )
         self.fetcher = ArtifactFetcher(
             config.agent_id, self.client, self.topics, ArtifactCache(config.artifact_dir)
@@ -251,6 +259,9 @@ class AgentService:
             seconds if seconds is not None else self.config.calibrate_seconds,
             self.config.threads,
         )
+        self.batch_speedup = await loop.run_in_executor(
+            self.dataplane.executor, measure_batch_speedup, self.config.max_batch, 0.3
+        )
         try:
             self.link_rtt_s, self.link_bandwidth_bps = await self.link.run(
                 self.config.link_test_bytes
@@ -295,6 +306,8 @@ class AgentService:
             threads=torch.get_num_threads(),
             session=self.session,
             ts=time.time(),
+            max_batch=self.config.max_batch,
+            batch_speedup=self.batch_speedup,
         )
         await self.client.publish(
             self.topics.info(self.agent_id), codec.encode(info), qos=1, retain=True

@@ -27,7 +27,7 @@ import itertools
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ from edgeslice.broker.protocol.artifacts import (
     seal,
 )
 from edgeslice.broker.protocol.errors import ArtifactError, PlanningError
+from edgeslice.planner.batchdim import Template, batch_literals, export_batched, instantiate
 from edgeslice.planner.profile import (
     ModelProfile,
     TracedGraph,
@@ -70,6 +71,7 @@ class StageArtifact:
     input_specs: tuple[TensorSpec, ...]
     output_specs: tuple[TensorSpec, ...]
     param_bytes: int
+    batchable: bool = False  # exported with a dynamic dim 0 (planner/batchdim.py)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class _Exported:
     outputs: tuple[TensorSpec, ...]
     param_bytes: int
     seconds: float
+    batchable: bool = False
 
 
 def _spec(name: str, value: Tensor) -> TensorSpec:
@@ -108,14 +111,29 @@ def _install(root: nn.Module, source: fx.GraphModule, target: str) -> None:
 
 
 def stage_module(
-    graph: TracedGraph, first: int, last: int, inputs: Sequence[fx.Node], outputs: Sequence[fx.Node]
+    graph: TracedGraph,
+    first: int,
+    last: int,
+    inputs: Sequence[fx.Node],
+    outputs: Sequence[fx.Node],
+    batch_literals: Mapping[fx.Node, Template] | None = None,
 ) -> fx.GraphModule:
-    """The sub-graph of nodes ``first..last`` as a module: flat inputs in, flat tuple out."""
+    """The sub-graph of nodes ``first..last`` as a module: flat inputs in, flat tuple out.
+
+    With ``batch_literals`` (planner/batchdim.py) the batch size in node arguments becomes
+    an expression of the first input's dim 0, so the module runs at any batch size.
+    """
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     root = nn.Module()
     for i, node in enumerate(inputs):
         env[node] = g.placeholder(f"in{i}_{node.name}")
+    batch_node: list[fx.Node] = []
+
+    def batch() -> fx.Node:
+        if not batch_node:
+            batch_node.append(g.call_function(torch.ops.aten.sym_size.int, (env[inputs[0]], 0)))
+        return batch_node[0]
 
     def remap(node: fx.Node) -> fx.Node:
         if node not in env:
@@ -126,7 +144,13 @@ def stage_module(
         return env[node]
 
     for node in graph.order[first : last + 1]:
-        env[node] = g.node_copy(node, remap)
+        template = (batch_literals or {}).get(node)
+        if template is None:
+            env[node] = g.node_copy(node, remap)
+            continue
+        args, kwargs = instantiate(template, remap, batch, g)  # expressions before their user
+        env[node] = copied = g.node_copy(node, remap)
+        copied.args, copied.kwargs = args, kwargs
     g.output(tuple(remap(v) for v in outputs))
     gm = fx.GraphModule(root, g)
     return gm
@@ -150,11 +174,21 @@ def _export(
     output_names: Sequence[str],
     compression: str | None,
     label: str,
+    batched: fx.GraphModule | None = None,
 ) -> _Exported:
-    """Export, save and self-check one stage module."""
+    """Export, save and self-check one stage module; with ``batched`` (the same stage with
+    the batch size as an expression) try a dynamic batch first, fixed shapes if it fails."""
     start = time.perf_counter()
+    ep = None
+    if batched is not None:
+        try:
+            ep = export_batched(batched, inputs, expected)
+        except Exception as exc:  # not batchable: fixed shapes, one request at a time
+            log.info("%s: no dynamic batch (%s: %s)", label, type(exc).__name__, str(exc)[:300])
+    batchable = ep is not None
     with torch.no_grad():
-        ep = torch.export.export(gm, tuple(inputs))
+        if ep is None:
+            ep = torch.export.export(gm, tuple(inputs))
         got = ep.module()(*inputs)
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         if g.shape != e.shape or not torch.allclose(g, e, rtol=_RTOL, atol=_ATOL):
@@ -187,6 +221,7 @@ def _export(
         outputs=tuple(_spec(n, t) for n, t in zip(output_names, expected, strict=True)),
         param_bytes=sum(params.values()),
         seconds=time.perf_counter() - start,
+        batchable=batchable,
     )
 
 
@@ -213,6 +248,7 @@ def build_stages(
     boundaries: Sequence[int],
     key: PrivateKey,
     compression: str | None = None,
+    batch: bool = True,
 ) -> list[StageArtifact]:
     """Build, check, save and sign one artifact per stage between consecutive ``boundaries``.
 
@@ -221,7 +257,8 @@ def build_stages(
     ``boundaries`` are segment indices, e.g. ``[0, 5, 12, n]`` gives three stages;
     ``compression`` is ``None`` or ``"zlib"`` (applied to the saved archive, recorded
     in the signed meta). ``module`` is run once eagerly to check that the traced graph
-    still matches it.
+    still matches it. With ``batch`` (default) each stage is exported with a dynamic
+    batch dimension where it can be (planner/batchdim.py; meta ``batchable``).
     """
     if compression not in COMPRESSIONS:
         raise PlanningError(
@@ -246,14 +283,20 @@ def build_stages(
                 "from the module's own output; was the module changed?"
             )
     cache: dict[Any, _Exported] = graph.cache
+    literals, why_not = batch_literals(module, inputs, graph) if batch else (None, "off")
+    if literals is None and batch:
+        log.info("model %s: stages run one request at a time: %s", profile.name, why_not)
     artifacts = []
     for index, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         first, last = profile.segments[lo].first, profile.segments[hi - 1].last
         ins, outs = crossings[index], crossings[index + 1]
-        cache_key = (first, last, compression)
+        cache_key = (first, last, compression, literals is not None)
         exported = cache.get(cache_key)
         if exported is None:
             gm = stage_module(graph, first, last, ins, outs)
+            generic = (
+                None if literals is None else stage_module(graph, first, last, ins, outs, literals)
+            )
             exported = _export(
                 gm,
                 [values[v] for v in ins],
@@ -262,6 +305,7 @@ def build_stages(
                 [v.name for v in outs],
                 compression,
                 f"model {profile.name!r} stage {index}",
+                generic,
             )
             cache[cache_key] = exported
             log.info(
@@ -285,6 +329,7 @@ def build_stages(
             "outputs": [s.to_wire() for s in exported.outputs],
             "param_bytes": exported.param_bytes,
             "compression": compression or "none",
+            "batchable": exported.batchable,
             "body_sha256": hashlib.sha256(exported.body).hexdigest(),
         }
         data = seal(exported.body, meta, key)
@@ -299,6 +344,7 @@ def build_stages(
                 input_specs=exported.inputs,
                 output_specs=exported.outputs,
                 param_bytes=exported.param_bytes,
+                batchable=exported.batchable,
             )
         )
     return artifacts

@@ -48,6 +48,13 @@ class Status(Message):
     reason: str = ""  # why offline: "shutdown", "lost" (last will); why draining: "draining"
 
 
+class BatchSpeedup(NamedTuple):
+    """Measured throughput gain of running ``batch`` requests at once; wire ``[batch, x]``."""
+
+    batch: int
+    speedup: float  # batch x time(1 request) / time(batch requests), calibration kernel
+
+
 @dataclass(frozen=True)
 class Info(Message):
     """Agent birth certificate: what it is and what it measured at start-up; retained."""
@@ -69,6 +76,11 @@ class Info(Message):
     threads: int = 0
     session: int = 0
     ts: float = 0.0
+    # dynamic batching (agent/batching.py; minor-version additions, absent from older
+    # agents): the most requests one stage run takes (0 = not said, 1 = batching off) and
+    # the calibration kernel's speed-up at batch sizes up to it
+    max_batch: int = 0
+    batch_speedup: list[BatchSpeedup] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -230,8 +242,9 @@ class StageTiming:
     agent: str
     recv_s: float = 0.0  # first chunk -> last chunk arrived on the agent
     transfer_s: float = 0.0  # previous hop's send -> first chunk here (clocks of two hosts)
-    queue_s: float = 0.0  # waiting for the stage worker
-    compute_s: float = 0.0  # the stage itself
+    queue_s: float = 0.0  # waiting for the stage worker (and for the rest of its batch)
+    compute_s: float = 0.0  # the stage itself (the whole batch's run when batched)
+    batch: int = 1  # requests that ran together in this stage run (agent/batching.py)
 
 
 @dataclass(frozen=True)
