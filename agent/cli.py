@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import click
 
 from edgeslice.broker.lifecycle import run_until_signalled
+from edgeslice.broker.metrics import MetricsEndpoint, metrics_options
 from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.broker.settings import BrokerSettings, connection_options
 
@@ -179,6 +180,7 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     show_default=True,
     help="With --emulate: multiply the profile's speed (0.5 = half as fast as the board).",
 )
+@metrics_options
 def agent_cmd(
     settings: BrokerSettings,
     agent_id: str | None,
@@ -196,6 +198,7 @@ def agent_cmd(
     emulate: bool,
     emulate_mode: str,
     emulate_scale: float,
+    metrics: MetricsEndpoint | None,
 ) -> None:
     """Run an agent on this device until SIGTERM/Ctrl-C.
 
@@ -236,6 +239,7 @@ def agent_cmd(
     except EdgesliceError as exc:
         raise click.ClickException(str(exc)) from None
     applied: Any = None
+    exporter: Any = None  # /metrics server (agent/metrics.py), with --metrics-port
     limits: dict[str, Any] = {}
     try:
         if emulate and emulate_mode == "paced":
@@ -252,6 +256,11 @@ def agent_cmd(
             )
         try:
             service = AgentService(config, limits=limits)
+            if metrics is not None:
+                from edgeslice.agent.metrics import serve_agent_metrics
+
+                exporter = serve_agent_metrics(service, metrics)
+                click.echo(f"edgeslice agent: metrics on {exporter.url}", err=True)
         except EdgesliceError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(
@@ -276,6 +285,8 @@ def agent_cmd(
                 text if named else f"agent {config.agent_id}: {text}"
             ) from None
     finally:
+        if exporter is not None:
+            exporter.close()
         if applied is not None:
             for problem in applied.release():
                 log.warning("agent=%s cgroup left behind: %s", config.agent_id, problem)

@@ -11,6 +11,7 @@ import asyncio
 import click
 
 from edgeslice.broker.lifecycle import run_until_signalled
+from edgeslice.broker.metrics import MetricsEndpoint, metrics_options
 from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.broker.settings import BrokerSettings, connection_options
 
@@ -86,6 +87,7 @@ def _fail(exc: Exception) -> click.ClickException:
     help="On SIGTERM/Ctrl-C clear the retained plan (the fleet is retired), or keep it: "
     "agents serve on and a restarted planner adopts it if still valid.",
 )
+@metrics_options
 def planner_cmd(
     settings: BrokerSettings,
     model_spec: str,
@@ -98,6 +100,7 @@ def planner_cmd(
     replan_delay: float,
     strategy: str,
     clear_plan_on_exit: bool,
+    metrics: MetricsEndpoint | None,
 ) -> None:
     """Run the planner for one model until SIGTERM/Ctrl-C.
 
@@ -143,6 +146,11 @@ def planner_cmd(
             f"{namespace} --model {served} --random",
             err=True,
         )
+        if metrics is not None:
+            from edgeslice.planner.metrics import serve_planner_metrics
+
+            exporter = serve_planner_metrics(service, metrics)
+            click.echo(f"edgeslice planner: metrics on {exporter.url}", err=True)
         asyncio.run(run_until_signalled(service.run))
     except EdgesliceError as exc:
         raise _fail(exc) from None
