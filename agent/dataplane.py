@@ -13,8 +13,11 @@ stage named by the header's ``stage`` with the artifact the route names, so a re
 planned under an older plan version still finishes while its stages stay loaded. Compute
 runs on one worker thread (torch never blocks the MQTT loop); reassembly and publishing
 run on the event loop, so stage k of request n+1 arrives while request n computes, and
-request n's output is published while n+1 computes. Every failure becomes an ``error``
-transfer to the client naming the stage and agent; nothing hangs silently.
+request n's output is published while n+1 computes. Requests queued for the same stage
+artifact and plan version run as one batch (agent/batching.py) and are split back into
+one result or activation each, with its own timings (``queue_s`` includes the wait for
+the batch, ``compute_s`` is the batch's run, ``batch`` its size). Every failure becomes
+an ``error`` transfer to the client naming the stage and agent; nothing hangs silently.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from edgeslice.agent.runtime import StageRuntime
+from torch import Tensor
+
+from edgeslice.agent.batching import BatchKey, BatchPolicy, BatchQueue, StageStats, run_grouped
+from edgeslice.agent.runtime import LoadedStage, StageRuntime
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.chunking import (
     Completed,
@@ -59,21 +65,20 @@ class Job:
     recv_s: float  # first chunk -> last chunk on this agent
     client_id: str = ""  # from the inbox topic: who sent it, where its result goes
 
+    @property
+    def header(self) -> TransferHeader:
+        return self.done.header
+
 
 @dataclass
-class StageStats:
-    """Running averages of one stage's timings, reported in telemetry for the planner."""
+class Prepared:
+    """A job checked and unpacked on the stage thread, ready to run with others."""
 
-    stage: int
-    count: int = 0
-    compute_s: float = 0.0
-    queue_s: float = 0.0
-
-    def add(self, compute_s: float, queue_s: float) -> None:
-        self.count += 1
-        alpha = 1.0 / min(self.count, 20)  # mean of the first 20, then an EWMA
-        self.compute_s += alpha * (compute_s - self.compute_s)
-        self.queue_s += alpha * (queue_s - self.queue_s)
+    job: Job
+    env: RequestEnvelope
+    sha: str
+    stage: LoadedStage
+    inputs: list[Tensor]
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class DataPlane:
         clock: Callable[[], float] = time.time,
         idle_s: float = 5.0,
         max_open_per_sender: int = 64,
+        batching: BatchPolicy | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.client = client
@@ -115,7 +121,10 @@ class DataPlane:
             idle_s=idle_s,
         )
         self._expired_at = 0.0
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.batching = batching or BatchPolicy()
+        self.queue: BatchQueue[Job] = BatchQueue(
+            self.batching, self._batchable, self._expected_s, clock
+        )
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self.stats: dict[str, StageStats] = {}
         self.running = 0
@@ -126,6 +135,14 @@ class DataPlane:
         self.refusing: EdgesliceError | None = None  # set while draining: refuse new work
         # every stage run (its StageTiming) and error reply, e.g. for agent/metrics.py
         self.on_outcome: Callable[[StageTiming | ErrorReply], None] = lambda _outcome: None
+
+    def _batchable(self, key: BatchKey) -> bool:
+        loaded = self.runtime.get(key[0])
+        return loaded is not None and loaded.info.batchable
+
+    def _expected_s(self, key: BatchKey) -> float:
+        stats = self.stats.get(key[0])
+        return stats.compute_s if stats is not None else 0.0
 
     @property
     def queue_depth(self) -> int:
@@ -149,6 +166,9 @@ class DataPlane:
                 "count": s.count,
                 "compute_s": s.compute_s,
                 "queue_s": s.queue_s,
+                "batched": s.batched,
+                "batch_mean": s.batch_mean,
+                "batched_compute_s": s.batched_compute_s,
             }
             for sha, s in self.stats.items()
         }
@@ -211,96 +231,132 @@ class DataPlane:
 
     # -- compute ----------------------------------------------------------------
     async def run(self) -> None:
-        """The worker loop: one job at a time on the stage thread; sends overlap compute."""
+        """The worker loop: one batch at a time on the stage thread; sends overlap compute."""
         loop = asyncio.get_running_loop()
         while True:
-            job = await self.queue.get()
-            self.running = 1
+            jobs = await self.queue.get_batch()
+            self.running = len(jobs)
             try:
                 started = self.clock()
-                outbound = await loop.run_in_executor(self.executor, self._compute, job, started)
+                outbounds = await loop.run_in_executor(
+                    self.executor, self._compute_batch, jobs, started
+                )
             finally:
                 self.running = 0
-            task = asyncio.create_task(self._send(outbound))
-            self._send_tasks.add(task)
-            task.add_done_callback(self._send_tasks.discard)
+            for outbound in outbounds:
+                task = asyncio.create_task(self._send(outbound))
+                self._send_tasks.add(task)
+                task.add_done_callback(self._send_tasks.discard)
 
     def _compute(self, job: Job, started: float) -> Outbound:
-        """Worker thread: unpack, run the stage, pack the next hop's transfer (or an error)."""
+        """Worker thread: one job alone (see :meth:`_compute_batch`)."""
+        return self._compute_batch([job], started)[0]
+
+    def _compute_batch(self, jobs: list[Job], started: float) -> list[Outbound]:
+        """Worker thread: unpack, run the stage once for all ``jobs`` (one batch key, see
+        agent/batching.py), pack each next hop's transfer (or its error), in job order."""
+        out: dict[int, Outbound] = {}
+        ready: list[tuple[int, Prepared]] = []
+        for i, job in enumerate(jobs):
+            try:
+                ready.append((i, self._prepare(job)))
+            except Exception as exc:  # every failure goes back to the client, never a hang
+                out[i] = self._failed(job, exc)
+        ran = run_grouped([p.stage for _, p in ready], [p.inputs for _, p in ready])
+        for (i, p), (result, compute_s, batch) in zip(ready, ran, strict=True):
+            if isinstance(result, Exception):
+                out[i] = self._failed(p.job, result)
+                continue
+            self.busy_s += compute_s / batch  # the batch's time, once over its requests
+            try:
+                out[i] = self._finish(p, result, started, compute_s, batch)
+            except Exception as exc:
+                out[i] = self._failed(p.job, exc)
+        return [out[i] for i in range(len(jobs))]
+
+    def _prepare(self, job: Job) -> Prepared:
+        """Decode and check one job's envelope and inputs against this agent's stage."""
         header = job.done.header
         stage = header.stage
-        try:
-            env = codec.from_wire(header.meta, RequestEnvelope)
-            if env.reply_to != job.client_id:
-                raise InferenceError(
-                    f"request {header.request_id} came from client {job.client_id!r} (its inbox "
-                    f"topic) but asks for its result to go to {env.reply_to!r}; refused: a "
-                    "client gets only its own results (set reply_to to the client id you "
-                    "publish under)"
-                )
-            route = env.route
-            if not 0 <= stage < len(route) or route[stage].agent_id != self.agent_id:
-                raise InferenceError(
-                    f"request {header.request_id} routes stage {stage} to "
-                    f"{route[stage].agent_id if 0 <= stage < len(route) else 'nobody'}, "
-                    f"not to agent {self.agent_id}"
-                )
-            sha = route[stage].artifact
-            loaded = self.runtime.get(sha)
-            if loaded is None:
-                raise StageUnavailableError(
-                    f"agent {self.agent_id} has no stage {stage} loaded for artifact {sha[:12]} "
-                    f"(plan {header.plan_id} v{header.plan_version}); the plan changed: retry"
-                )
-            inputs = unpack_tensors(env.tensors, job.done.payload, share=True)
-            t0 = time.perf_counter()
-            outputs = loaded.run(inputs)
-            compute_s = time.perf_counter() - t0
-            self.busy_s += compute_s
-            queue_s = max(0.0, started - job.received_at)
-            stats = self.stats.setdefault(sha, StageStats(stage))
-            stats.add(compute_s, queue_s)
-            timing = StageTiming(
-                stage=stage,
-                agent=self.agent_id,
-                recv_s=job.recv_s,
-                transfer_s=max(0.0, job.done.first_chunk_at - env.sent_at) if env.sent_at else 0.0,
-                queue_s=queue_s,
-                compute_s=compute_s,
+        env = codec.from_wire(header.meta, RequestEnvelope)
+        if env.reply_to != job.client_id:
+            raise InferenceError(
+                f"request {header.request_id} came from client {job.client_id!r} (its inbox "
+                f"topic) but asks for its result to go to {env.reply_to!r}; refused: a "
+                "client gets only its own results (set reply_to to the client id you "
+                "publish under)"
             )
-            last = stage == len(route) - 1
-            compression = None if last else (env.compression or None)
-            tensor_meta, payload = pack_tensors(outputs, compression=compression)
-            forward = replace(
-                env,
-                tensors=tensor_meta,
-                timings=[*env.timings, timing],
-                sent_at=self.clock(),
+        route = env.route
+        if not 0 <= stage < len(route) or route[stage].agent_id != self.agent_id:
+            raise InferenceError(
+                f"request {header.request_id} routes stage {stage} to "
+                f"{route[stage].agent_id if 0 <= stage < len(route) else 'nobody'}, "
+                f"not to agent {self.agent_id}"
             )
-            if last:
-                topic = self.topics.client_results(job.client_id)
-                kind = "result"
-            else:  # the next stage learns the client from the topic, as this one did
-                topic = self.topics.inbox(route[stage + 1].agent_id, job.client_id)
-                kind = "activation"
-            encoded = encode_transfer(
-                payload,
-                request_id=header.request_id,
-                kind=kind,
-                plan_id=header.plan_id,
-                plan_version=header.plan_version,
-                stage=stage + 1,
-                deadline=header.deadline,
-                meta=codec.to_wire(forward),
-                chunk_size=self.chunk_size,
+        sha = route[stage].artifact
+        loaded = self.runtime.get(sha)
+        if loaded is None:
+            raise StageUnavailableError(
+                f"agent {self.agent_id} has no stage {stage} loaded for artifact {sha[:12]} "
+                f"(plan {header.plan_id} v{header.plan_version}); the plan changed: retry"
             )
-            self.on_outcome(timing)
-            return Outbound(topic, encoded.chunks, header.request_id)
-        except Exception as exc:  # every failure goes back to the client, never a hang
-            log.warning(
-                "agent=%s req=%s stage=%d failed: %s", self.agent_id, header.request_id, stage, exc
-            )
-            return self._error_outbound(header, exc, job.client_id)
+        inputs = unpack_tensors(env.tensors, job.done.payload, share=True)
+        loaded.check_inputs(inputs)
+        return Prepared(job, env, sha, loaded, inputs)
+
+    def _finish(
+        self, p: Prepared, outputs: list[Tensor], started: float, compute_s: float, batch: int
+    ) -> Outbound:
+        """One request's timing, outputs and next hop (the client when it was the last)."""
+        job, env, header = p.job, p.env, p.job.done.header
+        stage, route = header.stage, env.route
+        queue_s = max(0.0, started - job.received_at)
+        self.stats.setdefault(p.sha, StageStats(stage)).add(compute_s, queue_s, batch)
+        timing = StageTiming(
+            stage=stage,
+            agent=self.agent_id,
+            recv_s=job.recv_s,
+            transfer_s=max(0.0, job.done.first_chunk_at - env.sent_at) if env.sent_at else 0.0,
+            queue_s=queue_s,
+            compute_s=compute_s,
+            batch=batch,
+        )
+        last = stage == len(route) - 1
+        compression = None if last else (env.compression or None)
+        tensor_meta, payload = pack_tensors(outputs, compression=compression)
+        forward = replace(
+            env, tensors=tensor_meta, timings=[*env.timings, timing], sent_at=self.clock()
+        )
+        if last:
+            topic = self.topics.client_results(job.client_id)
+            kind = "result"
+        else:  # the next stage learns the client from the topic, as this one did
+            topic = self.topics.inbox(route[stage + 1].agent_id, job.client_id)
+            kind = "activation"
+        encoded = encode_transfer(
+            payload,
+            request_id=header.request_id,
+            kind=kind,
+            plan_id=header.plan_id,
+            plan_version=header.plan_version,
+            stage=stage + 1,
+            deadline=header.deadline,
+            meta=codec.to_wire(forward),
+            chunk_size=self.chunk_size,
+        )
+        self.on_outcome(timing)
+        return Outbound(topic, encoded.chunks, header.request_id)
+
+    def _failed(self, job: Job, exc: Exception) -> Outbound:
+        header = job.done.header
+        log.warning(
+            "agent=%s req=%s stage=%d failed: %s",
+            self.agent_id,
+            header.request_id,
+            header.stage,
+            exc,
+        )
+        return self._error_outbound(header, exc, job.client_id)
 
     # -- send -------------------------------------------------------------------
     async def _send(self, outbound: Outbound) -> None:
