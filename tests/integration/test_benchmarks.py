@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
-    "name", ["planner", "transport", "dispatch", "strategies", "scaling", "simulation"]
+    "name", ["planner", "transport", "dispatch", "strategies", "scaling", "simulation", "soak"]
 )
 def test_quick_benchmark_writes_results_with_machine(name: str) -> None:
     proc = subprocess.run(
@@ -37,6 +37,12 @@ def test_quick_benchmark_writes_results_with_machine(name: str) -> None:
         assert result["per_request_ms"]["total"]["median_ms"] > 0
     if name == "simulation":
         assert result["simulated"] is True and "SIMULATED" in result["note"]
+    if name == "soak":  # an agent killed and restarted, the broker restarted: nothing lost
+        assert result["failed"] == 0 and result["lost"] == 0, result["errors"]
+        assert result["completed"] == result["sent"] > 0
+        assert [w for w in result["windows"] if w["completed"]]
+        assert set(result["rss_start_bytes"]) <= set(result["rss_end_bytes"])
+        assert any("broker started again" in what for _, what in result["events"])
     if name in ("strategies", "scaling"):  # measured on an emulated fleet, every row complete
         rows = result["rows"]
         assert rows and all("measured" in r and r["measured"]["throughput_rps"] > 0 for r in rows)
