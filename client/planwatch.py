@@ -97,8 +97,7 @@ class PlanWatch:
             topic, why = next(iter(self.bad_plan.items()))
             state = (
                 f"no valid plan: a malformed plan was seen on topic {topic} ({why}); "
-                "the planner replaces it when it publishes its next plan (restart it "
-                "to republish now)"
+                "a running planner re-publishes its own over it within seconds"
             )
         return (
             f"model {self.model!r}: {state} after {timeout:.0f}s on "

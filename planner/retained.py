@@ -8,18 +8,28 @@ persistence has forgotten them, and agents and clients must find them again with
 anyone restarting the planner. Re-sending a desired assignment is harmless: an agent
 ignores a redelivery of the plan version it already runs.
 
+The planner also listens to its own ``plans/{model}`` and ``assignment/desired`` topics
+(:meth:`RetainedState.observe`). When what the broker holds there is not what the planner
+last published -- malformed bytes, another plan id or version, a clear it did not make --
+it publishes its own again, at most once per :data:`REPAIR_INTERVAL_S` per topic and after
+a short settle (its own earlier publishes echo back in order), logging the first repair of
+each topic and counting the rest: retained garbage is not left for late joiners to read
+until the next re-plan.
+
 :func:`desired_assignments` and :func:`plan_stages` turn a partition and its built
 artifacts into the wire messages (pure).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from edgeslice.broker.protocol import codec
+from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.broker.protocol.messages import (
     AssignmentDesired,
     PlanMessage,
@@ -27,13 +37,46 @@ from edgeslice.broker.protocol.messages import (
     PlanStage,
     StageAssignment,
 )
-from edgeslice.broker.protocol.topics import Topics
+from edgeslice.broker.protocol.topics import Kind, Topics
 from edgeslice.broker.transport import Transport
 from edgeslice.planner.config import PlannerConfig
 from edgeslice.planner.costmodel import CostParams, Device, ModelCost, stage_period_s
 from edgeslice.planner.partition import Plan
 
 log = logging.getLogger(__name__)
+
+REPAIR_INTERVAL_S = 1.0  # at most one re-publish per topic per interval
+SETTLE_S = 0.2  # wait for the echoes of the planner's own recent publishes before judging
+
+
+def foreign(held: bytes, seen: bytes, kind: Kind) -> str:
+    """Why ``seen`` (what the broker holds) is not ``held`` (what the planner last published
+    on a plan or desired-assignment topic); "" when it is. Pure.
+
+    A re-encoding of the same plan id, version (and readiness) is the planner's own.
+    """
+    if seen == held:
+        return ""
+    if not seen:
+        return "cleared by someone else"
+    if not held:
+        return "a message where the planner cleared it"
+    cls: type[PlanMessage] | type[AssignmentDesired]
+    cls = PlanMessage if kind is Kind.PLAN else AssignmentDesired
+    try:
+        theirs, ours = codec.decode(seen, cls), codec.decode(held, cls)
+    except EdgesliceError as exc:
+        return f"malformed ({f'{exc}'[:120]})"
+    if kind is Kind.PLAN:
+        assert isinstance(theirs, PlanMessage) and isinstance(ours, PlanMessage)
+        if theirs.ready != ours.ready:
+            return f"ready={theirs.ready}, the planner's plan says ready={ours.ready}"
+    if (theirs.plan_id, theirs.plan_version) != (ours.plan_id, ours.plan_version):
+        return (
+            f"plan {theirs.plan_id} v{theirs.plan_version}, not the planner's "
+            f"{ours.plan_id} v{ours.plan_version}"
+        )
+    return ""
 
 
 def describe_plan(plan: PlanMessage) -> str:
@@ -135,6 +178,11 @@ class RetainedState:
         self.status: bytes | None = None
         self.plan: tuple[str, bytes] | None = None  # (topic, payload); b"" = cleared
         self.desired: dict[str, bytes] = {}  # agent -> payload; b"" = cleared
+        self.seen: dict[str, bytes] = {}  # topic -> what the broker last said it holds
+        self.repairs: dict[str, int] = {}  # topic -> re-publishes over foreign payloads
+        self._repaired_at: dict[str, float] = {}  # topic -> monotonic time of the last one
+        self._checks: dict[str, asyncio.TimerHandle] = {}  # topic -> pending check
+        self._publishing: set[asyncio.Task[None]] = set()
 
     async def publish_status(self, status: PlannerStatus, timeout: float | None = 30.0) -> None:
         self.status = codec.encode(status)
@@ -203,3 +251,58 @@ class RetainedState:
             ", plan" if self.plan is not None else "",
             time.perf_counter() - started,
         )
+
+    # -- what the broker holds on our topics --------------------------------------
+    def held(self, topic: str) -> tuple[Kind, bytes] | None:
+        """What the planner last published on ``topic`` (None: not one of its topics)."""
+        if self.plan is not None and topic == self.plan[0]:
+            return Kind.PLAN, self.plan[1]
+        parsed = self.topics.parse(topic)
+        if parsed.kind is Kind.ASSIGNMENT_DESIRED and parsed.agent_id in self.desired:
+            return Kind.ASSIGNMENT_DESIRED, self.desired[parsed.agent_id]
+        return None
+
+    def observe(self, topic: str, payload: bytes) -> None:
+        """A message on a topic the planner keeps retained: schedule a repair check if it is
+        not the planner's own (module docstring). Call from the event loop."""
+        held = self.held(topic)
+        if held is None:
+            return
+        self.seen[topic] = payload
+        if topic in self._checks or not foreign(held[1], payload, held[0]):
+            return
+        now = time.monotonic()
+        delay = max(SETTLE_S, self._repaired_at.get(topic, -1e9) + REPAIR_INTERVAL_S - now)
+        self._checks[topic] = asyncio.get_running_loop().call_later(delay, self._check, topic)
+
+    def _check(self, topic: str) -> None:
+        self._checks.pop(topic, None)
+        held, seen = self.held(topic), self.seen.get(topic)
+        why = foreign(held[1], seen, held[0]) if held is not None and seen is not None else ""
+        if held is None or not why:
+            return  # our own publish arrived meanwhile
+        self._repaired_at[topic] = time.monotonic()
+        count = self.repairs[topic] = self.repairs.get(topic, 0) + 1
+        (log.warning if count == 1 else log.debug)(
+            "planner re-publishes its retained %s: the broker held %s (repair %d of this topic)",
+            topic,
+            why,
+            count,
+        )
+        task = asyncio.create_task(self._republish_one(topic, held[1]))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def _republish_one(self, topic: str, payload: bytes) -> None:
+        try:
+            await self.client.publish(topic, payload, qos=1, retain=True)
+        except EdgesliceError as exc:  # the broker is away: the reconnect re-publishes all
+            log.warning("planner could not re-publish %s: %s", topic, exc)
+
+    def cancel(self) -> None:
+        """Stop pending repair checks and re-publishes (the planner is stopping)."""
+        for handle in self._checks.values():
+            handle.cancel()
+        self._checks.clear()
+        for task in self._publishing:
+            task.cancel()

@@ -17,7 +17,9 @@ with ``ready=True`` once every agent reports ready. A re-plan giving the layout 
 served publishes nothing; when no plan is possible the plan is **withdrawn** (no stages, a
 ``reason``: clients fail at once saying why).
 
-After every (re)connect all retained state is published again (planner/retained.py). On
+After every (re)connect all retained state is published again, and whatever else the
+broker comes to hold on the planner's plan and assignment topics (garbage, a foreign plan)
+is replaced by the planner's own within a second or so (planner/retained.py). On
 stop the plan is kept (agents serve on; a restarted planner adopts it) and the status says
 ``offline``; ``clear_plan_on_exit`` clears it instead (the fleet is retired).
 """
@@ -85,6 +87,7 @@ class PlannerService:
         self._wake = asyncio.Event()
         self._load_checked = 0.0
         self._empty_since: float | None = None  # when the last usable agent went away
+        self.dropped = 0  # messages that could not be understood (malformed, foreign)
         self.client = (transport or mqtt_transport(config.broker))(
             f"planner-{config.planner_id}-{uuid.uuid4().hex[:6]}",
             will=Will(self.topics.planner_status(), codec.encode(PlannerStatus(state=OFFLINE))),
@@ -111,6 +114,7 @@ class PlannerService:
             for task in tasks:
                 task.cancel()
             self.artifacts.cancel()
+            self.retained.cancel()
             # bounded: on 3.11 a wait_for finishing as it is cancelled can eat the cancel
             await asyncio.wait(tasks, timeout=2.0)
             await self._shutdown()
@@ -203,6 +207,8 @@ class PlannerService:
                 if parsed.kind is Kind.ARTIFACT_GET:
                     self.artifacts.on_get(parsed.name)
                     continue
+                if parsed.kind in (Kind.PLAN, Kind.ASSIGNMENT_DESIRED):
+                    self.retained.observe(msg.topic, msg.payload)  # garbage: ours again
                 before = self.registry.usable_ids()
                 self.registry.apply(msg.topic, msg.payload, time.time())
                 change = replan.classify(before, self.registry.usable_ids())
@@ -213,7 +219,14 @@ class PlannerService:
                 elif parsed.kind is Kind.TELEMETRY:
                     self._check_load()
             except Exception as exc:
-                log.warning("planner dropped message on %s: %s", msg.topic, exc)
+                self.dropped += 1
+                # garbage must not become a flood of log lines: the first 20, then every 1000th
+                (log.warning if self.dropped <= 20 or self.dropped % 1000 == 0 else log.debug)(
+                    "planner dropped message on %s (%d dropped so far): %s",
+                    msg.topic,
+                    self.dropped,
+                    exc,
+                )
 
     def _request(self, change: str) -> None:
         """Ask for a re-plan: now for a leave, after a quiet period for a join."""

@@ -12,6 +12,7 @@ from memfleet import MLP_SPEC, SETTINGS, eventually, key_file, running
 from edgeslice.broker.client import Will
 from edgeslice.broker.memory import MemoryBroker, MemoryClient
 from edgeslice.broker.protocol import codec
+from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.broker.protocol.messages import (
     OFFLINE,
     ONLINE,
@@ -25,6 +26,7 @@ from edgeslice.broker.protocol.messages import (
     Telemetry,
 )
 from edgeslice.broker.protocol.topics import Topics
+from edgeslice.client.inference import InferenceClient
 from edgeslice.planner.config import PlannerConfig
 from edgeslice.planner.costmodel import ModelCost, Segment
 from edgeslice.planner.registry import Registry
@@ -242,3 +244,62 @@ def test_a_restarted_planner_adopts_the_valid_retained_plan(tmp_path: Path) -> N
             assert status.state == ONLINE and status.plan_version == kept.plan_version
 
     asyncio.run(scenario())
+
+
+def test_garbage_retained_on_the_planners_topics_is_replaced_by_its_own(tmp_path: Path) -> None:
+    """Malformed bytes or a foreign plan retained on plans/{model} (or on an agent's
+    assignment/desired) are replaced by the planner's own, rate-limited; a client that
+    connects afterwards sees the ready plan."""
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        a = await _fake_agent(broker, "a")
+        planner = PlannerService(_config(tmp_path), transport=broker.factory)
+        async with running(planner.run):
+            plan = await eventually(lambda: _plan(broker, "build_mlp"), what="a plan")
+            assert isinstance(plan, PlanMessage)
+            await _report_desired(broker, a, "a", "ready")
+            ready = await eventually(lambda: (p := _plan(broker, "build_mlp")) and p.ready and p)
+            assert isinstance(ready, PlanMessage)
+            desired = broker.retained_payload(T.assignment_desired("a"))
+            vandal = broker.client("vandal")
+            await vandal.connect()
+
+            def planners(topic: str) -> int:
+                return sum(p.topic == topic and p.sender != "vandal" for p in broker.published)
+
+            topic = T.plan("build_mlp")
+            before = planners(topic)
+            for i in range(30):  # a burst of garbage: repaired, but not once per message
+                await vandal.publish(topic, b"\xc1garbage%d" % i, qos=1, retain=True)
+            await eventually(lambda: _plan_or_none(broker) == ready, what="plan repaired")
+            assert planners(topic) - before <= 3
+            assert planner.retained.repairs[topic] >= 1
+
+            foreign = PlanMessage(**{**ready.__dict__, "plan_id": "someone", "plan_version": 99})
+            await vandal.publish(topic, codec.encode(foreign), qos=1, retain=True)
+            await eventually(lambda: _plan_or_none(broker) == ready, what="foreign replaced")
+
+            mine = T.assignment_desired("a")
+            await vandal.publish(mine, b"not msgpack", qos=1, retain=True)
+            await eventually(lambda: broker.retained_payload(mine) == desired, what="desired")
+
+            await vandal.publish(topic, b"\xc1late garbage", qos=1, retain=True)
+            await eventually(lambda: _plan_or_none(broker) == ready, what="repaired again")
+            async with InferenceClient(SETTINGS, "build_mlp", transport=broker.factory) as late:
+                seen = await late.wait_ready(timeout=5.0)
+            assert (seen.plan_id, seen.plan_version, seen.ready) == (
+                ready.plan_id,
+                ready.plan_version,
+                True,
+            )
+
+    asyncio.run(scenario())
+
+
+def _plan_or_none(broker: MemoryBroker) -> PlanMessage | None:
+    """The retained plan, or None while it is garbage."""
+    try:
+        return _plan(broker, "build_mlp")
+    except EdgesliceError:
+        return None
