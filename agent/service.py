@@ -5,8 +5,8 @@ with a retained last will (``status`` offline), publish ``status`` online, measu
 (calibration GFLOP/s, link round trip and throughput through the broker), publish
 ``info`` (retained), then serve: telemetry every interval, desired assignments to
 agent/assignments.py (answered on ``assignment/reported``), ``cmd/*`` answered on
-``cmd-res/*``, inbox chunks to the data plane. A malformed message on any topic is logged
-with the agent and topic, counted in telemetry, and ignored.
+``cmd-res/*``, inbox chunks to the data plane. A malformed message on any topic is counted
+in telemetry and ignored; logged (agent, topic) are the first 20, then every 1000th.
 
 After every (re)connect the agent subscribes again and re-publishes its retained state
 (status, info once measured, the last ``assignment/reported``), so a broker restarted
@@ -335,12 +335,13 @@ class AgentService:
             try:
                 await self._dispatch(msg)
             except Exception as exc:  # an agent never dies from a message
-                self.malformed += 1
-                log.warning(
-                    "agent=%s topic=%s dropped message (%d bytes): %s",
+                self.malformed += 1  # exact (telemetry); logged: the first 20, every 1000th
+                (log.warning if self.malformed <= 20 or self.malformed % 1000 == 0 else log.debug)(
+                    "agent=%s topic=%s dropped message (%d bytes, %d so far): %s",
                     self.agent_id,
                     msg.topic,
                     len(msg.payload),
+                    self.malformed,
                     exc,
                 )
 
