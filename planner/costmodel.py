@@ -28,6 +28,10 @@ while its stage thread computes, but the hop CPU work competes with compute for
 the same cores. The client is one more device on the path (``None`` here): it
 packs every input and unpacks every output over its own link, so a plan's period
 is never below :func:`client_period_s`, however many replicas serve stage 0.
+An agent that batches requests (agent/batching.py) divides a stage's *compute* by the
+speed-up it measured at calibration once its queue is full, not its hop costs:
+:func:`batched_period_s` is that saturated period; latency and the fitted correction
+stay at batch 1.
 
 Where the hop constants come from: :func:`hop_constants` fits them to the
 transport benchmark's chunked and raw transfers (``benchmarks/results/transport.json``
@@ -87,6 +91,7 @@ class Device:
     bandwidth_bps: float  # measured throughput device <-> broker, bytes/s
     rtt_s: float  # measured round trip device <-> broker
     load: float = 0.0  # 0..1 live CPU load; compute slows by 1/(1-load), capped
+    batch_speedup: float = 1.0  # compute throughput gain when it batches (info, at max batch)
 
 
 @dataclass(frozen=True)
@@ -249,6 +254,47 @@ def stage_period_s(
     """Time per request ``device`` needs in steady state: max(CPU, downlink, uplink)."""
     return max(
         stage_cpu_s(model, start, end, device, params),
+        link_occupancy_s(stage_in_bytes(model, start), device, params),
+        link_occupancy_s(stage_out_bytes(model, end), device, params),
+    )
+
+
+def speedup_at(points: Iterable[Sequence[float]], batch: int) -> float:
+    """Speed-up at ``batch`` from measured ``(batch, speedup)`` points (``info.batch_speedup``):
+    1 at batch 1, linear between points, the largest measured batch's beyond it."""
+    curve = sorted((int(b), float(s)) for b, s in points if b >= 1 and s > 0)
+    prev_b, prev_s = 1, 1.0
+    for b, s in curve:
+        if batch <= b:
+            return prev_s + (s - prev_s) * (batch - prev_b) / (b - prev_b) if b > prev_b else s
+        prev_b, prev_s = b, s
+    return prev_s
+
+
+def batched_period_s(
+    model: ModelCost,
+    start: int,
+    end: int,
+    device: Device,
+    params: CostParams = DEFAULT_PARAMS,
+    speedup: float | None = None,
+) -> float:
+    """A stage's period at saturation when its agent batches requests (agent/batching.py).
+
+    With the queue full, the agent runs ``max_batch`` requests at once, so compute per
+    request is :func:`compute_s` over the batch speed-up (``device.batch_speedup`` unless
+    ``speedup`` is given, floored at 0.1); each request's hop CPU and link occupancy are
+    unchanged (requests arrive and leave one by one). Latency is not improved by this:
+    :func:`stage_period_s` stays the batch-1 reference the correction is fitted against.
+    """
+    gain = max(0.1, device.batch_speedup if speedup is None else speedup)
+    cpu = (
+        hop_cpu_time_s(stage_in_bytes(model, start), device, params)
+        + compute_s(model, start, end, device, params) / gain
+        + hop_cpu_time_s(stage_out_bytes(model, end), device, params)
+    )
+    return max(
+        cpu,
         link_occupancy_s(stage_in_bytes(model, start), device, params),
         link_occupancy_s(stage_out_bytes(model, end), device, params),
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from edgeslice.broker.fleetstate import DEFAULT_STALE_AFTER_S, AgentState, FleetState
 from edgeslice.broker.protocol.messages import PlanStage
 from edgeslice.broker.protocol.topics import Topics
-from edgeslice.planner.costmodel import Device, ModelCost, compute_s, fit_correction
+from edgeslice.planner.costmodel import Device, ModelCost, compute_s, fit_correction, speedup_at
 
 
 class Registry:
@@ -61,6 +61,7 @@ class Registry:
                     bandwidth_bps=bandwidth,
                     rtt_s=rtt,
                     load=self.load(view.agent_id, now) if use_load else 0.0,
+                    batch_speedup=speedup_at(info.batch_speedup, info.max_batch),
                 )
             )
         return out

@@ -55,6 +55,7 @@ def test_chained_stages_equal_the_whole_model(build, stages: int) -> None:
     bounds = sorted({0, n} | {round(n * k / stages) for k in range(1, stages)})
     artifacts = build_stages(model, inputs, profile, bounds, KEY)
     assert len(artifacts) == stages
+    assert all(a.batchable for a in artifacts)  # dynamic dim 0 (tests/unit/test_batching.py)
     with torch.no_grad():
         expected = model(*inputs)
     (got,) = _chain(artifacts, inputs)
@@ -93,6 +94,7 @@ def test_artifacts_are_signed_and_describe_themselves(branchy_profile) -> None:
     meta, body = open_sealed(artifact.data, PUBLIC)
     assert meta["model"] == "branchy" and meta["index"] == 0
     assert (meta["start_segment"], meta["end_segment"]) == (0, n)
+    assert meta["batchable"] is True
     assert body[:2] == b"PK"  # a torch.export.save zip archive
     assert artifact.size == len(artifact.data)
 
