@@ -103,6 +103,7 @@ class InferenceClient:
             max_open=512, max_age_s=120.0, idle_s=5.0, accept=self._awaited
         )
         self._expired_at = 0.0
+        self.dropped = 0  # messages and results refused as unusable (malformed, foreign)
         self._task: asyncio.Task[None] | None = None
         self.client = (transport or mqtt_transport(settings))(
             self.client_id, on_connect=self._on_connect
@@ -313,7 +314,15 @@ class InferenceClient:
                 else:  # info and telemetry: the shared fold keeps what routing reads
                     self.fleet.apply(msg.topic, msg.payload, time.time())
             except EdgesliceError as exc:
-                log.warning("client=%s dropped message on %s: %s", self.client_id, msg.topic, exc)
+                self._dropped("dropped message on %s: %s", msg.topic, exc)
+
+    def _dropped(self, what: str, *args: object) -> None:
+        """Log a message this client could not use: garbage must not become a flood of log
+        lines (the first 20, then every 1000th, with the count), as in the agents."""
+        self.dropped += 1
+        (log.warning if self.dropped <= 20 or self.dropped % 1000 == 0 else log.debug)(
+            "client=%s " + what + " (%d dropped so far)", self.client_id, *args, self.dropped
+        )
 
     def _on_status(self, agent_id: str, topic: str, payload: bytes) -> None:
         """An agent (or the planner) said how it is: re-send what it can no longer answer."""
@@ -345,9 +354,7 @@ class InferenceClient:
         result = self._reassembler.feed(payload, now)
         if isinstance(result, Refused):
             if result.is_error and result.reason != "unexpected":
-                log.warning(
-                    "client=%s result refused: %s %s", self.client_id, result.reason, result.detail
-                )
+                self._dropped("result refused: %s %s", result.reason, result.detail)
             return
         if result is None:
             return
