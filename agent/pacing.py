@@ -60,8 +60,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MODES = ("paced", "quota")
-DEFAULT_MODE = "paced"
 MIN_HOST_SECONDS = 0.1  # a paced calibration runs the kernel at least this long on the host
 
 

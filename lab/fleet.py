@@ -44,7 +44,6 @@ class LocalFleet:
     ) -> None:
         self.broker_url = broker_url
         self.namespace = namespace
-        self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edgeslice-fleet-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.fleet_key_file = fleet_key_file or str(self.workdir / "fleet.key")

@@ -11,9 +11,9 @@ Tree (``code`` in brackets; ``R`` marks errors that are retryable)::
     │   ├── DecodeError           [decode]       not msgpack, too large, or wrong shape/types
     │   ├── VersionError          [version]      sent by a newer protocol major version
     │   └── TopicError            [topic]        a topic outside the topic table
-    ├── TransferError             [its reason] R a chunked transfer was refused (``reason``);
-    │   │                                        not R for malformed, too_large, version
-    │   └── ChecksumError         [checksum]   R reassembled bytes do not match the checksum
+    ├── TransferError             [its reason] R a chunked transfer was refused (``reason``:
+    │                                            checksum, buffer_full, expired, ...);
+    │                                            not R for malformed, too_large, version
     ├── BrokerError               [broker]       cannot connect / publish / subscribe
     ├── ArtifactError             [artifact]     a stage artifact is missing or unusable
     │   └── SignatureError        [signature]    unsigned or tampered artifact: never loaded
@@ -107,13 +107,6 @@ class TransferError(EdgesliceError):
         self.reason = reason
         self.code = reason
         self.retryable = reason not in NOT_RETRYABLE_TRANSFER_REASONS
-
-
-class ChecksumError(TransferError):
-    """A reassembled transfer does not match its checksum."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, reason="checksum")
 
 
 class BrokerError(EdgesliceError):
