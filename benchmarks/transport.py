@@ -12,9 +12,12 @@ For each tensor size (1, 16, 64 MiB), ``runs`` times (5 by default), against the
   baseline slow and erratic (16 MiB took 60 to 170 ms) and flattered the ratio.
 * **unchunked**: one 64 MiB QoS 1 message through plain paho, for contrast.
 
-One *run* of one size measures both paths back to back (which goes first alternates between
-runs), each in a fresh receiver process: ``WARMUP`` warm-up transfers, then ``timed`` ones
-(more for small sizes, which take milliseconds; the same count for both paths). A run's ratio
+One *run* of one size measures both paths interleaved (a chunked transfer, a raw one, and so
+on; which goes first alternates between runs), each path with its own fresh receiver process:
+``WARMUP`` warm-up transfers, then ``timed`` ones (more for small sizes, which take
+milliseconds; the same count for both paths). Interleaving puts both paths under the same
+outside conditions: measured in blocks, one path's block could catch a burst of other work on
+the machine and the other's not, which made run ratios swing from 0.5 to 3. A run's ratio
 is raw median time / chunked median time (chunked throughput as a fraction of raw); per size
 the benchmark reports the median ratio over runs, its min-max and how many runs met the target
 (>= 0.9), and the JSON keeps every run's samples and the load average when it started (other
@@ -121,73 +124,107 @@ def _receiver_main(
         _raw_receiver(url, topic, runs, size, ready, done)
 
 
-async def _send_chunked(url: str, topic: str, size: int, runs: int, done: Any) -> list[float]:
+async def _chunked_once(sender: MqttClient, topic: str, size: int, done: Any) -> float:
+    """One chunked transfer: pack -> chunks -> QoS 1 publishes; seconds until unpacked."""
     import torch
 
-    sender = MqttClient(parse_broker_url(url), "bench-tx-" + uuid.uuid4().hex[:8])
-    await sender.connect()
-    times = []
-    for _ in range(runs):
-        tensor = torch.randn(size // 4)
-        start = time.perf_counter()
-        meta, payload = pack_tensors([tensor])
-        _header, chunks = stream_transfer(
-            payload,
-            request_id="bench",
-            kind="activation",
-            meta={"tensors": meta},
-            chunk_size=CHUNK,
-        )
-        acks = [sender.publish_nowait(topic, c, qos=1) for c in chunks]
-        finished, count = await asyncio.to_thread(done.get, True, 180)
-        if count != tensor.numel():
-            raise RuntimeError("receiver got a different tensor")
-        times.append(finished - start)
-        await asyncio.gather(*acks)
-    await sender.close()
-    return times
+    tensor = torch.randn(size // 4)
+    start = time.perf_counter()
+    meta, payload = pack_tensors([tensor])
+    _header, chunks = stream_transfer(
+        payload, request_id="bench", kind="activation", meta={"tensors": meta}, chunk_size=CHUNK
+    )
+    acks = [sender.publish_nowait(topic, c, qos=1) for c in chunks]
+    finished, count = await asyncio.to_thread(done.get, True, 180)
+    if count != tensor.numel():
+        raise RuntimeError("receiver got a different tensor")
+    await asyncio.gather(*acks)
+    return float(finished - start)
 
 
-def _send_raw(url: str, topic: str, size: int, runs: int, chunk: int, done: Any) -> list[float]:
+def _raw_client(url: str) -> paho.Client:
     settings = parse_broker_url(url)
     tx = paho.Client(CallbackAPIVersion.VERSION2, client_id="raw-tx-" + uuid.uuid4().hex[:8])
     tx.max_inflight_messages_set(64)
     tx.connect(settings.host, settings.port)
     _nodelay(tx)
     tx.loop_start()
-    times = []
-    for _ in range(runs):
-        data = os.urandom(size)
-        view = memoryview(data)
-        start = time.perf_counter()
-        infos = [
-            tx.publish(topic, view[i : i + chunk].tobytes(), qos=1) for i in range(0, size, chunk)
-        ]
-        finished, _count = done.get(True, 180)
-        times.append(finished - start)
-        for info in infos:
-            info.wait_for_publish(30)
-    tx.loop_stop()
-    tx.disconnect()
+    return tx
+
+
+def _raw_once(tx: paho.Client, topic: str, size: int, chunk: int, done: Any) -> float:
+    """One raw transfer: the same bytes cut into ``chunk``-sized QoS 1 publishes."""
+    view = memoryview(os.urandom(size))
+    start = time.perf_counter()
+    infos = [tx.publish(topic, view[i : i + chunk].tobytes(), qos=1) for i in range(0, size, chunk)]
+    finished, _count = done.get(True, 180)
+    for info in infos:
+        info.wait_for_publish(30)
+    return float(finished - start)
+
+
+class _Receiver:
+    """A receiver in its own (fresh, spawned) process, like an agent, on its own topic."""
+
+    def __init__(self, kind: str, url: str, size: int, count: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.ready, self.done = ctx.Queue(), ctx.Queue()
+        self.topic = f"edgeslice-bench/{uuid.uuid4().hex[:8]}"
+        args = (kind, url, self.topic, count, size, self.ready, self.done)
+        self.proc = ctx.Process(target=_receiver_main, args=args)
+        self.proc.start()
+
+    def wait_ready(self) -> None:
+        self.ready.get(True, 60)
+
+    def close(self) -> None:
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+async def _interleave(
+    kinds: tuple[str, ...], url: str, size: int, count: int, chunk: int, rx: dict[str, _Receiver]
+) -> dict[str, list[float]]:
+    sender = MqttClient(parse_broker_url(url), "bench-tx-" + uuid.uuid4().hex[:8])
+    await sender.connect()
+    tx = _raw_client(url)
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    try:
+        for _ in range(count):
+            for kind in kinds:
+                r = rx[kind]
+                if kind == "chunked":
+                    seconds = await _chunked_once(sender, r.topic, size, r.done)
+                else:
+                    seconds = await asyncio.to_thread(_raw_once, tx, r.topic, size, chunk, r.done)
+                times[kind].append(seconds)
+    finally:
+        await sender.close()
+        tx.loop_stop()
+        tx.disconnect()
     return times
 
 
-def measure(kind: str, url: str, size: int, runs: int, chunk: int = CHUNK) -> list[float]:
-    """Seconds per transfer of ``size`` bytes, receiver in its own process (like an agent)."""
-    ctx = mp.get_context("spawn")
-    ready, done = ctx.Queue(), ctx.Queue()
-    topic = f"edgeslice-bench/{uuid.uuid4().hex[:8]}"
-    proc = ctx.Process(target=_receiver_main, args=(kind, url, topic, runs, size, ready, done))
-    proc.start()
+def measure_paths(
+    kinds: tuple[str, ...], url: str, size: int, count: int, chunk: int = CHUNK
+) -> dict[str, list[float]]:
+    """Seconds per transfer of ``size`` bytes for each path in ``kinds``, ``count`` each,
+    interleaved (one of each in turn, in ``kinds`` order) so that whatever else the machine
+    is doing meanwhile hits both paths alike; each path has its own receiver process."""
+    receivers = {kind: _Receiver(kind, url, size, count) for kind in kinds}
     try:
-        ready.get(True, 60)
-        if kind == "chunked":
-            return asyncio.run(_send_chunked(url, topic, size, runs, done))
-        return _send_raw(url, topic, size, runs, chunk, done)
+        for receiver in receivers.values():
+            receiver.wait_ready()
+        return asyncio.run(_interleave(kinds, url, size, count, chunk, receivers))
     finally:
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
+        for receiver in receivers.values():
+            receiver.close()
+
+
+def measure(kind: str, url: str, size: int, runs: int, chunk: int = CHUNK) -> list[float]:
+    """Seconds per transfer of ``size`` bytes on one path alone."""
+    return measure_paths((kind,), url, size, runs, chunk)[kind]
 
 
 def _timed(mib: int, quick: bool) -> int:
@@ -196,12 +233,12 @@ def _timed(mib: int, quick: bool) -> int:
 
 
 def run_size(url: str, mib: int, timed: int, index: int) -> dict[str, Any]:
-    """One run of one size: both paths back to back (order alternating with ``index``)."""
+    """One run of one size: both paths interleaved (which goes first alternates with ``index``)."""
     size = mib * MiB
     load = load_average()
-    samples: dict[str, list[float]] = {}
-    for kind in ("chunked", "raw") if index % 2 == 0 else ("raw", "chunked"):
-        samples[kind] = measure(kind, url, size, WARMUP + timed)[WARMUP:]
+    kinds = ("chunked", "raw") if index % 2 == 0 else ("raw", "chunked")
+    measured = measure_paths(kinds, url, size, WARMUP + timed)
+    samples = {kind: times[WARMUP:] for kind, times in measured.items()}
     chunked_s, raw_s = median(samples["chunked"]), median(samples["raw"])
     return {
         "run": index + 1,
