@@ -36,9 +36,12 @@ Per direction, data passes three stages, all on the event loop's clock:
 The pure parts (:class:`LinkSpec`, :class:`Pacer`, :class:`DelayLine`,
 :class:`LossModel`) live in :mod:`lab.linkshape`, tested without sockets.
 :class:`LinkProxy` is the in-process asyncio shell; ``python -m edgeslice.lab.linkem``
-runs it as a process, which :class:`LinkProxyProcess` starts and stops through
-:class:`lab.supervisor.Supervised`; the process also stops itself when the
-process that started it is gone (``--parent-pid``: it polls its parent pid). Only loopback
+runs it as a process (:mod:`lab.linkproc`: the process and :class:`LinkProxyProcess`,
+which starts and stops it through :class:`lab.supervisor.Supervised`; the process stops
+itself when its parent is gone). :meth:`LinkProxy.reshape` changes a running proxy's
+shape for every open connection from the next piece on (a link that degrades under load,
+nobody reconnects); the process does it on SIGHUP, re-reading its ``--shape-file``
+(:meth:`LinkProxyProcess.reshape` writes the file and signals). Only loopback
 listen addresses are accepted unless ``allow_remote`` is set: an emulator is
 not a service. Accuracy measured on a shared 2-core machine (raw TCP): within
 3 % from 2 to 200 Mbit/s; a 940 Mbit/s link reaches ~800 Mbit/s, the limit of
@@ -47,17 +50,13 @@ one Python event loop, and unshaped the proxy carries ~300 MB/s.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import logging
-import os
-import signal
 import socket
 import sys
 from typing import Any
 
-from edgeslice.broker.protocol.errors import BrokerError, ConfigError, EdgesliceError
+from edgeslice.broker.protocol.errors import BrokerError, ConfigError
 from edgeslice.lab.linkshape import (
     MAX_PIECE,
     DelayLine,
@@ -68,12 +67,10 @@ from edgeslice.lab.linkshape import (
     is_loopback,
     piece_size,
 )
-from edgeslice.lab.supervisor import Ready, Supervised
 
 logger = logging.getLogger(__name__)
 
 _MIN_QUEUE = 16 * 1024 * 1024  # delay-line bytes before the reader stops reading
-_READY_LINE = "linkem: listening on"
 
 
 class _Direction:
@@ -89,6 +86,19 @@ class _Direction:
             in_flight = spec.bandwidth_bps * (spec.latency_s + spec.retransmit_timeout_s)
             self.queue_limit = max(self.queue_limit, int(2 * in_flight))
         self.delivered = 0
+        self.seed = seed
+        self.lines: set[DelayLine[bytes | None]] = set()  # open connections' delay lines
+
+    def reshape(self, spec: LinkSpec) -> None:
+        """Shape from now on like ``spec`` (pieces already in a delay line keep their time)."""
+        self.spec, self.piece = spec, piece_size(spec.bandwidth_bps)
+        self.pacer.set_rate(spec.bandwidth_bps, burst_bytes=self.piece)
+        self.loss = LossModel(spec.loss_pct, spec.retransmit_timeout_s, self.seed)
+        if not spec.unlimited:
+            in_flight = spec.bandwidth_bps * (spec.latency_s + spec.retransmit_timeout_s)
+            self.queue_limit = max(_MIN_QUEUE, int(2 * in_flight))
+        for line in self.lines:
+            line.latency_s = spec.latency_s
 
     async def carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Move one connection's bytes from ``reader`` to ``writer`` through the link, then EOF."""
@@ -134,9 +144,13 @@ class _Direction:
                 drained.set()
                 await writer.drain()
 
-        async with asyncio.TaskGroup() as group:
-            group.create_task(receive())
-            group.create_task(deliver())
+        self.lines.add(line)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(receive())
+                group.create_task(deliver())
+        finally:
+            self.lines.discard(line)
 
 
 class LinkProxy:
@@ -195,6 +209,15 @@ class LinkProxy:
             listen_host, self.port, target_host, target_port, spec.describe(),
         )  # fmt: skip
         return self
+
+    def reshape(self, spec: LinkSpec) -> None:
+        """Change both directions' shape while running (open connections included)."""
+        self.spec = spec
+        self._up.reshape(spec)
+        self._down.reshape(spec)
+        logger.info(
+            "linkem listen=%s:%d reshaped: %s", self.listen_host, self.port, spec.describe()
+        )
 
     def stats(self) -> LinkStats:
         """A snapshot of the proxy's counters."""
@@ -269,127 +292,7 @@ class LinkProxy:
             logger.debug("linkem client=%s connection ended: %r", peer, errors.exceptions[0])
 
 
-# -- process form: `python -m edgeslice.lab.linkem`, driven by LinkProxyProcess -------------
-class LinkProxyProcess(Supervised):
-    """A ``python -m edgeslice.lab.linkem`` child process (a :class:`Supervised`).
+if __name__ == "__main__":  # the process form lives in lab/linkproc.py
+    from edgeslice.lab.linkproc import main
 
-    With ``listen_port=0`` the proxy binds a free port itself and names it in its ready
-    line, so no other process can take the port between choosing and binding it.
-    """
-
-    def __init__(
-        self,
-        target_host: str,
-        target_port: int,
-        spec: LinkSpec,
-        listen_host: str = "127.0.0.1",
-        listen_port: int = 0,
-        seed: int | None = None,
-        log_path: str | None = None,
-    ) -> None:
-        self.target_host, self.target_port, self.spec = target_host, target_port, spec
-        self.listen_host, self.port, self.seed = listen_host, listen_port, seed
-        super().__init__("linkem", self.command(), log_path)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
-        return f"mqtt://{host}:{self.port}"
-
-    def start(self, ready: Ready = None, timeout: float = 10.0) -> LinkProxyProcess:
-        """Start the proxy; return once it listens. BrokerError (with the log tail) if not."""
-        try:
-            super().start(ready or self._listening, timeout)
-        except EdgesliceError as exc:
-            raise BrokerError(f"linkem on {self.url}: {exc}") from None
-        target = f"{self.target_host}:{self.target_port}"
-        logger.info("linkem pid=%s url=%s -> %s", self.pid, self.url, target)
-        return self
-
-    def command(self) -> list[str]:
-        """The ``python -m edgeslice.lab.linkem`` command line for this proxy."""
-        host = f"[{self.target_host}]" if ":" in self.target_host else self.target_host
-        cmd = [sys.executable, "-m", "edgeslice.lab.linkem", "--listen-host", self.listen_host]
-        cmd += ["--listen-port", str(self.port), "--target", f"{host}:{self.target_port}"]
-        cmd += ["--bandwidth-mbit", repr(self.spec.bandwidth_bps * 8 / 1e6)]
-        cmd += ["--latency-ms", repr(self.spec.latency_s * 1000)]
-        cmd += ["--loss-pct", repr(self.spec.loss_pct), "--parent-pid", str(os.getpid())]
-        if self.seed is not None:
-            cmd += ["--seed", str(self.seed)]
-        if not is_loopback(self.listen_host):
-            cmd.append("--allow-remote")
-        return cmd
-
-    def _listening(self) -> bool:
-        """Ready check: the ready line is in the log; takes the port it names."""
-        for line in self.log_tail().splitlines():
-            if line.startswith(_READY_LINE):
-                self.port = int(line.split()[3].rpartition(":")[2])
-                return True
-        return False
-
-
-def _say(text: str) -> None:
-    """One line on stdout, which LinkProxyProcess captures as the proxy log."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-async def _run(args: argparse.Namespace, target: tuple[str, int], spec: LinkSpec) -> int:
-    proxy = LinkProxy(seed=args.seed, allow_remote=args.allow_remote)
-    try:
-        await proxy.start(args.listen_host, args.listen_port, *target, spec)
-    except (BrokerError, ConfigError) as exc:
-        _say(str(exc))  # already says "linkem: ..."
-        return 1
-    _say(f"{_READY_LINE} {args.listen_host}:{proxy.port} -> {args.target} ({spec.describe()})")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    while not stop.is_set():
-        if args.parent_pid is not None and os.getppid() != args.parent_pid:
-            _say(f"linkem: parent process {args.parent_pid} is gone; stopping")
-            break
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=0.5)
-    stats = proxy.stats()
-    await proxy.stop()
-    _say(f"linkem: stopped (up {stats.bytes_up} B, down {stats.bytes_down} B)")
-    return 0
-
-
-def _parse_target(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"--target {text!r} is not HOST:PORT (e.g. 127.0.0.1:1883)")
-    return host.strip("[]"), int(port)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m broker.linkem``: one shaping proxy until SIGTERM/SIGINT; exit 2 on bad flags."""
-    parser = argparse.ArgumentParser(
-        prog="python -m broker.linkem", description="a TCP proxy that emulates one device's link"
-    )
-    parser.add_argument("--listen-host", default="127.0.0.1")
-    parser.add_argument("--listen-port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--target", required=True, help="HOST:PORT of the real broker")
-    parser.add_argument("--bandwidth-mbit", type=float, default=0.0, help="0 = unlimited")
-    parser.add_argument("--latency-ms", type=float, default=0.0, help="one-way, each direction")
-    parser.add_argument("--loss-pct", type=float, default=0.0, help="per-segment loss, percent")
-    parser.add_argument("--seed", type=int, default=None, help="makes the loss pattern repeat")
-    parser.add_argument("--allow-remote", action="store_true", help="listen on a non-loopback")
-    parser.add_argument("--parent-pid", type=int, default=None, help="stop when it is gone")
-    args = parser.parse_args(argv)
-    try:
-        target = _parse_target(args.target)
-        spec = LinkSpec.from_mbit(args.bandwidth_mbit, args.latency_ms, args.loss_pct)
-    except ConfigError as exc:
-        _say(f"linkem: error: {exc}")
-        return 2
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s: %(message)s")
-    return asyncio.run(_run(args, target, spec))
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import json
 import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from edgeslice.broker.protocol.errors import ConfigError
@@ -121,6 +123,11 @@ class Pacer:
         self._credit_s = 0.0 if bandwidth_bps in (0, math.inf) else burst_bytes / bandwidth_bps
         self._free_at = -math.inf
 
+    def set_rate(self, bandwidth_bps: float, burst_bytes: int = 0) -> None:
+        """Change the rate from now on; what is already booked keeps its time."""
+        self.bandwidth_bps = bandwidth_bps
+        self._credit_s = 0.0 if bandwidth_bps in (0, math.inf) else burst_bytes / bandwidth_bps
+
     def schedule(self, now: float, nbytes: int) -> float:
         """Book ``nbytes`` handed over at ``now``; the time the link has sent them.
 
@@ -199,6 +206,29 @@ class LinkStats:
     open_connections: int
     held_back_up: int
     held_back_down: int
+
+
+def write_shape_file(path: str | Path, spec: LinkSpec) -> None:
+    """Write ``spec`` for a running proxy to pick up on SIGHUP (JSON in profile units),
+    atomically: the proxy never reads half a file."""
+    path = Path(path)
+    bandwidth = 0.0 if spec.unlimited else spec.bandwidth_bps * 8 / 1e6
+    body = {"bandwidth_mbit": bandwidth, "latency_ms": spec.latency_s * 1e3}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**body, "loss_pct": spec.loss_pct}), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_shape_file(path: str | Path) -> LinkSpec:
+    """The spec in a shape file (``{"bandwidth_mbit", "latency_ms", "loss_pct"}``, 0 Mbit/s
+    = unlimited); ConfigError naming the file when it is missing or wrong."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return LinkSpec.from_mbit(
+            data["bandwidth_mbit"], data.get("latency_ms", 0.0), data.get("loss_pct", 0.0)
+        )
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
+        raise ConfigError(f"link shape file {path}: {exc!r}") from None
 
 
 def is_loopback(host: str) -> bool:

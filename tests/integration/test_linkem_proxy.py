@@ -22,7 +22,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeslice.broker.protocol.errors import BrokerError
-from edgeslice.lab.linkem import LinkProxy, LinkProxyProcess, LinkSpec
+from edgeslice.lab.linkem import LinkProxy, LinkSpec
+from edgeslice.lab.linkproc import LinkProxyProcess
 from edgeslice.lab.server import LocalBroker
 
 pytestmark = pytest.mark.integration

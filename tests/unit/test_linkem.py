@@ -9,7 +9,8 @@ import pytest
 
 from edgeslice.broker.protocol.errors import ConfigError
 from edgeslice.firmware_profiles import load_profile
-from edgeslice.lab.linkem import LinkProxy, main
+from edgeslice.lab.linkem import LinkProxy
+from edgeslice.lab.linkproc import main
 from edgeslice.lab.linkshape import (
     MSS,
     DelayLine,
