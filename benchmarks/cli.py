@@ -15,6 +15,7 @@ BENCHMARKS = {
     "scaling": "scaling",
     "simulation": "simulation",
     "emulation": "emulation",
+    "batching": "batching",
     "soak": "soak",
 }
 
