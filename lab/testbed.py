@@ -41,6 +41,7 @@ from edgeslice.agent.limits import remove_agent_cgroups
 from edgeslice.broker.protocol.errors import ConfigError, EdgesliceError
 from edgeslice.firmware_profiles import load_profile, profile_to_dict
 from edgeslice.lab.fleet import AgentSpec, LocalFleet
+from edgeslice.lab.linkshape import LinkSpec, write_shape_file
 from edgeslice.lab.server import free_port
 from edgeslice.lab.supervisor import stop_groups
 
@@ -208,16 +209,24 @@ class Testbed:
             extra += ["--emulate", "--emulate-mode", agent.emulate_mode]
         if agent.link is not None:
             port = free_port()
+            shape = ["--shape-file", str(Path(self.workdir) / f"link-{agent.agent_id}.json")]
             self.fleet.spawn_module(
                 f"link-{agent.agent_id}",
                 "edgeslice.lab.linkem",
-                ["--listen-port", str(port), "--target", target, *agent.link.args()],
+                ["--listen-port", str(port), "--target", target, *agent.link.args(), *shape],
                 ready=("127.0.0.1", port),
                 timeout=30,
             )
             extra += ["--broker", f"mqtt://127.0.0.1:{port}"]
         self.agents.append(agent.agent_id)  # before it starts: down removes its cgroup
         self.fleet.start_agent(AgentSpec(agent.agent_id, agent.profile, tuple(extra)))
+
+    def set_link(self, agent_id: str, link: LinkShape) -> None:
+        """Change a running agent's link: its proxy re-reads its shape file on SIGHUP."""
+        assert self.fleet is not None
+        spec = LinkSpec.from_mbit(link.bandwidth_mbit, link.latency_ms, link.loss_pct)
+        write_shape_file(Path(self.workdir) / f"link-{agent_id}.json", spec)
+        self.fleet.signal(f"link-{agent_id}", signal.SIGHUP)
 
     def state(self) -> dict[str, Any]:
         assert self.fleet is not None

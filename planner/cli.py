@@ -88,6 +88,34 @@ def _fail(exc: Exception) -> click.ClickException:
     "agents serve on and a restarted planner adopts it if still valid.",
 )
 @metrics_options
+@click.option(
+    "--busy-high",
+    type=float,
+    default=0.9,
+    show_default=True,
+    help="Load shift: an agent whose stage worker is busy above this fraction ...",
+)
+@click.option(
+    "--busy-hold",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="... for this many seconds, while the rest of the fleet is not, gets less work ...",
+)
+@click.option(
+    "--busy-low",
+    type=float,
+    default=0.6,
+    show_default=True,
+    help="... until it has been busy below this fraction ...",
+)
+@click.option(
+    "--busy-recover",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="... for this many seconds (longer than the hold: plans do not flap).",
+)
 def planner_cmd(
     settings: BrokerSettings,
     model_spec: str,
@@ -101,6 +129,10 @@ def planner_cmd(
     strategy: str,
     clear_plan_on_exit: bool,
     metrics: MetricsEndpoint | None,
+    busy_high: float,
+    busy_hold: float,
+    busy_low: float,
+    busy_recover: float,
 ) -> None:
     """Run the planner for one model until SIGTERM/Ctrl-C.
 
@@ -109,6 +141,7 @@ def planner_cmd(
     serves the stage artifacts, and re-plans when agents join or leave.
     """
     from edgeslice.planner.config import PlannerConfig
+    from edgeslice.planner.replan import LoadShiftConfig
     from edgeslice.planner.retained import describe_plan
     from edgeslice.planner.service import PlannerService
 
@@ -126,6 +159,9 @@ def planner_cmd(
                 strategy=strategy,
                 clear_plan_on_exit=clear_plan_on_exit,
                 compression=None if compression == "none" else compression,
+                load_shift=LoadShiftConfig(
+                    high=busy_high, low=busy_low, hold_s=busy_hold, recover_s=busy_recover
+                ),
             ),
             # one line per plan on stderr, shown without -v (logging defaults to WARNING)
             on_plan=lambda plan: click.echo(f"edgeslice planner: {describe_plan(plan)}", err=True),

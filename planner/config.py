@@ -6,11 +6,12 @@ values fail here with the flag's name, before any model is loaded or broker cont
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgeslice.broker.protocol.errors import ConfigError
 from edgeslice.broker.settings import BrokerSettings
 from edgeslice.planner.partition import STRATEGIES
+from edgeslice.planner.replan import LoadShiftConfig
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class PlannerConfig:
     # on stop, clear the retained plan (the fleet is retired) instead of keeping it for the
     # agents to serve on and a restarted planner to adopt
     clear_plan_on_exit: bool = False
+    # when a busy agent is derated and gets its work back (--busy-high/-low/-hold/-recover)
+    load_shift: LoadShiftConfig = field(default_factory=LoadShiftConfig)
 
     def __post_init__(self) -> None:
         if self.objective not in ("latency", "throughput"):
@@ -42,3 +45,9 @@ class PlannerConfig:
             raise ConfigError("--min-agents must be >= 1")
         if self.replan_delay_s < 0:
             raise ConfigError("--replan-delay must be >= 0 seconds")
+        ls = self.load_shift
+        if not 0 <= ls.low < ls.high <= 1 or ls.hold_s < 0 or ls.recover_s < 0:
+            raise ConfigError(
+                "--busy-low must be below --busy-high (both 0..1), --busy-hold and "
+                f"--busy-recover >= 0 s; got {ls.low}, {ls.high}, {ls.hold_s}, {ls.recover_s}"
+            )

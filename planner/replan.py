@@ -14,6 +14,11 @@ asyncio), so each rule is unit-tested in tests/unit/test_replan.py:
 * :func:`layout` / :func:`adopt_problem`: whether a freshly planned layout is the one being
   served (then nothing is republished), and whether a plan retained by an earlier planner
   may be adopted as is.
+* :func:`capability_changed`: an agent that re-measured itself (``cmd/calibrate``: its link
+  and GFLOP/s, republished in ``info``) by more than ``factor`` either way is re-planned
+  like a join (after the quiet period): a link that dropped from gigabit to a few Mbit/s
+  is priced at its new rate. Agents measure at start-up and on ``cmd/calibrate`` only
+  (a periodic link test would cost the link it measures); small drifts change nothing.
 * :class:`LoadShift`: an agent whose stage worker stays busy above ``high`` for
   ``hold_s`` while the rest of the fleet is not (a CPU hog beside it) is planned with its
   effective rate; it gets its work back only after staying below ``low`` for the longer
@@ -28,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from edgeslice.broker.fleetstate import AgentState
-from edgeslice.broker.protocol.messages import PlanMessage, PlanStage
+from edgeslice.broker.protocol.messages import Info, PlanMessage, PlanStage
 from edgeslice.planner.costmodel import Device
 
 JOIN = "join"
@@ -71,6 +76,19 @@ class ReplanSchedule:
             return False
         self.due = None
         return True
+
+
+def capability_changed(before: Info | None, after: Info | None, factor: float = 1.5) -> bool:
+    """True when a new ``info`` of the same session moved the agent's measured link
+    bandwidth, round trip or GFLOP/s by more than ``factor`` (a new session is a join)."""
+    if before is None or after is None or before.session != after.session:
+        return False
+    pairs = (
+        (before.link_bandwidth_bps, after.link_bandwidth_bps),
+        (before.link_rtt_s, after.link_rtt_s),
+        (before.gflops, after.gflops),
+    )
+    return any(a > 0 and b > 0 and max(a / b, b / a) > factor for a, b in pairs)
 
 
 def first_plan_gate(usable: int, min_agents: int, served_before: bool) -> str | None:

@@ -82,7 +82,7 @@ class PlannerService:
         self.served = False  # a plan was served: min_agents no longer applies
         self.schedule = replan.ReplanSchedule(config.replan_delay_s)
         self.backoff = replan.Backoff()
-        self.loadshift = replan.LoadShift()
+        self.loadshift = replan.LoadShift(config.load_shift)
         self.on_plan = on_plan
         self._wake = asyncio.Event()
         self._load_checked = 0.0
@@ -210,8 +210,13 @@ class PlannerService:
                 if parsed.kind in (Kind.PLAN, Kind.ASSIGNMENT_DESIRED):
                     self.retained.observe(msg.topic, msg.payload)  # garbage: ours again
                 before = self.registry.usable_ids()
+                had = self.registry.agents.get(parsed.agent_id or "")
+                info = had.info if had is not None else None
                 self.registry.apply(msg.topic, msg.payload, time.time())
                 change = replan.classify(before, self.registry.usable_ids())
+                if change is None and had and replan.capability_changed(info, had.info):
+                    log.info("agent=%s re-measured itself: re-planning", parsed.agent_id)
+                    change = JOIN  # priced at its new figures, after the quiet period
                 if change is not None:
                     self._request(change)
                 if parsed.kind is Kind.ASSIGNMENT_REPORTED:

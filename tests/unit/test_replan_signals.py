@@ -1,0 +1,47 @@
+"""Re-planning signals beyond joins and leaves: an agent that re-measured itself, and the
+load-shift thresholds as planner options."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from edgeslice.broker.protocol.errors import ConfigError
+from edgeslice.broker.protocol.messages import Info
+from edgeslice.broker.settings import parse_broker_url
+from edgeslice.planner.config import PlannerConfig
+from edgeslice.planner.replan import LoadShift, LoadShiftConfig, capability_changed
+
+INFO = Info(
+    agent_id="a", profile="rpi4-4gb", gflops=10.0, link_bandwidth_bps=100e6, link_rtt_s=0.001
+)
+
+
+def test_a_link_that_dropped_is_a_capability_change() -> None:
+    slow = dataclasses.replace(INFO, link_bandwidth_bps=0.5e6)  # 800 -> 4 Mbit/s
+    assert capability_changed(INFO, slow)
+    assert capability_changed(slow, INFO)  # and back up again
+    assert capability_changed(INFO, dataclasses.replace(INFO, gflops=4.0))
+    assert capability_changed(INFO, dataclasses.replace(INFO, link_rtt_s=0.05))
+
+
+def test_drift_new_sessions_and_unknown_figures_are_not() -> None:
+    assert not capability_changed(INFO, dataclasses.replace(INFO, link_bandwidth_bps=80e6))
+    assert not capability_changed(INFO, dataclasses.replace(INFO, session=2, gflops=1.0))
+    assert not capability_changed(INFO, dataclasses.replace(INFO, link_bandwidth_bps=0.0))
+    assert not capability_changed(None, INFO)
+
+
+def test_load_shift_thresholds_are_planner_options() -> None:
+    fast = LoadShiftConfig(high=0.8, low=0.5, hold_s=2.0, recover_s=5.0)
+    shift = LoadShift(fast)
+    assert not shift.observe({"a": 0.95, "b": 0.2}, 0.0)
+    assert shift.observe({"a": 0.95, "b": 0.2}, 2.0)  # derated after 2 s, not 10
+    assert not shift.observe({"a": 0.1, "b": 0.2}, 3.0)
+    assert shift.observe({"a": 0.1, "b": 0.2}, 8.0) and not shift.derated  # back after 5 s
+    broker = parse_broker_url("mqtt://127.0.0.1:1883")
+    assert PlannerConfig("mobilenetv2", broker, load_shift=fast).load_shift == fast
+    bad = LoadShiftConfig(high=0.5, low=0.6)
+    with pytest.raises(ConfigError, match="--busy-low must be below --busy-high"):
+        PlannerConfig("mobilenetv2", broker, load_shift=bad)
