@@ -49,6 +49,15 @@ REPAIR_INTERVAL_S = 1.0  # at most one re-publish per topic per interval
 SETTLE_S = 0.2  # wait for the echoes of the planner's own recent publishes before judging
 
 
+def _identity(payload: bytes, kind: Kind) -> tuple[str, int, bool]:
+    """(plan id, version, ready) of a plan or desired-assignment payload; raises DecodeError."""
+    if kind is Kind.PLAN:
+        plan = codec.decode(payload, PlanMessage)
+        return plan.plan_id, plan.plan_version, plan.ready
+    desired = codec.decode(payload, AssignmentDesired)
+    return desired.plan_id, desired.plan_version, True
+
+
 def foreign(held: bytes, seen: bytes, kind: Kind) -> str:
     """Why ``seen`` (what the broker holds) is not ``held`` (what the planner last published
     on a plan or desired-assignment topic); "" when it is. Pure.
@@ -61,22 +70,13 @@ def foreign(held: bytes, seen: bytes, kind: Kind) -> str:
         return "cleared by someone else"
     if not held:
         return "a message where the planner cleared it"
-    cls: type[PlanMessage] | type[AssignmentDesired]
-    cls = PlanMessage if kind is Kind.PLAN else AssignmentDesired
     try:
-        theirs, ours = codec.decode(seen, cls), codec.decode(held, cls)
+        theirs, ours = _identity(seen, kind), _identity(held, kind)
     except EdgesliceError as exc:
         return f"malformed ({f'{exc}'[:120]})"
-    if kind is Kind.PLAN:
-        assert isinstance(theirs, PlanMessage) and isinstance(ours, PlanMessage)
-        if theirs.ready != ours.ready:
-            return f"ready={theirs.ready}, the planner's plan says ready={ours.ready}"
-    if (theirs.plan_id, theirs.plan_version) != (ours.plan_id, ours.plan_version):
-        return (
-            f"plan {theirs.plan_id} v{theirs.plan_version}, not the planner's "
-            f"{ours.plan_id} v{ours.plan_version}"
-        )
-    return ""
+    if theirs == ours:
+        return ""
+    return "plan {} v{} (ready={}), not the planner's {} v{} (ready={})".format(*theirs, *ours)
 
 
 def describe_plan(plan: PlanMessage) -> str:
