@@ -17,6 +17,7 @@ BENCHMARKS = {
     "emulation": "emulation",
     "batching": "batching",
     "soak": "soak",
+    "brokers": "brokers",
 }
 
 
