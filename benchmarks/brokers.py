@@ -83,20 +83,21 @@ def main(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
             + (f", {row['vs_mosquitto']:.2f} x mosquitto" if base else ""),
             flush=True,
         )
-    result = {
+    load_end = load_average()
+    result: dict[str, Any] = {
         "quick": quick,
         "runs": runs,
         "warmup": WARMUP,
         "timed_per_run": timed,
         "size_mib": mib,
         "load_avg_start": list(load_start),
-        "load_avg_end": list(load_average()),
+        "load_avg_end": list(load_end),
         "rows": rows,
         "skipped": skipped,
     }
     path = write_result("brokers-quick" if quick else "brokers", result)
     print(
-        f"load average {load_start[0]:.2f} -> {result['load_avg_end'][0]:.2f}; wrote {path}",
+        f"load average {load_start[0]:.2f} -> {load_end[0]:.2f}; wrote {path}",
         flush=True,
     )
     return result
