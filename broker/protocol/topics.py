@@ -74,8 +74,11 @@ def check_id(value: str, what: str = "agent id") -> str:
 
 
 def sanitize_id(value: str) -> str:
-    """Turn a hostname or free text into a valid id (used for the default ``--id``)."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.:-]+", "-", value).strip("-")[:64]
+    """Turn a hostname or free text into a valid id (used for the default ``--id``).
+
+    ``.`` becomes ``-`` too (``pi.local`` -> ``pi-local``): NATS refuses topics with
+    ``.`` and RabbitMQ maps it to ``/``, so a default id must not carry one."""
+    cleaned = re.sub(r"[^A-Za-z0-9_:-]+", "-", value).strip("-")[:64]
     return cleaned or "agent"
 
 
