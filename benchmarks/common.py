@@ -82,6 +82,29 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def spread(values: list[float]) -> dict[str, Any]:
+    """``{"median", "min", "max", "n"}`` of repeated measurements of one figure (what every
+    benchmark reports: the median of its runs with the min-max beside it)."""
+    if not values:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def rotated(items: list[Any], run: int) -> list[Any]:
+    """``items`` starting at position ``run``: run r of an interleaved benchmark measures
+    every item once, each item at a different place in the order in each run, so a drift
+    in the machine's speed during a run does not always hit the same item first."""
+    if not items:
+        return []
+    k = run % len(items)
+    return items[k:] + items[:k]
+
+
 def chart(
     name: str,
     rows: list[dict[str, Any]],
@@ -91,7 +114,8 @@ def chart(
     out_dir: Path | None = None,
 ) -> Path | None:
     """A grouped bar chart results/NAME.png of ``measured[metric]`` per (fleet, model) group
-    and ``label_key``; skipped with a note when matplotlib (the ``bench`` extra) is absent."""
+    and ``label_key``; skipped with a note when matplotlib (the ``bench`` extra) is absent.
+    A metric given as a :func:`spread` dict is drawn as its median with a min-max bar."""
     try:
         import matplotlib
 
@@ -105,15 +129,26 @@ def chart(
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 2), 4))
     width = 0.8 / max(1, len(labels))
     for i, label in enumerate(labels):
-        values = []
+        values, low, high = [], [], []
         for g in groups:
             match = [
                 r
                 for r in rows
                 if f"{r.get('fleet', '')}/{r.get('model', '')}" == g and str(r[label_key]) == label
             ]
-            values.append(match[0]["measured"][metric] if match else 0.0)
-        ax.bar([x + i * width for x in range(len(groups))], values, width, label=label)
+            value = match[0]["measured"][metric] if match else 0.0
+            if isinstance(value, dict):
+                mid = value["median"] or 0.0
+                values.append(mid)
+                low.append(mid - (value["min"] or mid))
+                high.append((value["max"] or mid) - mid)
+            else:
+                values.append(value)
+                low.append(0.0)
+                high.append(0.0)
+        xs = [x + i * width for x in range(len(groups))]
+        bars: dict[str, Any] = {"yerr": [low, high], "capsize": 2} if any(low) or any(high) else {}
+        ax.bar(xs, values, width, label=label, **bars)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], groups, rotation=15)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)

@@ -3,6 +3,13 @@
 Shared by ``strategies`` and ``scaling``: start a planner with a strategy, wait for its
 ready plan, measure latency at one request in flight and throughput at saturation
 (closed loop), and collect the per-stage breakdown and predicted-vs-measured stage times.
+
+Throughput is the steady-state completion rate: ``in_flight`` workers keep the fleet
+saturated; the first ``in_flight`` completions (filling the pipeline) are not counted;
+then completions are counted for at least ``window_s`` seconds and ``window_requests``
+completions, and the rate is completions / time between the first and last counted
+completion. Fill and drain therefore cost a pipelined plan nothing, as they cost a
+replicated plan nothing: every strategy is measured in its steady state.
 """
 
 from __future__ import annotations
@@ -10,12 +17,23 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from edgeslice.broker.protocol.messages import PlanMessage
 from edgeslice.broker.settings import parse_broker_url
 from edgeslice.client.inference import InferenceClient, InferenceResult
 from edgeslice.lab.testbed import Testbed
+
+
+@dataclass(frozen=True)
+class Load:
+    """How much one measurement sends: sequential requests for latency, then a closed loop."""
+
+    latency_requests: int = 8
+    in_flight: int = 8
+    window_requests: int = 12  # at least this many counted completions ...
+    window_s: float = 4.0  # ... over at least this long
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -48,30 +66,49 @@ def breakdown(plan: PlanMessage, results: list[InferenceResult]) -> list[dict[st
     return rows
 
 
-async def measure_plan(
-    client: InferenceClient,
-    plan: PlanMessage,
-    inputs: Any,
-    latency_requests: int,
-    throughput_requests: int,
-    in_flight: int,
-) -> dict[str, Any]:
-    """Latency at 1 in flight, then throughput with ``in_flight`` outstanding (closed loop)."""
-    for _ in range(2):  # warm-up: first run of every stage and replica
-        await asyncio.gather(*(client.infer(inputs, timeout=180) for _ in range(in_flight)))
-    single = [await client.infer(inputs, timeout=180) for _ in range(latency_requests)]
-    done: list[InferenceResult] = []
-    issued = 0
+async def saturate(
+    client: InferenceClient, inputs: Any, load: Load
+) -> tuple[float, list[InferenceResult], float]:
+    """Steady-state throughput (see the module docstring): (req/s, counted results, window s)."""
+    fill = load.in_flight
+    finished: list[tuple[float, InferenceResult]] = []
+    stop = False
+    window_start = 0.0
 
     async def worker() -> None:
-        nonlocal issued
-        while issued < throughput_requests:
-            issued += 1
-            done.append(await client.infer(inputs, timeout=300))
+        nonlocal stop, window_start
+        while not stop:
+            result = await client.infer(inputs, timeout=300)
+            now = time.perf_counter()
+            finished.append((now, result))
+            if len(finished) == fill:
+                window_start = now
+            counted = len(finished) - fill
+            if counted >= load.window_requests and now - window_start >= load.window_s:
+                stop = True  # the others finish what they have in flight, uncounted
 
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(in_flight)))
-    elapsed = time.perf_counter() - start
+    await asyncio.gather(*(worker() for _ in range(load.in_flight)))
+    window = finished[fill:]
+    # counted: completions after the fill up to the one that closed the window
+    closing = next(
+        i
+        for i, (t, _) in enumerate(window)
+        if i + 1 >= load.window_requests and t - window_start >= load.window_s
+    )
+    counted = window[: closing + 1]
+    elapsed = counted[-1][0] - window_start
+    return len(counted) / elapsed, [r for _, r in counted], elapsed
+
+
+async def measure_plan(
+    client: InferenceClient, plan: PlanMessage, inputs: Any, load: Load
+) -> dict[str, Any]:
+    """Warm-up, latency at 1 in flight, then steady-state throughput at ``load.in_flight``."""
+    started = time.perf_counter()
+    # warm-up: one round with every replica busy (first run of every stage and replica)
+    await asyncio.gather(*(client.infer(inputs, timeout=180) for _ in range(load.in_flight)))
+    single = [await client.infer(inputs, timeout=180) for _ in range(load.latency_requests)]
+    throughput, counted, window = await saturate(client, inputs, load)
     lat = [r.latency_s for r in single]
     return {
         "plan_version": plan.plan_version,
@@ -81,14 +118,20 @@ async def measure_plan(
         "measured": {
             "p50_s": statistics.median(lat),
             "p95_s": _pct(lat, 0.95),
-            "throughput_rps": len(done) / elapsed,
-            "in_flight": in_flight,
-            "requests": len(done),
+            "latency_requests": len(lat),
+            "throughput_rps": throughput,
+            "in_flight": load.in_flight,
+            "requests": len(counted),
+            "window_s": window,
         },
-        "breakdown": breakdown(plan, done),
+        "breakdown": breakdown(plan, counted),
         "all_outputs_finite": all(
-            bool(o.isfinite().all()) for r in done for o in r.outputs if o.is_floating_point()
+            bool(o.isfinite().all())
+            for r in [*single, *counted]
+            for o in r.outputs
+            if o.is_floating_point()
         ),
+        "measure_s": time.perf_counter() - started,
     }
 
 
@@ -99,12 +142,11 @@ def run_strategy(
     objective: str,
     inputs: Any,
     min_agents: int,
-    latency_requests: int,
-    throughput_requests: int,
-    in_flight: int,
+    load: Load,
 ) -> dict[str, Any]:
     """Start a planner with ``strategy`` on the running testbed, measure, stop it."""
     assert bed.fleet is not None
+    started = time.perf_counter()
     bed.fleet.start_planner(
         model,
         [
@@ -126,9 +168,8 @@ def run_strategy(
             while plan.strategy != strategy or plan.objective not in (objective, "none"):
                 # a plan retained by the previous planner: wait for this planner's own
                 plan = await client.wait_ready(300, other_than=plan.plan_id)
-            return await measure_plan(
-                client, plan, inputs, latency_requests, throughput_requests, in_flight
-            )
+            ready_s = time.perf_counter() - started
+            return {"plan_ready_s": ready_s, **await measure_plan(client, plan, inputs, load)}
 
     try:
         return asyncio.run(go())

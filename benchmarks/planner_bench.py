@@ -93,15 +93,16 @@ def make_model(kind: str, cuts: int, seed: int) -> ModelCost:
     return ModelCost(f"{kind}-{cuts}", 602_112, tuple(segments))
 
 
-def _median_s(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median wall-clock and CPU seconds of ``fn`` (CPU time is immune to other load)."""
+def _times_s(fn: Callable[[], object], repeats: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU seconds of ``fn``, once per repeat (CPU time is immune to other
+    load)."""
     wall, cpu = [], []
     for _ in range(repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+    return wall, cpu
 
 
 def _plan_or_none(fn: Callable[[], Plan]) -> Plan | None:
@@ -112,7 +113,8 @@ def _plan_or_none(fn: Callable[[], Plan]) -> Plan | None:
 
 
 def bench_timing(repeats: int) -> list[dict[str, Any]]:
-    """Median planning time per (model, cuts, fleet size, objective)."""
+    """Planning time per (model, cuts, fleet size, objective): median and min-max of
+    ``repeats`` runs."""
     rows = []
     for kind in ("cnn", "transformer"):
         for cuts in CUTS:
@@ -121,7 +123,7 @@ def bench_timing(repeats: int) -> list[dict[str, Any]]:
                 fleet = make_fleet(size, seed=size)
                 for objective in ("latency", "throughput"):
                     plan = _plan_or_none(partial(plan_partition, model, fleet, objective))
-                    wall, cpu = _median_s(
+                    wall, cpu = _times_s(
                         partial(_plan_or_none, partial(plan_partition, model, fleet, objective)),
                         repeats,
                     )
@@ -131,8 +133,11 @@ def bench_timing(repeats: int) -> list[dict[str, Any]]:
                             "cuts": cuts,
                             "devices": size,
                             "objective": objective,
-                            "median_ms": round(1e3 * wall, 3),
-                            "median_cpu_ms": round(1e3 * cpu, 3),
+                            "repeats": repeats,
+                            "median_ms": round(1e3 * statistics.median(wall), 3),
+                            "min_ms": round(1e3 * min(wall), 3),
+                            "max_ms": round(1e3 * max(wall), 3),
+                            "median_cpu_ms": round(1e3 * statistics.median(cpu), 3),
                             "feasible": plan is not None,
                             "exact": plan.exact if plan else None,
                             "stages": len(plan.stages) if plan else None,
@@ -270,7 +275,8 @@ def machine() -> dict[str, Any]:
 
 def run(quick: bool = False) -> dict[str, Any]:
     """All planner benchmarks; ``quick`` trims repeats and instance counts (for CI)."""
-    timing = bench_timing(repeats=1 if quick else 5)
+    repeats = 1 if quick else 5
+    timing = bench_timing(repeats=repeats)
     worst = {
         objective: max(r["median_ms"] for r in timing if r["objective"] == objective)
         for objective in ("latency", "throughput")
@@ -279,10 +285,12 @@ def run(quick: bool = False) -> dict[str, Any]:
     return {
         "benchmark": "planner",
         "quick": quick,
+        "runs": repeats,
         "machine": machine(),
         "timing": timing,
         "timing_worst_ms": worst,
         "timing_100_cuts_16_devices_worst_ms": max(r["median_ms"] for r in largest),
+        "timing_100_cuts_16_devices_worst_row": max(largest, key=lambda r: r["median_ms"]),
         "timing_100_cuts_16_devices_worst_cpu_ms": max(r["median_cpu_ms"] for r in largest),
         "optimality_vs_brute_force": bench_optimality(12 if quick else 80),
         "heuristic_vs_exact_dp": bench_heuristic_vs_dp(4 if quick else 16),
@@ -303,6 +311,9 @@ def _print(result: dict[str, Any]) -> None:
         print(f"{kind:12} {cuts:>4} {size:>3}   {c['latency']:>10} {c['throughput']:>11}")
     print(
         f"worst 100 cuts x 16 devices: {result['timing_100_cuts_16_devices_worst_ms']:.1f} ms "
+        f"(min-max {result['timing_100_cuts_16_devices_worst_row']['min_ms']:.1f}-"
+        f"{result['timing_100_cuts_16_devices_worst_row']['max_ms']:.1f} of "
+        f"{result['timing_100_cuts_16_devices_worst_row']['repeats']} runs) "
         f"wall, {result['timing_100_cuts_16_devices_worst_cpu_ms']:.1f} ms CPU"
     )
     opt = result["optimality_vs_brute_force"]

@@ -47,3 +47,13 @@ def test_quick_benchmark_writes_results_with_machine(name: str) -> None:
         rows = result["rows"]
         assert rows and all("measured" in r and r["measured"]["throughput_rps"] > 0 for r in rows)
         assert all(r["all_outputs_finite"] for r in rows)
+        # quick: one run, labelled; every row says which run it belongs to
+        assert result["runs"] == 1 and all(r["run"] == 0 for r in rows)
+        assert result["load_1m_during"]["n"] == len(rows)
+    if name == "strategies":
+        assert all(s["measured"]["throughput_rps"]["n"] == 1 for s in result["summary"])
+        assert result["ratios"][0]["vs_monolithic_throughput"]["n"] == 1
+    if name == "scaling":
+        assert [s["devices"] for s in result["sizes"]] == [1, 2]
+    if name == "planner":
+        assert all(r["min_ms"] <= r["median_ms"] <= r["max_ms"] for r in result["timing"])
