@@ -91,7 +91,7 @@ def _fail(exc: Exception) -> click.ClickException:
 @click.option(
     "--busy-high",
     type=float,
-    default=0.9,
+    default=0.8,
     show_default=True,
     help="Load shift: an agent whose stage worker is busy above this fraction ...",
 )

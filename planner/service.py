@@ -281,6 +281,7 @@ class PlannerService:
         waiting = [a for a in self.assigned if self.assigned[a] and not self._reported_ready(a)]
         if self.assigned and not waiting:
             self.plan_message = dataclasses.replace(plan, ready=True, ts=time.time())
+            self.loadshift.restart(time.time())  # busy during the switch says nothing
             await self.retained.publish_plan(self.plan_message)
             await self._publish_status()
             log.info("plan model=%s v%d ready: %s", self.model_name, self.version, self._summary())

@@ -33,6 +33,18 @@ def test_drift_new_sessions_and_unknown_figures_are_not() -> None:
     assert not capability_changed(None, INFO)
 
 
+def test_a_noisy_busy_signal_is_averaged_over_the_hold() -> None:
+    """Telemetry counts the compute that finished in each second: a saturated agent with
+    long stages reports 1.0, 0.7, 1.0, 0.7, ...; its mean, not every sample, decides."""
+    shift = LoadShift(LoadShiftConfig(high=0.8, low=0.6, hold_s=10.0, recover_s=30.0))
+    for t in range(10):
+        assert not shift.observe({"a": 1.0 if t % 2 else 0.7, "b": 0.3}, float(t))
+    assert shift.observe({"a": 1.0, "b": 0.3}, 10.0) and "a" in shift.derated
+    for t in range(11, 41):  # less work now: idle-ish, but one busy second does not reset it
+        assert not shift.observe({"a": 0.9 if t == 20 else 0.3, "b": 0.6}, float(t))
+    assert shift.observe({"a": 0.3, "b": 0.6}, 41.0) and not shift.derated
+
+
 def test_load_shift_thresholds_are_planner_options() -> None:
     fast = LoadShiftConfig(high=0.8, low=0.5, hold_s=2.0, recover_s=5.0)
     shift = LoadShift(fast)
