@@ -27,67 +27,27 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
 
 from torch import Tensor
 
 from edgeslice.agent.batching import BatchKey, BatchPolicy, BatchQueue, StageStats, run_grouped
-from edgeslice.agent.runtime import LoadedStage, StageRuntime
-from edgeslice.broker.protocol import codec
+from edgeslice.agent.hops import Job, Outbound, Prepared, error_reply, next_hop, prepare
+from edgeslice.agent.runtime import StageRuntime
 from edgeslice.broker.protocol.chunking import (
-    Completed,
     Reassembler,
     Refused,
     TransferHeader,
-    encode_transfer,
 )
 from edgeslice.broker.protocol.errors import (
     AgentBusyError,
     EdgesliceError,
-    InferenceError,
-    StageUnavailableError,
     TransferError,
 )
-from edgeslice.broker.protocol.messages import ErrorReply, RequestEnvelope, StageTiming
-from edgeslice.broker.protocol.tensors import pack_tensors, unpack_tensors
+from edgeslice.broker.protocol.messages import ErrorReply, StageTiming
 from edgeslice.broker.protocol.topics import Topics
 from edgeslice.broker.transport import Transport
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Job:
-    """One completed inbound transfer waiting for compute."""
-
-    done: Completed
-    received_at: float  # time.time() when the last chunk arrived
-    recv_s: float  # first chunk -> last chunk on this agent
-    client_id: str = ""  # from the inbox topic: who sent it, where its result goes
-
-    @property
-    def header(self) -> TransferHeader:
-        return self.done.header
-
-
-@dataclass
-class Prepared:
-    """A job checked and unpacked on the stage thread, ready to run with others."""
-
-    job: Job
-    env: RequestEnvelope
-    sha: str
-    stage: LoadedStage
-    inputs: list[Tensor]
-
-
-@dataclass(frozen=True)
-class Outbound:
-    """What a computed job sends next: topic + chunks, or an error to the client."""
-
-    topic: str
-    chunks: list[bytes]
-    request_id: str
 
 
 class DataPlane:
@@ -276,40 +236,13 @@ class DataPlane:
 
     def _prepare(self, job: Job) -> Prepared:
         """Decode and check one job's envelope and inputs against this agent's stage."""
-        header = job.done.header
-        stage = header.stage
-        env = codec.from_wire(header.meta, RequestEnvelope)
-        if env.reply_to != job.client_id:
-            raise InferenceError(
-                f"request {header.request_id} came from client {job.client_id!r} (its inbox "
-                f"topic) but asks for its result to go to {env.reply_to!r}; refused: a "
-                "client gets only its own results (set reply_to to the client id you "
-                "publish under)"
-            )
-        route = env.route
-        if not 0 <= stage < len(route) or route[stage].agent_id != self.agent_id:
-            raise InferenceError(
-                f"request {header.request_id} routes stage {stage} to "
-                f"{route[stage].agent_id if 0 <= stage < len(route) else 'nobody'}, "
-                f"not to agent {self.agent_id}"
-            )
-        sha = route[stage].artifact
-        loaded = self.runtime.get(sha)
-        if loaded is None:
-            raise StageUnavailableError(
-                f"agent {self.agent_id} has no stage {stage} loaded for artifact {sha[:12]} "
-                f"(plan {header.plan_id} v{header.plan_version}); the plan changed: retry"
-            )
-        inputs = unpack_tensors(env.tensors, job.done.payload, share=True)
-        loaded.check_inputs(inputs)
-        return Prepared(job, env, sha, loaded, inputs)
+        return prepare(job, self.agent_id, self.runtime)
 
     def _finish(
         self, p: Prepared, outputs: list[Tensor], started: float, compute_s: float, batch: int
     ) -> Outbound:
-        """One request's timing, outputs and next hop (the client when it was the last)."""
-        job, env, header = p.job, p.env, p.job.done.header
-        stage, route = header.stage, env.route
+        """One request's timing (recorded in the stage stats) and its next hop."""
+        job, env, stage = p.job, p.env, p.job.done.header.stage
         queue_s = max(0.0, started - job.received_at)
         self.stats.setdefault(p.sha, StageStats(stage)).add(compute_s, queue_s, batch)
         timing = StageTiming(
@@ -321,31 +254,9 @@ class DataPlane:
             compute_s=compute_s,
             batch=batch,
         )
-        last = stage == len(route) - 1
-        compression = None if last else (env.compression or None)
-        tensor_meta, payload = pack_tensors(outputs, compression=compression)
-        forward = replace(
-            env, tensors=tensor_meta, timings=[*env.timings, timing], sent_at=self.clock()
-        )
-        if last:
-            topic = self.topics.client_results(job.client_id)
-            kind = "result"
-        else:  # the next stage learns the client from the topic, as this one did
-            topic = self.topics.inbox(route[stage + 1].agent_id, job.client_id)
-            kind = "activation"
-        encoded = encode_transfer(
-            payload,
-            request_id=header.request_id,
-            kind=kind,
-            plan_id=header.plan_id,
-            plan_version=header.plan_version,
-            stage=stage + 1,
-            deadline=header.deadline,
-            meta=codec.to_wire(forward),
-            chunk_size=self.chunk_size,
-        )
+        outbound = next_hop(p, outputs, timing, self.topics, self.chunk_size, self.clock())
         self.on_outcome(timing)
-        return Outbound(topic, encoded.chunks, header.request_id)
+        return outbound
 
     def _failed(self, job: Job, exc: Exception) -> Outbound:
         header = job.done.header
@@ -376,44 +287,19 @@ class DataPlane:
             )
 
     def _error_outbound(self, header: TransferHeader, exc: Exception, client_id: str) -> Outbound:
-        """An ``error`` transfer to the client that sent the request (named by the inbox topic,
-        whatever the envelope says); nothing when there is no valid client id.
-
-        ``retryable`` and ``code`` come from the exception (errors.py); anything that is not
-        an EdgesliceError (a torch failure inside the stage) is ``stage_failed``, final. An
-        envelope that does not decode is answered too (without timings).
-        """
-        request_id = header.request_id
-        try:
-            env: RequestEnvelope | None = codec.from_wire(header.meta, RequestEnvelope)
-        except EdgesliceError:
-            env = None
-        try:
-            topic = self.topics.client_results(client_id)
-        except EdgesliceError as bad:
+        """The error reply to the request's client (agent/hops.py), or nothing to send."""
+        made = error_reply(header, exc, client_id, self.agent_id, self.topics, self.chunk_size)
+        if made is None:
             log.warning(
-                "agent=%s req=%s cannot report its failure: %s", self.agent_id, request_id, bad
+                "agent=%s req=%s cannot report its failure: bad client id %r",
+                self.agent_id,
+                header.request_id,
+                client_id,
             )
-            return Outbound("", [], request_id)
-        known = exc if isinstance(exc, EdgesliceError) else None
-        reply = ErrorReply(
-            error=str(exc),
-            stage=header.stage,
-            agent=self.agent_id,
-            retryable=known.retryable if known else False,
-            code=known.code if known else "stage_failed",
-            timings=env.timings if env is not None else [],
-        )
+            return Outbound("", [], header.request_id)
+        outbound, reply = made
         self.on_outcome(reply)
-        encoded = encode_transfer(
-            b"",
-            request_id=request_id,
-            kind="error",
-            stage=header.stage,
-            meta=codec.to_wire(reply),
-            chunk_size=self.chunk_size,
-        )
-        return Outbound(topic, encoded.chunks, request_id)
+        return outbound
 
     def _reply_error(self, header: TransferHeader, exc: EdgesliceError, client_id: str) -> None:
         outbound = self._error_outbound(header, exc, client_id)
