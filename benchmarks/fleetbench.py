@@ -4,12 +4,14 @@ Shared by ``strategies`` and ``scaling``: start a planner with a strategy, wait 
 ready plan, measure latency at one request in flight and throughput at saturation
 (closed loop), and collect the per-stage breakdown and predicted-vs-measured stage times.
 
-Throughput is the steady-state completion rate: ``in_flight`` workers keep the fleet
-saturated; the first ``in_flight`` completions (filling the pipeline) are not counted;
-then completions are counted for at least ``window_s`` seconds and ``window_requests``
-completions, and the rate is completions / time between the first and last counted
-completion. Fill and drain therefore cost a pipelined plan nothing, as they cost a
-replicated plan nothing: every strategy is measured in its steady state.
+Throughput is the steady-state completion rate at 2 requests in flight per device the plan
+uses (the same offer for every plan: a one-device plan is not flooded with the requests
+meant for four devices, a four-stage pipeline still has two per stage). The workers keep
+the fleet saturated; the first ``in_flight`` completions (filling the pipeline) are not
+counted; then completions are counted for at least ``window_s`` seconds and
+``window_requests`` completions, and the rate is completions / time between the first and
+last counted completion. Fill and drain therefore cost a pipelined plan nothing, as they
+cost a replicated plan nothing: every strategy is measured in its steady state.
 """
 
 from __future__ import annotations
@@ -31,9 +33,14 @@ class Load:
     """How much one measurement sends: sequential requests for latency, then a closed loop."""
 
     latency_requests: int = 8
-    in_flight: int = 8
+    in_flight_per_device: int = 2  # per device the plan uses
     window_requests: int = 12  # at least this many counted completions ...
     window_s: float = 4.0  # ... over at least this long
+
+
+def plan_devices(plan: PlanMessage) -> int:
+    """How many distinct agents ``plan`` uses."""
+    return len({a for s in plan.stages for a in s.agents})
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -67,10 +74,10 @@ def breakdown(plan: PlanMessage, results: list[InferenceResult]) -> list[dict[st
 
 
 async def saturate(
-    client: InferenceClient, inputs: Any, load: Load
+    client: InferenceClient, inputs: Any, load: Load, in_flight: int
 ) -> tuple[float, list[InferenceResult], float]:
     """Steady-state throughput (see the module docstring): (req/s, counted results, window s)."""
-    fill = load.in_flight
+    fill = in_flight
     finished: list[tuple[float, InferenceResult]] = []
     stop = False
     window_start = 0.0
@@ -87,7 +94,7 @@ async def saturate(
             if counted >= load.window_requests and now - window_start >= load.window_s:
                 stop = True  # the others finish what they have in flight, uncounted
 
-    await asyncio.gather(*(worker() for _ in range(load.in_flight)))
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
     window = finished[fill:]
     # counted: completions after the fill up to the one that closed the window
     closing = next(
@@ -103,12 +110,13 @@ async def saturate(
 async def measure_plan(
     client: InferenceClient, plan: PlanMessage, inputs: Any, load: Load
 ) -> dict[str, Any]:
-    """Warm-up, latency at 1 in flight, then steady-state throughput at ``load.in_flight``."""
+    """Warm-up, latency at 1 in flight, then steady-state throughput at saturation."""
     started = time.perf_counter()
+    in_flight = load.in_flight_per_device * plan_devices(plan)
     # warm-up: one round with every replica busy (first run of every stage and replica)
-    await asyncio.gather(*(client.infer(inputs, timeout=180) for _ in range(load.in_flight)))
+    await asyncio.gather(*(client.infer(inputs, timeout=180) for _ in range(in_flight)))
     single = [await client.infer(inputs, timeout=180) for _ in range(load.latency_requests)]
-    throughput, counted, window = await saturate(client, inputs, load)
+    throughput, counted, window = await saturate(client, inputs, load, in_flight)
     lat = [r.latency_s for r in single]
     return {
         "plan_version": plan.plan_version,
@@ -120,7 +128,7 @@ async def measure_plan(
             "p95_s": _pct(lat, 0.95),
             "latency_requests": len(lat),
             "throughput_rps": throughput,
-            "in_flight": load.in_flight,
+            "in_flight": in_flight,
             "requests": len(counted),
             "window_s": window,
         },

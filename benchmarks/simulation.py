@@ -11,7 +11,9 @@ typical link). Nothing here is measured on devices: the JSON says ``"simulated":
 and the printout says SIMULATED. ``validation`` replays the measured rows of
 ``benchmarks/results/strategies.json`` (same devices as measured, same stages) through
 the simulator and reports its error against the measurement -- the only measured numbers
-in this file, and only when that file exists.
+in this file, and only when that file exists; every measured run is a row of its own.
+The simulated figures are deterministic (fixed seeds), so they are computed once; the
+figures that vary between runs are the measured ones, repeated in ``strategies``.
 """
 
 from __future__ import annotations
@@ -164,6 +166,7 @@ def _validate_file(name: str, costs: dict[str, ModelCost]) -> dict[str, Any]:
                 "fleet": row["fleet"],
                 "model": row["model"],
                 "strategy": label,
+                "run": row.get("run", 0),
                 "measured_throughput_rps": m["throughput_rps"],
                 "simulated_throughput_rps": sat.throughput_rps,
                 "throughput_error_pct": _err(sat.throughput_rps, m["throughput_rps"]),
