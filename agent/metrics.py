@@ -138,17 +138,19 @@ class _AgentState(Collector):
             self.metrics.busy_ratio(),
         )
         yield _gauge("stages_loaded", "Stage artifacts loaded.", len(service.runtime.loaded()))
-        yield _gauge("calibrated_gflops", "GFLOP/s measured at start-up.", service.gflops)
+        yield _gauge("calibrated_gflops", "GFLOP/s measured at start-up.", service.measured.gflops)
         yield _gauge(
             "memory_budget_bytes", "Memory the planner may fill.", service.memory_budget_bytes
         )
         yield _gauge(
-            "link_rtt_seconds", "Round trip through the broker (link test).", service.link_rtt_s
+            "link_rtt_seconds",
+            "Round trip through the broker (link test).",
+            service.measured.link_rtt_s,
         )
         yield _gauge(
             "link_bandwidth_bytes_per_second",
             "Throughput through the broker (link test).",
-            service.link_bandwidth_bps,
+            service.measured.link_bandwidth_bps,
         )
         malformed = CounterMetricFamily(
             "edgeslice_agent_malformed_messages", "Messages dropped as malformed."

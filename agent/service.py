@@ -24,20 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import platform
 import socket
 import time
 from typing import Any
 
+from edgeslice.agent.announce import Measured, build_info, measure
 from edgeslice.agent.assignments import Assignments
-from edgeslice.agent.batching import BatchPolicy, measure_batch_speedup
+from edgeslice.agent.batching import BatchPolicy
 from edgeslice.agent.config import AgentConfig
 from edgeslice.agent.dataplane import DataPlane
 from edgeslice.agent.drain import PlanWatch, wait_idle
 from edgeslice.agent.fetch import ArtifactFetcher
 from edgeslice.agent.probe import LinkTest, claim_id, decode_presence, here, is_link_probe
-from edgeslice.agent.runtime import ArtifactCache, StageRuntime, measure_gflops, set_threads
+from edgeslice.agent.runtime import ArtifactCache, StageRuntime, set_threads
 from edgeslice.agent.telemetry import TelemetrySampler, total_memory_bytes
 from edgeslice.broker.client import IncomingMessage, Will
 from edgeslice.broker.protocol import codec
@@ -46,31 +45,17 @@ from edgeslice.broker.protocol.messages import (
     DRAINING,
     OFFLINE,
     ONLINE,
-    BatchSpeedup,
     Command,
     CommandResult,
-    Info,
     Status,
 )
 from edgeslice.broker.protocol.topics import Kind, Topics
 from edgeslice.broker.transport import TransportFactory, mqtt_transport
-from edgeslice.firmware_profiles import load_profile, profile_to_dict
+from edgeslice.firmware_profiles import load_profile
 
 log = logging.getLogger(__name__)
 
 FINISH_TIMEOUT_S = 60.0  # draining: the longest wait for held requests (= a send's timeout)
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    try:
-        own = version("edgeslice")
-    except PackageNotFoundError:
-        own = "unknown"
-    return {"python": platform.python_version(), "torch": torch.__version__, "edgeslice": own}
 
 
 class AgentService:
@@ -93,10 +78,7 @@ class AgentService:
         self.topics = Topics(config.broker.namespace)
         self.session = int(time.time() * 1000)
         self.limits = limits or {}
-        self.gflops = 0.0
-        self.batch_speedup: list[BatchSpeedup] = []  # measured with the calibration
-        self.link_rtt_s = 0.0
-        self.link_bandwidth_bps = 0.0
+        self.measured = Measured()  # calibration and link figures (agent/announce.py)
         self.malformed = 0
         self.started = time.time()
         self.state = ONLINE  # what ``status`` says while connected: ONLINE, then DRAINING
@@ -233,7 +215,7 @@ class AgentService:
             await self.client.subscribe(topic_filter, qos=1)
         await self._publish_status()
         # a reconnect: the broker may have lost retained state (restarted, no persistence)
-        if self.gflops > 0:
+        if self.measured.gflops > 0:
             await self._publish_info()
         await self.assignments.republish()
 
@@ -252,28 +234,12 @@ class AgentService:
     # -- measurements ----------------------------------------------------------
     async def _measure(self, seconds: float | None = None) -> None:
         """Calibrate GFLOP/s (on the stage thread, between requests) and test the link."""
-        loop = asyncio.get_running_loop()
-        self.gflops = await loop.run_in_executor(
+        self.measured = await measure(
+            self.measured,
             self.dataplane.executor,
-            measure_gflops,
+            self.link,
+            self.config,
             seconds if seconds is not None else self.config.calibrate_seconds,
-            self.config.threads,
-        )
-        self.batch_speedup = await loop.run_in_executor(
-            self.dataplane.executor, measure_batch_speedup, self.config.max_batch, 0.3
-        )
-        try:
-            self.link_rtt_s, self.link_bandwidth_bps = await self.link.run(
-                self.config.link_test_bytes
-            )
-        except (TimeoutError, EdgesliceError) as exc:
-            log.warning("agent=%s link test failed: %s", self.agent_id, exc)
-        log.info(
-            "agent=%s gflops=%.2f rtt_ms=%.2f link_MBps=%.1f",
-            self.agent_id,
-            self.gflops,
-            self.link_rtt_s * 1e3,
-            self.link_bandwidth_bps / 1e6,
         )
 
     async def _on_probe(self, payload: bytes) -> None:
@@ -287,27 +253,14 @@ class AgentService:
             await self.client.publish(self.topics.probe(self.agent_id), codec.encode(answer))
 
     async def _publish_info(self) -> None:
-        import torch
-
-        info = Info(
-            agent_id=self.agent_id,
-            profile=self.profile.name,
-            profile_data=profile_to_dict(self.profile),
-            gflops=self.gflops,
-            cpu_count=os.cpu_count() or 1,
-            ram_bytes=total_memory_bytes(),
+        info = build_info(
+            self.config,
+            self.profile,
+            self.measured,
             memory_budget_bytes=self.memory_budget_bytes,
             hostname=self.hostname,
-            versions=_versions(),
-            emulated=self.config.emulate,
             limits=self.limits,
-            link_rtt_s=self.link_rtt_s,
-            link_bandwidth_bps=self.link_bandwidth_bps,
-            threads=torch.get_num_threads(),
             session=self.session,
-            ts=time.time(),
-            max_batch=self.config.max_batch,
-            batch_speedup=self.batch_speedup,
         )
         await self.client.publish(
             self.topics.info(self.agent_id), codec.encode(info), qos=1, retain=True
@@ -387,9 +340,9 @@ class AgentService:
                 await self._measure(seconds)
                 await self._publish_info()
                 result = {
-                    "gflops": self.gflops,
-                    "link_rtt_s": self.link_rtt_s,
-                    "link_bandwidth_bps": self.link_bandwidth_bps,
+                    "gflops": self.measured.gflops,
+                    "link_rtt_s": self.measured.link_rtt_s,
+                    "link_bandwidth_bps": self.measured.link_bandwidth_bps,
                 }
             else:
                 raise EdgesliceError(f"unknown command {name!r}; known: ping, calibrate")

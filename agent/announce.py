@@ -1,0 +1,111 @@
+"""What an agent measures and says about itself: calibration GFLOP/s, batch speed-up and
+link figures, and the retained ``info`` message built from them.
+
+Calibration runs on the stage worker thread (between requests, like a stage would), so
+the figure is what a stage will get; the link test goes through the broker
+(agent/probe.py). A failed link test keeps the previous link figures: a calibrate
+command on a busy link must not erase what the planner already knows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from edgeslice.agent.batching import measure_batch_speedup
+from edgeslice.agent.config import AgentConfig
+from edgeslice.agent.probe import LinkTest
+from edgeslice.agent.runtime import measure_gflops
+from edgeslice.agent.telemetry import total_memory_bytes
+from edgeslice.broker.protocol.errors import EdgesliceError
+from edgeslice.broker.protocol.messages import BatchSpeedup, Info
+from edgeslice.firmware_profiles import FirmwareProfile, profile_to_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The agent's own measurements (all zero until the first calibration)."""
+
+    gflops: float = 0.0
+    batch_speedup: list[BatchSpeedup] = field(default_factory=list)
+    link_rtt_s: float = 0.0
+    link_bandwidth_bps: float = 0.0
+
+
+async def measure(
+    before: Measured, executor: Executor, link: LinkTest, config: AgentConfig, seconds: float
+) -> Measured:
+    """Calibrate on ``executor`` (the stage thread) and test the link through the broker."""
+    loop = asyncio.get_running_loop()
+    gflops = await loop.run_in_executor(executor, measure_gflops, seconds, config.threads)
+    speedup = await loop.run_in_executor(executor, measure_batch_speedup, config.max_batch, 0.3)
+    now = replace(before, gflops=gflops, batch_speedup=speedup)
+    try:
+        rtt, bandwidth = await link.run(config.link_test_bytes)
+        now = replace(now, link_rtt_s=rtt, link_bandwidth_bps=bandwidth)
+    except (TimeoutError, EdgesliceError) as exc:
+        log.warning("agent=%s link test failed: %s", config.agent_id, exc)
+    log.info(
+        "agent=%s gflops=%.2f rtt_ms=%.2f link_MBps=%.1f",
+        config.agent_id,
+        now.gflops,
+        now.link_rtt_s * 1e3,
+        now.link_bandwidth_bps / 1e6,
+    )
+    return now
+
+
+def versions() -> dict[str, str]:
+    """Python, torch and edgeslice versions, as ``info`` reports them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    try:
+        own = version("edgeslice")
+    except PackageNotFoundError:
+        own = "unknown"
+    return {"python": platform.python_version(), "torch": torch.__version__, "edgeslice": own}
+
+
+def build_info(
+    config: AgentConfig,
+    profile: FirmwareProfile,
+    measured: Measured,
+    *,
+    memory_budget_bytes: int,
+    hostname: str,
+    limits: dict[str, Any],
+    session: int,
+) -> Info:
+    """The agent's retained birth certificate for this session."""
+    import torch
+
+    return Info(
+        agent_id=config.agent_id,
+        profile=profile.name,
+        profile_data=profile_to_dict(profile),
+        gflops=measured.gflops,
+        cpu_count=os.cpu_count() or 1,
+        ram_bytes=total_memory_bytes(),
+        memory_budget_bytes=memory_budget_bytes,
+        hostname=hostname,
+        versions=versions(),
+        emulated=config.emulate,
+        limits=limits,
+        link_rtt_s=measured.link_rtt_s,
+        link_bandwidth_bps=measured.link_bandwidth_bps,
+        threads=torch.get_num_threads(),
+        session=session,
+        ts=time.time(),
+        max_batch=config.max_batch,
+        batch_speedup=measured.batch_speedup,
+    )
