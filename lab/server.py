@@ -2,8 +2,8 @@
 
 Development, tests, the demo and the benchmarks need a broker that starts in
 a second and leaves nothing behind. :class:`LocalBroker` runs mosquitto when
-its binary is installed, else amqtt (the ``broker`` extra, run by this
-module's ``__main__``); ``kind="rabbitmq"`` or ``"nats"`` runs those servers from the
+its binary is installed, else amqtt (the ``broker`` extra, run by
+:mod:`lab.amqtt_runner`); ``kind="rabbitmq"`` or ``"nats"`` runs those servers from the
 recipes in :mod:`lab.brokers` (own node, ports and data dirs; :class:`NatsCluster`
 runs several NATS servers routed together). It returns once a real MQTT CONNECT gets
 a CONNACK, and stops it through :class:`lab.supervisor.Supervised` (own process group, SIGTERM, then
@@ -18,19 +18,17 @@ SIGKILL, atexit, and the parent-death signal on Linux; see that module). Here:
 
 from __future__ import annotations
 
-import argparse
 import errno
 import importlib.util
 import logging
 import os
 import pwd
 import shutil
-import signal
 import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from edgeslice.broker.protocol.errors import BrokerError, EdgesliceError
 from edgeslice.lab import brokers
@@ -134,18 +132,6 @@ log_type warning
 log_type notice
 connection_messages true
 """
-
-
-def amqtt_dev_config(host: str, port: int) -> dict[str, Any]:
-    """amqtt config for ``host:port``: anonymous, no packet logger, no $SYS (less overhead).
-
-    amqtt 0.12 has no packet size or queue limit to set (256 MiB and unbounded).
-    """
-    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return {
-        "listeners": {"default": {"type": "tcp", "bind": bind, "max_connections": 0}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-    }
 
 
 def mqtt_probe(host: str, port: int, timeout: float = 2.0) -> bool:
@@ -291,7 +277,7 @@ class LocalBroker:
                 self._tmpdir, self.host, self.port, client, self.routes
             )
         else:
-            cmd = [sys.executable, "-m", "edgeslice.lab.server", "--amqtt", "--host", self.host]
+            cmd = [sys.executable, "-m", "edgeslice.lab.amqtt_runner", "--host", self.host]
             cmd += ["--port", str(self.port), "--parent-pid", str(os.getpid())]
             self._launch = brokers.Launch(cmd)
         launch = self._launch
@@ -357,61 +343,3 @@ def _sweep_stale_dirs() -> None:
             shutil.rmtree(path, ignore_errors=True)
         except (OSError, ValueError):  # not ours to judge: being created, or another user's
             continue
-
-
-# -- amqtt runner (this module's __main__) -----------------------------------
-def _say(text: str) -> None:
-    """One line on the runner's stderr, which LocalBroker captures as the broker log."""
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-
-
-def run_amqtt(host: str, port: int, parent_pid: int | None = None) -> int:
-    """Run an amqtt broker until SIGTERM/SIGINT or until ``parent_pid`` is no longer our parent."""
-    import asyncio
-
-    from amqtt.broker import Broker
-
-    async def serve() -> None:
-        broker = Broker(amqtt_dev_config(host, port))
-        await broker.start()
-        _say(f"amqtt listening on {host}:{port}")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-
-        async def watch_parent() -> None:
-            while parent_pid is not None and os.getppid() == parent_pid:
-                await asyncio.sleep(0.5)
-            if parent_pid is not None:
-                _say(f"parent process {parent_pid} is gone; stopping")
-                stop.set()
-
-        watcher = asyncio.create_task(watch_parent())
-        await stop.wait()
-        watcher.cancel()
-        try:
-            await asyncio.wait_for(broker.shutdown(), timeout=3.0)
-        except Exception as exc:  # a slow or failing shutdown must not keep the port busy
-            _say(f"amqtt shutdown did not finish cleanly: {exc!r}")
-
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    asyncio.run(serve())
-    return 0
-
-
-def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="internal: run the amqtt development broker")
-    parser.add_argument("--amqtt", action="store_true", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--parent-pid", type=int, default=None)
-    args = parser.parse_args(argv)
-    return run_amqtt(args.host, args.port, args.parent_pid)
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

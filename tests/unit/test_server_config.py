@@ -16,9 +16,10 @@ from paho.mqtt.client import topic_matches_sub
 
 from edgeslice.broker.protocol.errors import ConfigError
 from edgeslice.broker.protocol.topics import Topics
+from edgeslice.lab.amqtt_runner import amqtt_dev_config
 from edgeslice.lab.broker_cli import broker_group
 from edgeslice.lab.mosquitto_conf import MosquittoSetup, render_acl, render_all, split_names
-from edgeslice.lab.server import amqtt_dev_config, mosquitto_dev_config
+from edgeslice.lab.server import mosquitto_dev_config
 
 SHA = "ab" * 32
 
