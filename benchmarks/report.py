@@ -108,6 +108,15 @@ def render_strategies(data: dict[str, Any]) -> str:
         f"{load.get('window_requests', '?')} completions over at least "
         f"{load.get('window_s', '?')} s, after the pipeline has filled).",
         "",
+        *(
+            []
+            if data.get("all_models", True)
+            else [
+                "**Partial re-measurement: this run measured only "
+                f"{', '.join(data['models'])}; the other models have no current figures.**",
+                "",
+            ]
+        ),
         "| fleet | model | strategy | plan | p50 ms | p95 ms | req/s |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -310,12 +310,17 @@ def _fmt(figure: dict[str, Any], scale: float = 1.0, digits: int = 2) -> str:
     return f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
-def main(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
+def main(
+    quick: bool = False, runs: int | None = None, models: list[str] | None = None
+) -> dict[str, Any]:
+    """Run the benchmark, one model at a time (both fleets), writing the JSON after each
+    model: a run stopped part-way leaves complete figures for the models it finished, and
+    the JSON says which models those are (``models``, ``all_models``)."""
     runs = runs or (1 if quick else RUNS)
     fleets: dict[str, list[dict[str, Any]]] = (
         {"homogeneous": [{"profile": "rpi4-4gb", "count": 2}]} if quick else FLEETS
     )
-    models = ["mobilenetv2"] if quick else MODELS
+    models = models or (["mobilenetv2"] if quick else MODELS)
     strategies = (
         [("monolithic", "throughput"), ("edgeslice", "throughput")] if quick else STRATEGIES
     )
@@ -323,8 +328,23 @@ def main(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     load_before = list(load_average())
     rows: list[dict[str, Any]] = []
-    for fleet_name, entries in fleets.items():
-        rows += measure_fleet(fleet_name, entries, models, strategies, runs, load)
+    result: dict[str, Any] = {}
+    for done, model in enumerate(models, start=1):
+        for fleet_name, entries in fleets.items():
+            rows += measure_fleet(fleet_name, entries, [model], strategies, runs, load)
+        result = _write(quick, runs, models[:done], load, started, load_before, rows)
+    return result
+
+
+def _write(
+    quick: bool,
+    runs: int,
+    models: list[str],
+    load: Load,
+    started: float,
+    load_before: list[float],
+    rows: list[dict[str, Any]],
+) -> dict[str, Any]:
     summary = summarise(rows)
     ratio_rows = ratios(rows)
     checked = targets(summary, ratio_rows)
@@ -345,6 +365,8 @@ def main(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "quick": quick,
         "runs": runs,
+        "models": models,
+        "all_models": quick or sorted(models) == sorted(MODELS),
         "load": {
             "latency_requests": load.latency_requests,
             "in_flight_per_device": load.in_flight_per_device,
@@ -367,7 +389,7 @@ def main(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
         "throughput_rps",
         "throughput (req/s), median and min-max",
     )
-    print(f"wrote {path} ({result['elapsed_s'] / 60:.1f} min)")
+    print(f"wrote {path} ({result['elapsed_s'] / 60:.1f} min)", flush=True)
     return result
 
 
