@@ -26,6 +26,7 @@ from typing import Any
 
 from edgeslice.benchmarks.common import load_average, results_dir, spread, write_result
 from edgeslice.benchmarks.fleetbench import Load, measure_plan
+from edgeslice.broker.protocol.errors import RequestTimeout
 from edgeslice.broker.settings import parse_broker_url
 from edgeslice.client.inference import InferenceClient
 from edgeslice.lab.testbed import Testbed, TestbedAgent, parse_fleet
@@ -62,6 +63,7 @@ def sweep(run: int, steps: int, model: str, quick: bool) -> list[dict[str, Any]]
             async with InferenceClient(settings, model) as client:
                 version = 0
                 for n in range(1, steps + 1):
+                    wait_s = 300.0 if n == 1 else 120.0
                     if n > 1:
                         bed.add_agent(
                             TestbedAgent(
@@ -69,7 +71,13 @@ def sweep(run: int, steps: int, model: str, quick: bool) -> list[dict[str, Any]]
                             )
                         )
                     while True:  # the plan that knows every device started so far
-                        plan = await client.wait_ready(300, newer_than=version)
+                        try:
+                            plan = await client.wait_ready(wait_s, newer_than=version)
+                        except RequestTimeout:
+                            # no new plan: the planner kept the one it serves (margin)
+                            plan = await client.wait_ready(60)
+                            used = {a for s in plan.stages for a in s.agents}
+                            break
                         version = plan.plan_version
                         used = {a for s in plan.stages for a in s.agents}
                         if len(used) >= n or n == 1:
