@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -204,6 +205,14 @@ async def _load(
         return tally
 
 
+def _uptime() -> str:
+    """``uptime``'s line (load averages: other work on a shared host slows everything)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def run(cfg: SoakConfig) -> dict[str, Any]:
     """Start broker + testbed + planner, run the load with its faults, stop everything."""
     agents = [{"profile": p, "count": n} for p, n in cfg.agents]
@@ -219,6 +228,7 @@ def run(cfg: SoakConfig) -> dict[str, Any]:
         "broker": broker.kind,
         "emulate_mode": "paced",
         "load_avg_at_start": list(load_average()),
+        "uptime_at_start": _uptime(),
     }
     workdir = tempfile.mkdtemp(prefix="edgeslice-soak-")
     bed = Testbed(spec, workdir)
@@ -252,6 +262,7 @@ def run(cfg: SoakConfig) -> dict[str, Any]:
         events=tally.events,
         windows=windows(tally.done, cfg.window_s),
         load_avg_at_end=list(load_average()),
+        uptime_at_end=_uptime(),
     )
     return result
 
