@@ -104,6 +104,7 @@ class InferenceClient:
         )
         self._expired_at = 0.0
         self.dropped = 0  # messages and results refused as unusable (malformed, foreign)
+        self._followed: set[str] = set()  # agents subscribed to by exact topic
         self._task: asyncio.Task[None] | None = None
         self.client = (transport or mqtt_transport(settings))(
             self.client_id, on_connect=self._on_connect
@@ -307,6 +308,7 @@ class InferenceClient:
                     self._on_result_chunk(msg.payload)
                 elif parsed.kind is Kind.PLAN:
                     await self.watch.on_plan(msg.topic, msg.payload)
+                    await self._follow_plan_agents()
                     self._reroute()
                 elif parsed.kind in (Kind.STATUS, Kind.PLANNER_STATUS):
                     self._on_status(parsed.agent_id, msg.topic, msg.payload)
@@ -315,6 +317,16 @@ class InferenceClient:
                     self.fleet.apply(msg.topic, msg.payload, time.time())
             except EdgesliceError as exc:
                 self._dropped("dropped message on %s: %s", msg.topic, exc)
+
+    async def _follow_plan_agents(self) -> None:
+        """Subscribe to the plan's agents' status and info by exact topic, once each:
+        RabbitMQ delivers retained messages only to subscriptions without wildcards."""
+        plan = self.plan
+        for agent_id in sorted({a for s in plan.stages for a in s.agents} if plan else ()):
+            if agent_id not in self._followed:
+                self._followed.add(agent_id)
+                await self.client.subscribe(self.topics.status(agent_id), qos=1)
+                await self.client.subscribe(self.topics.info(agent_id), qos=1)
 
     def _dropped(self, what: str, *args: object) -> None:
         """Log a message this client could not use: garbage must not become a flood of log

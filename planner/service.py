@@ -88,6 +88,7 @@ class PlannerService:
         self._load_checked = 0.0
         self._empty_since: float | None = None  # when the last usable agent went away
         self.dropped = 0  # messages that could not be understood (malformed, foreign)
+        self._exact: set[str] = set()  # agents subscribed to by exact topic (_follow)
         self.client = (transport or mqtt_transport(config.broker))(
             f"planner-{config.planner_id}-{uuid.uuid4().hex[:6]}",
             will=Will(self.topics.planner_status(), codec.encode(PlannerStatus(state=OFFLINE))),
@@ -222,6 +223,7 @@ class PlannerService:
                 if parsed.kind is Kind.ASSIGNMENT_REPORTED:
                     await self._on_reported(parsed.agent_id)
                 elif parsed.kind is Kind.TELEMETRY:
+                    await self._follow(parsed.agent_id)
                     self._check_load()
             except Exception as exc:
                 self.dropped += 1
@@ -232,6 +234,20 @@ class PlannerService:
                     self.dropped,
                     exc,
                 )
+
+    async def _follow(self, agent_id: str) -> None:
+        """Subscribe to a live agent's retained topics by exact name, once.
+
+        RabbitMQ's MQTT plugin delivers retained messages only to subscriptions without
+        wildcards, so a planner that starts after its agents would never see their
+        retained status and info through ``agents/+/...``; live telemetry names them.
+        """
+        if agent_id in self._exact:
+            return
+        self._exact.add(agent_id)
+        t = self.topics
+        for topic in (t.status(agent_id), t.info(agent_id), t.assignment_reported(agent_id)):
+            await self.client.subscribe(topic, qos=1)
 
     def _request(self, change: str) -> None:
         """Ask for a re-plan: now for a leave, after a quiet period for a join."""

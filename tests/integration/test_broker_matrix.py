@@ -14,9 +14,10 @@ split in a pipeline over both agents. Per kind the tests check what a user relie
 * the retained plan and assignments seen again by a client that reconnects;
 * ``kill -9`` of an agent: its last will marks it offline, retained for newcomers.
 
-The agents start once the planner says it is online (it has subscribed by then), so that
-on RabbitMQ it sees their (live) ``info``: a planner that subscribes later gets no
-retained ``info`` through its ``agents/+/info`` filter and never plans.
+The agents start (and their ``info`` is retained) before the planner: on RabbitMQ a
+planner gets no retained ``info`` through its ``agents/+/info`` filter, so this checks that
+it finds agents through their live telemetry and then reads their retained topics by exact
+name (planner/service.py ``_follow``; the client does the same for its plan's agents).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from edgeslice.broker.protocol.messages import (
     AssignmentDesired,
     Info,
     PlanMessage,
-    PlannerStatus,
     Status,
 )
 from edgeslice.broker.protocol.topics import Topics
@@ -176,18 +176,19 @@ def running(server: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> It
         expected = loaded.module(*loaded.example_inputs)
     namespace = "mx" + uuid.uuid4().hex[:8]
     with LocalFleet(server.url, namespace, workdir=str(work / "fleet")) as fleet:
+        t = Topics(namespace)
+        peer = Peer(server)
+        peer.subscribe(t.plan(loaded.name), *(t.info(a) for a in AGENTS))
+        # the agents first, the planner after their info is retained: on RabbitMQ (no
+        # retained messages for wildcard filters) the planner finds them through their
+        # live telemetry and subscribes to their retained topics by exact name
+        for agent_id in AGENTS:
+            fleet.start_agent(AgentSpec(agent_id, "x86-laptop", FAST))
+        for agent_id in AGENTS:
+            peer.first(t.info(agent_id), 120, lambda p: bool(p))
         fleet.start_planner(
             spec, ["--replan-delay", "1", "--strategy", "even-split", "--min-agents", "2"]
         )
-        t = Topics(namespace)
-        peer = Peer(server)
-        peer.subscribe(t.planner_status(), t.plan(loaded.name))
-        # the planner subscribes to agents/+/info, then says it is online: on RabbitMQ
-        # it must do so before the agents publish their info (no retained for wildcards)
-        up = codec.decode
-        peer.first(t.planner_status(), 120, lambda p: up(p, PlannerStatus).state == ONLINE)
-        for agent_id in AGENTS:
-            fleet.start_agent(AgentSpec(agent_id, "x86-laptop", FAST))
         # agents are up, measured and serving once the plan is ready
         peer.first(t.plan(loaded.name), 180, lambda p: codec.decode(p, PlanMessage).ready)
         peer.close()
