@@ -211,7 +211,10 @@ def unpack_tensors(
         if compression == "fp16":
             wire = wire.to(dtype)
         elif compression == "int8":
-            work = torch.float64 if name == "float64" else torch.float32
+            # float32 unless the scale itself is below float32's normal range (a subnormal
+            # peak): there float32 would flush scale to zero and every value with it
+            tiny = scale < torch.finfo(torch.float32).tiny
+            work = torch.float64 if name == "float64" or tiny else torch.float32
             wire = (wire.to(work) * scale).to(dtype)
         tensors.append(wire)
     return tensors
