@@ -266,7 +266,7 @@ class InferenceClient:
     def _reroute(self, everything: bool = False, via: str = "", before: float = 0.0) -> None:
         """Re-send requests whose route is no good any more (or ``everything``, or those sent
         ``before`` a time, ``via`` an agent if given); park those no plan routes yet."""
-        plan, offline = self.plan, self.router.offline()
+        plan, offline = self.watch.usable_plan(), self.router.offline()
         todo = self.requests.to_resend(plan, offline, everything, via, before)
         if not todo:
             return

@@ -2,7 +2,8 @@
 
 :class:`PlanWatch` folds what arrives on ``plans/{model}`` (and the planner's and agents'
 status, through the shared :class:`FleetState`) and lets callers wait on it: for a plan
-whose every stage has an online agent (:meth:`PlanWatch.wait_ready`), or for the plan
+whose every stage has an online agent (:meth:`PlanWatch.wait_ready`; while a newer plan
+loads, the last ready one serves: :meth:`PlanWatch.usable_plan`), or for the plan
 to change after a retryable error (:meth:`PlanWatch.wait_change`). A withdrawn plan, or
 a kept plan no online agent can serve whose planner stopped, ends the wait at once with
 the reason (:class:`NoPlanError`). A malformed plan payload (retained garbage) is logged
@@ -48,11 +49,32 @@ class PlanWatch:
         self.offline = offline
         self.changed = asyncio.Condition()  # notified on every plan or status message
         self.bad_plan: dict[str, str] = {}  # plan topic -> why its last payload was refused
+        self.last_ready: PlanMessage | None = None  # the newest plan seen ready
 
     @property
     def plan(self) -> PlanMessage | None:
         """The current plan of the model, as last published (None: none yet)."""
         return self.fleet.plans.get(self.model)
+
+    def usable_plan(self) -> PlanMessage | None:
+        """The plan to route by now: the current plan once it is ready; while a newer plan
+        of the same planner is still loading, the last ready one (agents keep the previous
+        plan's stages loaded until the next plan, so a joining agent's load stalls nobody);
+        None when neither can route."""
+        current, offline = self.plan, self.offline()
+        if current is not None and routable(current, offline):
+            return current
+        last = self.last_ready
+        if (
+            current is not None
+            and current.stages
+            and not current.ready
+            and last is not None
+            and last.plan_id == current.plan_id
+            and routable(last, offline)
+        ):
+            return last
+        return None
 
     def no_plan_reason(self) -> str:
         """Why no request can be served now ("" if one may be); client/requests.py."""
@@ -68,12 +90,8 @@ class PlanWatch:
             p = self.plan
             if self.no_plan_reason() and (p is None or p.plan_version > newer_than):
                 return True  # withdrawn (or nobody to re-plan): raise below, do not wait
-            return (
-                p is not None
-                and routable(p, self.offline())
-                and p.plan_version > newer_than
-                and p.plan_id != other_than
-            )
+            u = self.usable_plan()
+            return u is not None and u.plan_version > newer_than and u.plan_id != other_than
 
         async with self.changed:
             try:
@@ -86,8 +104,9 @@ class PlanWatch:
                     )
             except TimeoutError:
                 raise RequestTimeout(self._not_ready(timeout)) from None
-        assert self.plan is not None
-        return self.plan
+        usable = self.usable_plan()
+        assert usable is not None
+        return usable
 
     def _not_ready(self, timeout: float) -> str:
         """What wait_ready's timeout says: no plan, a plan not ready, or only garbage seen."""
@@ -138,4 +157,6 @@ class PlanWatch:
                 )
             self.bad_plan[topic] = f"{exc}"[:200]
             return
+        if self.plan is not None and self.plan.ready:
+            self.last_ready = self.plan
         self.bad_plan.pop(topic, None)
