@@ -166,6 +166,9 @@ def run_strategy(
             str(min_agents),
             "--replan-delay",
             "1",
+            # every strategy plans from scratch: no planner adopts the plan its predecessor
+            # left retained (and a plan made for another objective is never measured)
+            "--clear-plan-on-exit",
         ],
     )
     settings = parse_broker_url(bed.broker_url, bed.spec.namespace)
