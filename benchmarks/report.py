@@ -24,6 +24,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 START = "<!-- results:{name}:start -->"
 END = "<!-- results:{name}:end -->"
+GENERATED = (
+    "<!-- generated from benchmarks/results/{name}.json by "
+    "`python -m edgeslice.benchmarks.report`: re-run it, do not edit by hand -->"
+)
 DASH = "\u2013"  # en dash between min and max, as in the rest of the README
 
 
@@ -286,7 +290,8 @@ def replace_blocks(readme: str, blocks: dict[str, str]) -> str:
         _, _, tail = rest.partition(end)
         if end in head:
             raise ReportError(f"{end} comes before {start}")
-        readme = f"{head}{start}\n\n{body.strip()}\n\n{end}{tail}"
+        note = GENERATED.format(name=name)
+        readme = f"{head}{start}\n{note}\n\n{body.strip()}\n\n{end}{tail}"
     return readme
 
 
