@@ -89,9 +89,10 @@ def _target_text(t: dict[str, Any], digits: int = 2, unit: str = "") -> str:
         return f"{value} {DASH} MISSED (nothing measured)"
     if unit == " %":  # a threshold in per cent: missed by so many points
         return f"{value} {DASH} MISSED by {t['missed_by']:.{digits}f} points"
+    side = "short of" if t.get("higher_is_better", True) else "over"
     return (
         f"{value} {DASH} MISSED by {t['missed_by']:.{digits}f}{unit} "
-        f"({t['missed_by_pct']:.0f} % short of the target)"
+        f"({t['missed_by_pct']:.0f} % {side} the target)"
     )
 
 
