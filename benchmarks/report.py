@@ -192,10 +192,10 @@ def render_scaling(data: dict[str, Any]) -> str:
     if worst is None:
         lines.append(f"* {predicted['target']}: MISSED (nothing measured)")
     elif predicted["met"]:
-        lines.append(f"* {predicted['target']}: met (worst {worst:.0f} %)")
+        lines.append(f"* {predicted['target']}: met (worst {worst:.1f} %)")
     else:
         lines.append(
-            f"* {predicted['target']}: MISSED by {worst - 10.0:.0f} points (worst {worst:.0f} %)"
+            f"* {predicted['target']}: MISSED by {worst - 10.0:.1f} points (worst {worst:.1f} %)"
         )
     return "\n".join(lines)
 
