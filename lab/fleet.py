@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeslice.agent.limits import remove_agent_cgroups
 from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.lab.supervisor import Ready, Supervised, stop_all
 
@@ -51,6 +52,7 @@ class LocalFleet:
         self.detached = detached
         self.on_start = on_start  # called as soon as a process is started (testbed state)
         self.procs: dict[str, Supervised] = {}
+        self.agent_ids: list[str] = []  # every agent started, for the cgroup clean-up
 
     @property
     def public_key_file(self) -> str:
@@ -125,6 +127,8 @@ class LocalFleet:
         ]
         if self.threads_per_agent:
             args += ["--threads", str(self.threads_per_agent)]
+        if spec.agent_id not in self.agent_ids:
+            self.agent_ids.append(spec.agent_id)
         return self.spawn(spec.agent_id, [*args, *spec.extra])
 
     def start_planner(self, model: str, extra: Sequence[str] = ()) -> Supervised:
@@ -160,6 +164,10 @@ class LocalFleet:
 
         for level in (0, 1, 2):
             stop_all([c for n, c in self.procs.items() if tier(n) == level], grace=15.0)
+        # an agent that was killed (kill -9 in a fault test, or SIGKILL after the grace)
+        # could not remove its emulation cgroups itself; empty ones go now
+        for agent_id in self.agent_ids:
+            remove_agent_cgroups(agent_id)
 
     def __enter__(self) -> LocalFleet:
         return self

@@ -79,9 +79,9 @@ def test_planner_and_agents_serve_metrics_for_the_requests_they_ran(tmp_path: Pa
                 async with InferenceClient(
                     SETTINGS, planner.model_name, transport=broker.factory
                 ) as client:
-                    await client.wait_ready(timeout=20.0)
+                    await client.wait_ready(timeout=90.0)
                     batch = [torch.randn(1, 16) for _ in range(5)]
-                    await asyncio.gather(*(client.infer(x, timeout=20.0) for x in batch))
+                    await asyncio.gather(*(client.infer(x, timeout=60.0) for x in batch))
                 planned = await asyncio.to_thread(scrape, servers[0].url)
                 served = [await asyncio.to_thread(scrape, s.url) for s in servers[1:]]
         finally:
