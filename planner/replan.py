@@ -164,8 +164,10 @@ def adopt_problem(
     strategy: str,
     compression: str,
     agents: Mapping[str, AgentState],
+    objective: str | None = None,
 ) -> str | None:
-    """Why a retained plan cannot be served as is by this planner (None: adopt it).
+    """Why a retained plan cannot be served as is by this planner (None: adopt it;
+    ``objective`` None: any objective will do).
 
     The artifacts are checked separately (rebuilding the cut must give the same shas).
     """
@@ -175,6 +177,8 @@ def adopt_problem(
         return "it has no stages" + (f" ({plan.reason})" if plan.reason else "")
     if plan.strategy != strategy:
         return f"it was made by strategy {plan.strategy!r}, not {strategy!r}"
+    if objective is not None and plan.objective != objective:
+        return f"it was planned for objective {plan.objective!r}, not {objective!r}"
     if plan.compression != compression:
         return f"it uses compression {plan.compression or 'none'!r}, not {compression or 'none'!r}"
     for stage in plan.stages:

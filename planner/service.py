@@ -131,6 +131,7 @@ class PlannerService:
             self.loaded,
             self.profile,
             self.key,
+            objective=self.config.objective,
         )
         plan = found.plan
         if plan is None:

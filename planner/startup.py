@@ -2,7 +2,7 @@
 
 :func:`load_and_price` loads, profiles and times the model (torch: call it in a thread).
 Adopting: a restarted planner must not pull the plan from under a fleet that is serving it. The
-pure checks (same model, strategy and compression; every agent online and reporting
+pure checks (same model, strategy, objective and compression; every agent online and reporting
 that plan version ready) are :func:`planner.replan.adopt_problem`; this module adds the
 one that needs torch: rebuilding the plan's cut must reproduce the artifacts' sha256
 (artifacts are content-addressed and Ed25519 signing is deterministic, so the same model,
@@ -35,6 +35,7 @@ async def retained_plan(
     strategy: str,
     compression: str,
     timeout: float = ADOPT_WAIT_S,
+    objective: str | None = None,
 ) -> tuple[PlanMessage | None, str | None]:
     """The retained plan of ``model`` (None: none) and why it cannot be adopted (None: it can).
 
@@ -47,7 +48,7 @@ async def retained_plan(
         problem = (
             "none seen"
             if plan is None
-            else adopt_problem(plan, model, strategy, compression, fleet.agents)
+            else adopt_problem(plan, model, strategy, compression, fleet.agents, objective)
         )
         if problem is None or time.monotonic() >= deadline:
             return plan, problem
@@ -123,9 +124,10 @@ async def examine_retained(
     loaded: Any,
     profile: Any,
     key: Any,
+    objective: str | None = None,
 ) -> Adoption:
     """Wait for the retained view, check the plan, rebuild its cut (in a thread)."""
-    plan, problem = await retained_plan(fleet, model, strategy, compression)
+    plan, problem = await retained_plan(fleet, model, strategy, compression, objective=objective)
     if plan is None or problem is not None:
         return Adoption(plan, problem)
     problem, artifacts = await asyncio.to_thread(rebuild_problem, plan, loaded, profile, key)

@@ -94,6 +94,9 @@ def test_layout_and_adoption_of_a_retained_plan() -> None:
     assert adopt_problem(plan, "m", "edgeslice", "", agents) is None
     assert "model" in (adopt_problem(plan, "other", "edgeslice", "", agents) or "")
     assert "strategy" in (adopt_problem(plan, "m", "amp4ec", "", agents) or "")
+    assert adopt_problem(plan, "m", "edgeslice", "", agents, plan.objective) is None
+    other = "latency" if plan.objective != "latency" else "throughput"
+    assert "objective" in (adopt_problem(plan, "m", "edgeslice", "", agents, other) or "")
     assert "compression" in (adopt_problem(plan, "m", "edgeslice", "fp16", agents) or "")
     assert "b" in (adopt_problem(plan, "m", "edgeslice", "", {"a": agents["a"]}) or "")
     stale = {**agents, "b": agent("b", version=0)}
