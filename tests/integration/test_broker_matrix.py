@@ -179,16 +179,23 @@ def running(server: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> It
         t = Topics(namespace)
         peer = Peer(server)
         peer.subscribe(t.plan(loaded.name), *(t.info(a) for a in AGENTS))
-        # the agents first, the planner after their info is retained: on RabbitMQ (no
-        # retained messages for wildcard filters) the planner finds them through their
-        # live telemetry and subscribes to their retained topics by exact name
-        for agent_id in AGENTS:
-            fleet.start_agent(AgentSpec(agent_id, "x86-laptop", FAST))
-        for agent_id in AGENTS:
-            peer.first(t.info(agent_id), 120, lambda p: bool(p))
-        fleet.start_planner(
-            spec, ["--replan-delay", "1", "--strategy", "even-split", "--min-agents", "2"]
-        )
+        planner_args = ["--replan-delay", "1", "--strategy", "even-split", "--min-agents", "2"]
+        if server.kind == "rabbitmq":
+            # agents first, the planner after their info is retained: RabbitMQ sends no
+            # retained messages to wildcard filters, so the planner must find the agents
+            # through their live telemetry and read their retained topics by exact name
+            for agent_id in AGENTS:
+                fleet.start_agent(AgentSpec(agent_id, "x86-laptop", FAST))
+            for agent_id in AGENTS:
+                peer.first(t.info(agent_id), 120, lambda p: bool(p))
+            fleet.start_planner(spec, planner_args)
+        else:
+            # on NATS, two agents started at once with a subscriber already on their
+            # exact info topics once left one info unseen for 120 s (not explained yet):
+            # the planner first, as before
+            fleet.start_planner(spec, planner_args)
+            for agent_id in AGENTS:
+                fleet.start_agent(AgentSpec(agent_id, "x86-laptop", FAST))
         # agents are up, measured and serving once the plan is ready
         peer.first(t.plan(loaded.name), 180, lambda p: codec.decode(p, PlanMessage).ready)
         peer.close()
