@@ -48,28 +48,55 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def breakdown(plan: PlanMessage, results: list[InferenceResult]) -> list[dict[str, Any]]:
-    """Per stage: agents, predicted vs measured compute (median), queue and transfer."""
+def _stage_timings(results: list[InferenceResult], stage: int) -> list[dict[str, Any]]:
+    return [t for r in results for t in r.timings if int(t["stage"]) == stage]
+
+
+def breakdown(
+    plan: PlanMessage, single: list[InferenceResult], saturated: list[InferenceResult]
+) -> list[dict[str, Any]]:
+    """Per stage and replica: predicted vs measured compute, queue and transfer.
+
+    The planner predicts a stage's compute per device (``PlanStage.predicted_compute_s`` is
+    the primary's, ``agents[0]``); a stage replicated on unlike devices has one prediction
+    per replica, so measured times are compared replica by replica, never as one median
+    over mixed devices. The prediction is checked on the requests sent one at a time
+    (``single``: batch 1, no other request competing for the host's cores, as on separate
+    boards); the saturated figures (``saturated``: possibly batched, sharing this host's
+    cores with every other emulated device) are reported beside it.
+    """
     rows = []
     for stage in plan.stages:
-        timings = [t for r in results for t in r.timings if int(t["stage"]) == stage.stage]
-        if not timings:
+        alone = _stage_timings(single, stage.stage)
+        busy = _stage_timings(saturated, stage.stage)
+        if not alone and not busy:
             continue
-        compute = statistics.median(t["compute_s"] for t in timings)
-        rows.append(
-            {
-                "stage": stage.stage,
-                "segments": [stage.start_segment, stage.end_segment],
-                "agents": list(stage.agents),
-                "predicted_compute_s": stage.predicted_compute_s,
-                "measured_compute_s": compute,
-                "prediction_error_pct": 100.0 * (stage.predicted_compute_s - compute) / compute,
-                "queue_s": statistics.median(t["queue_s"] for t in timings),
-                "transfer_s": statistics.median(
-                    t.get("transfer_s", 0.0) + t.get("recv_s", 0.0) for t in timings
-                ),
+        primary = stage.agents[0] if stage.agents else ""
+        own = [t for t in alone if t.get("agent") == primary and int(t.get("batch", 1)) == 1]
+        compute = statistics.median(t["compute_s"] for t in own) if own else 0.0
+        replicas = {}
+        for agent in stage.agents:
+            mine = [t["compute_s"] for t in alone if t.get("agent") == agent]
+            loaded = [t["compute_s"] for t in busy if t.get("agent") == agent]
+            replicas[agent] = {
+                "measured_compute_s": statistics.median(mine) if mine else None,
+                "saturated_compute_s": statistics.median(loaded) if loaded else None,
             }
-        )
+        row: dict[str, Any] = {
+            "stage": stage.stage,
+            "segments": [stage.start_segment, stage.end_segment],
+            "agents": list(stage.agents),
+            "predicted_compute_s": stage.predicted_compute_s,
+            "measured_compute_s": compute,
+            "replicas": replicas,
+            "queue_s": statistics.median(t["queue_s"] for t in busy or alone),
+            "transfer_s": statistics.median(
+                t.get("transfer_s", 0.0) + t.get("recv_s", 0.0) for t in alone or busy
+            ),
+        }
+        if compute:
+            row["prediction_error_pct"] = 100.0 * (stage.predicted_compute_s - compute) / compute
+        rows.append(row)
     return rows
 
 
@@ -132,7 +159,7 @@ async def measure_plan(
             "requests": len(counted),
             "window_s": window,
         },
-        "breakdown": breakdown(plan, counted),
+        "breakdown": breakdown(plan, single, counted),
         "all_outputs_finite": all(
             bool(o.isfinite().all())
             for r in [*single, *counted]

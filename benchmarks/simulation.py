@@ -115,6 +115,18 @@ def _row(cost: ModelCost, plan: Plan, devices: list[Device]) -> dict[str, Any]:
     }
 
 
+def _replica_compute(stage_row: dict[str, Any]) -> list[tuple[str, float]]:
+    """(agent, measured compute s) per replica of a breakdown row; older results: one median."""
+    if "replicas" in stage_row:
+        return [
+            (agent, r["measured_compute_s"])
+            for agent, r in stage_row["replicas"].items()
+            if r.get("measured_compute_s")
+        ]
+    measured = stage_row.get("measured_compute_s")
+    return [(a, measured) for a in stage_row["agents"]] if measured else []
+
+
 def _validate_file(name: str, costs: dict[str, ModelCost]) -> dict[str, Any]:
     """Simulated vs measured for every row of results/NAME.json (never invented)."""
     path = results_dir() / name
@@ -146,14 +158,9 @@ def _validate_file(name: str, costs: dict[str, ModelCost]) -> dict[str, Any]:
         # on this very run's stage timings: in-sample, so it isolates the queueing/link part.
         by_id = {d.agent_id: d for d in devices}
         samples = [
-            (
-                a,
-                compute_s(cost, b["segments"][0], b["segments"][1], by_id[a]),
-                b["measured_compute_s"],
-            )
+            (a, compute_s(cost, b["segments"][0], b["segments"][1], by_id[a]), measured)
             for b in row.get("breakdown", [])
-            if b.get("measured_compute_s")
-            for a in b["agents"]
+            for a, measured in _replica_compute(b)
         ]
         params = CostParams(correction=fit_correction(samples, prior_samples=0.0))
         fitted = simulate(cost, plan, devices, Workload(requests=100, in_flight=in_flight), params)
