@@ -1,8 +1,12 @@
 """Live fleet view and raw topic decoding for ``edgeslice monitor`` (no torch, read-only).
 
-Two modes. The fleet view folds status/info/telemetry/assignment messages into one row
-per agent (:class:`~edgeslice.broker.fleetstate.FleetState`, pure) and redraws a table
-in place on a terminal, or prints one JSON object per agent change with ``--json``.
+Two modes. The fleet view folds status/info/telemetry/assignment/plan messages into one
+:class:`~edgeslice.broker.fleetstate.FleetState` (pure) and draws it with
+:mod:`edgeslice.client.monitorview`: agents with their link figures, the current plan
+with predicted vs measured stage timings. On a terminal it is a ``rich`` live view when
+``rich`` is installed (the ``monitor`` extra), else a table redrawn in place; anywhere
+else (a pipe, a file, ``--plain``) plain blocks of lines, one block a second; ``--json``
+prints one JSON object per agent change.
 ``--raw [FILTER]`` prints every message under the namespace, and nothing else: topic,
 size and the msgpack payload as JSON (binary fields summarised), or one JSON object per
 line with ``--json``.
@@ -18,72 +22,24 @@ from typing import Any, TextIO
 
 import click
 
-from edgeslice.broker.fleetstate import AgentState, FleetState
+from edgeslice.broker.fleetstate import FleetState
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.errors import EdgesliceError, ProtocolError
 from edgeslice.broker.protocol.topics import Topics
 from edgeslice.broker.settings import BrokerSettings, connection_options
 from edgeslice.broker.transport import TransportFactory, mqtt_transport
+from edgeslice.client.monitorview import agent_row, render, rich_available, rich_view
+
+__all__ = ["agent_row", "choose_view", "render", "run_monitor"]
+
+PLAIN, REDRAW, RICH = "plain", "redraw", "rich"
 
 
-def agent_row(state: AgentState, now: float) -> dict[str, Any]:
-    """One agent as the monitor's JSON row (``--json``) and table line."""
-    info, tel, rep = state.info, state.telemetry, state.reported
-    if rep is not None:
-        stages = ",".join(str(s) for s in rep.stages) or "-"
-        assignment = f"v{rep.plan_version} {rep.state} stages {stages}"
-        if rep.error:
-            assignment += f" ({rep.error[:60]})"
-    elif state.desired is not None:
-        assignment = f"v{state.desired.plan_version} desired"
-    else:
-        assignment = ""
-    return {
-        "agent": state.agent_id,
-        "online": state.online,
-        "profile": info.profile if info else "",
-        "cpu_percent": tel.cpu_percent if tel else None,
-        "mem_percent": tel.mem_percent if tel else None,
-        "temperature_c": tel.temperature_c if tel else None,
-        "gflops": round(info.gflops, 2) if info else None,
-        "load": round(state.load(now), 3) if tel else None,
-        "assignment": assignment,
-        "queue_depth": tel.queue_depth if tel else 0,
-        "last_telemetry": state.telemetry_at,
-        "session": state.session,
-        "seconds_since_telemetry": round(now - state.telemetry_at, 1) if tel else None,
-    }
-
-
-def render(fleet: FleetState, now: float) -> str:
-    """The live table: one line per agent, then one per plan."""
-    header = f"{'AGENT':<16} {'STATE':<8} {'PROFILE':<17} {'CPU%':>5} {'MEM%':>5} "
-    header += f"{'TEMP':>5} {'GFLOP/s':>8} {'LOAD':>5} {'QUEUE':>5} {'LAST':>6}  ASSIGNMENT"
-    lines = [header]
-    for state in sorted(fleet.agents.values(), key=lambda s: s.agent_id):
-        row = agent_row(state, now)
-        age = f"{row['seconds_since_telemetry']:5.1f}s" if row["last_telemetry"] else "    -"
-        lines.append(
-            f"{state.agent_id[:16]:<16} {'online' if state.online else 'OFFLINE':<8} "
-            f"{row['profile'][:17]:<17} {_num(row['cpu_percent']):>5} "
-            f"{_num(row['mem_percent']):>5} {_num(row['temperature_c']):>5} "
-            f"{_num(row['gflops']):>8} {_num(row['load']):>5} {row['queue_depth']:>5} "
-            f"{age:>6}  {row['assignment']}"
-        )
-    for plan in fleet.plans.values():
-        stages = "  ".join(
-            f"[{s.stage}] {s.start_segment}-{s.end_segment} on {','.join(s.agents)}"
-            for s in plan.stages
-        )
-        ready = "ready" if plan.ready else "loading"
-        lines.append(f"plan {plan.model} v{plan.plan_version} ({ready}): {stages}")
-    if not fleet.agents:
-        lines.append("(no agents yet: start one with `edgeslice agent --broker ...`)")
-    return "\n".join(lines)
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def choose_view(is_tty: bool, plain: bool, has_rich: bool) -> str:
+    """How the fleet view draws: ``rich`` live view, ANSI ``redraw`` or ``plain`` blocks."""
+    if plain or not is_tty:
+        return PLAIN
+    return RICH if has_rich else REDRAW
 
 
 def decode_any(payload: bytes) -> Any:
@@ -114,6 +70,32 @@ def raw_filter(topics: Topics, text: str | None) -> str:
     return f"{topics.root}/{text.lstrip('/')}"
 
 
+class Screen:
+    """Draws the fleet view in one of :func:`choose_view`'s modes on ``out``."""
+
+    def __init__(self, out: TextIO, mode: str) -> None:
+        self.out, self.mode = out, mode
+        self.live: Any = None
+        if mode == RICH:
+            from rich.console import Console
+            from rich.live import Live
+
+            self.live = Live(console=Console(file=out), auto_refresh=False, transient=False)
+            self.live.start()
+
+    def draw(self, fleet: FleetState, now: float) -> None:
+        if self.live is not None:
+            self.live.update(rich_view(fleet, now), refresh=True)
+            return
+        text = render(fleet, now)
+        self.out.write(("\x1b[H\x1b[2J" + text + "\n") if self.mode == REDRAW else text + "\n\n")
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
 async def run_monitor(
     settings: BrokerSettings,
     raw: bool,
@@ -122,15 +104,19 @@ async def run_monitor(
     duration: float | None,
     out: TextIO = sys.stdout,
     transport: TransportFactory | None = None,
+    *,
+    plain: bool = False,
 ) -> None:
     """Subscribe and print until ``duration`` (seconds) passes or the task is cancelled.
 
-    ``transport`` opens the connection (default: an MqttClient to ``settings``' broker).
+    ``transport`` opens the connection (default: an MqttClient to ``settings``' broker);
+    ``plain`` draws plain blocks of lines even on a terminal.
     """
     topics = Topics(settings.namespace)
     connect = transport or mqtt_transport(settings)
     client = connect(f"monitor-{int(time.time() * 1000) % 10**9}")
     await client.connect()
+    screen = None
     try:
         if raw:
             await client.subscribe(raw_filter(topics, topic_filter), qos=0)
@@ -141,7 +127,8 @@ async def run_monitor(
         view = FleetState(topics)
         deadline = None if duration is None else time.monotonic() + duration
         last_draw = 0.0
-        tty = out.isatty() and not as_json
+        if not raw and not as_json:
+            screen = Screen(out, choose_view(out.isatty(), plain, rich_available()))
         while deadline is None or time.monotonic() < deadline:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             msg = await client.next_message(timeout=min(remaining or 1.0, 1.0))
@@ -159,12 +146,12 @@ async def run_monitor(
                 if as_json and changed is not None:
                     out.write(json.dumps(agent_row(view.agents[changed], now)) + "\n")
                     out.flush()
-            if not as_json and (now - last_draw >= 1.0 or msg is None):
+            if screen is not None and (now - last_draw >= 1.0 or msg is None):
                 last_draw = now
-                text = render(view, now)
-                out.write(("\x1b[H\x1b[2J" + text + "\n") if tty else text + "\n\n")
-                out.flush()
+                screen.draw(view, now)
     finally:
+        if screen is not None:
+            screen.close()
         await client.close()
 
 
@@ -185,6 +172,11 @@ def _print_raw(out: TextIO, topic: str, payload: bytes, retain: bool, as_json: b
 @click.argument("topic_filter", required=False)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a line, for piping.")
 @click.option(
+    "--plain",
+    is_flag=True,
+    help="Plain lines, a block a second, even on a terminal (the default when piped).",
+)
+@click.option(
     "--duration",
     type=float,
     default=None,
@@ -195,20 +187,28 @@ def monitor_cmd(
     raw: bool,
     topic_filter: str | None,
     as_json: bool,
+    plain: bool,
     duration: float | None,
 ) -> None:
     """Watch the fleet live, or decode raw traffic.
 
     Without --raw: one row per agent (online/offline, profile, CPU, memory,
-    temperature, GFLOP/s, queue, seconds since its last telemetry, assignment),
-    redrawn in place; with --json one JSON object per agent change. With --raw
-    [FILTER]: every message under the namespace, FILTER relative to it, e.g.
+    temperature, GFLOP/s, link round trip and MB/s, stage-worker load, queue,
+    seconds since its last telemetry, assignment), then the current plan: its
+    predicted latency and period, and per stage and agent the predicted compute
+    and transfer next to the compute and queue time the agent measured. On a
+    terminal a live view (rich tables with `pip install 'edgeslice[monitor]'`),
+    piped or with --plain a block of plain lines a second; with --json one JSON
+    object per agent change. With --raw [FILTER]: every message under the
+    namespace, FILTER relative to it, e.g.
     `edgeslice monitor --raw 'agents/+/telemetry'`.
     """
     if topic_filter and not raw:
         raise click.UsageError("a TOPIC_FILTER needs --raw")
+    if (raw or as_json) and plain:
+        raise click.UsageError("--plain is for the fleet view; --raw and --json print lines")
     try:
-        asyncio.run(run_monitor(settings, raw, topic_filter, as_json, duration))
+        asyncio.run(run_monitor(settings, raw, topic_filter, as_json, duration, plain=plain))
     except KeyboardInterrupt:
         pass
     except EdgesliceError as exc:
