@@ -16,4 +16,7 @@ PROTOCOL_MAJOR = 1
 #      arrival; the header's whole-payload "c" is gone (the sender no longer reads the whole
 #      payload before chunk 0 leaves). 1.3 receivers still read 1.2 transfers ("c", no "x");
 #      a 1.2 receiver refuses a 1.3 header as malformed (no "c"): upgrade receivers first
-PROTOCOL_MINOR = 3
+#   4: tiled (intra-layer) plans: PlanStage.tiles/tiling, StageAssignment.in_box/out_box,
+#      RequestEnvelope.tiles/box/attempt (all optional; a tiled request has an empty route,
+#      so a 1.3 agent refuses it with an error instead of computing a piece as a whole)
+PROTOCOL_MINOR = 4

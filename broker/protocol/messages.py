@@ -11,6 +11,11 @@ inside a service.
 Two messages travel inside a data-plane transfer instead of on their own topic: the
 :class:`RequestEnvelope` (header field ``m`` of request/activation/result transfers) and
 the :class:`ErrorReply` (``m`` of error transfers), see :mod:`.chunking`.
+
+Tiled (intra-layer) plans (protocol 1.4): a :class:`PlanStage` may list :class:`Tile` s,
+each an agent computing one output box of the stage from one input box (boxes.py); a
+request of such a plan carries every stage's tiles in its envelope (``tiles``) and each of
+its transfers the box of the piece it holds (``box``), see :mod:`.pieces`.
 """
 
 from __future__ import annotations
@@ -107,6 +112,21 @@ class Telemetry(Message):
     stage_timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+class Tile(NamedTuple):
+    """One tile of a tiled stage; wire ``[agent_id, artifact, in_box, out_box]``.
+
+    The agent runs ``artifact`` on the part ``in_box`` of the stage's input (halo included)
+    and produces the part ``out_box`` of its output; boxes are ``boxes.box_to_wire`` lists
+    in whole-activation coordinates. An empty box means *the whole* tensors (any number of
+    them): a stage that is not split is one tile with empty boxes.
+    """
+
+    agent_id: str
+    artifact: str
+    in_box: list[list[int]]
+    out_box: list[list[int]]
+
+
 @dataclass(frozen=True)
 class StageAssignment:
     """One stage an agent should run: which artifact, and where its output goes."""
@@ -118,6 +138,9 @@ class StageAssignment:
     end_segment: int = 0
     input_specs: list[dict[str, Any]] = field(default_factory=list)
     output_specs: list[dict[str, Any]] = field(default_factory=list)
+    # a tile of a tiled stage (protocol 1.4, informative: requests carry their boxes)
+    in_box: list[list[int]] = field(default_factory=list)
+    out_box: list[list[int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -202,6 +225,11 @@ class PlanStage:
     out_bytes: int = 0
     param_bytes: int = 0
     replica_period_s: list[float] = field(default_factory=list)  # per agent, predicted busy s
+    # tiled stage (protocol 1.4): the tiles that split it ("agents" lists their agents, in
+    # order); empty = a pipeline stage run whole by one of ``agents``. ``tiling`` names the
+    # split: outc | inh | inw | grid ("" when the tiles are not a split, e.g. one whole tile)
+    tiles: list[Tile] = field(default_factory=list)
+    tiling: str = ""
 
 
 @dataclass(frozen=True)
@@ -265,6 +293,15 @@ class RequestEnvelope(Message):
     compression: str = ""  # between stages: "" (none), "fp16" or "int8"
     sent_at: float = 0.0  # unix time the previous hop started sending
     timings: list[StageTiming] = field(default_factory=list)  # one per stage run so far
+    # tiled requests (protocol 1.4; pieces.py): per stage, its tiles (then ``route`` is
+    # empty, so an agent older than 1.4 refuses the request instead of running a piece as
+    # if it were the whole input); ``box``: the part of the activation entering stage
+    # ``st`` (the transfer's header) that this transfer's tensors hold ([] = whole);
+    # ``attempt``: which send of the request id this is (the client's count, from 1), so
+    # pieces of two sends never meet in one gather buffer
+    tiles: list[list[Tile]] = field(default_factory=list)
+    box: list[list[int]] = field(default_factory=list)
+    attempt: int = 0
 
 
 @dataclass(frozen=True)
