@@ -18,6 +18,12 @@ artifact and plan version run as one batch (agent/batching.py) and are split bac
 one result or activation each, with its own timings (``queue_s`` includes the wait for
 the batch, ``compute_s`` is the batch's run, ``batch`` its size). Every failure becomes
 an ``error`` transfer to the client naming the stage and agent; nothing hangs silently.
+
+A request of a tiled plan (envelope ``tiles``, agent/tiles.py) arrives as *pieces*: each
+completed transfer, and each piece this agent cuts for its own next tile, goes to a
+bounded, expiring gather per request, stage and send; once the pieces cover this agent's
+tile input it runs as one job (never batched) and its output is cut into the next stage's
+pieces. A refused piece or a gather that times out is answered with an error to the client.
 """
 
 from __future__ import annotations
@@ -33,6 +39,15 @@ from torch import Tensor
 from edgeslice.agent.batching import BatchKey, BatchPolicy, BatchQueue, StageStats, run_grouped
 from edgeslice.agent.hops import Job, Outbound, Prepared, error_reply, next_hop, prepare
 from edgeslice.agent.runtime import StageRuntime
+from edgeslice.agent.tiles import (
+    LocalPiece,
+    Refusal,
+    TileIntake,
+    TileJob,
+    is_tiled,
+    run_tile,
+    tile_outbounds,
+)
 from edgeslice.broker.protocol.chunking import (
     Reassembler,
     Refused,
@@ -44,6 +59,7 @@ from edgeslice.broker.protocol.errors import (
     TransferError,
 )
 from edgeslice.broker.protocol.messages import ErrorReply, StageTiming
+from edgeslice.broker.protocol.pieces import PieceBuffer
 from edgeslice.broker.protocol.topics import Topics
 from edgeslice.broker.transport import Transport
 
@@ -65,6 +81,7 @@ class DataPlane:
         idle_s: float = 5.0,
         max_open_per_sender: int = 64,
         batching: BatchPolicy | None = None,
+        gather_idle_s: float = 30.0,
     ) -> None:
         self.agent_id = agent_id
         self.client = client
@@ -80,9 +97,15 @@ class DataPlane:
             max_bytes_per_sender=256 * 1024 * 1024,
             idle_s=idle_s,
         )
+        # tiled requests: pieces wait for their siblings, whose compute may take seconds
+        self.tiles = TileIntake(
+            agent_id,
+            runtime,
+            PieceBuffer(256, max_open_per_sender, 256 * 1024 * 1024, idle_s=gather_idle_s),
+        )
         self._expired_at = 0.0
         self.batching = batching or BatchPolicy()
-        self.queue: BatchQueue[Job] = BatchQueue(
+        self.queue: BatchQueue[Job | TileJob] = BatchQueue(
             self.batching, self._batchable, self._expected_s, clock
         )
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
@@ -146,17 +169,37 @@ class DataPlane:
         if isinstance(result, Refused):
             self._on_refused(result)
             return
+        if is_tiled(result.header.meta):  # a piece of a tiled request: gather it first
+            self._take(self.tiles.on_transfer(result, client_id, now))
+            return
         recv_s = max(0.0, now - result.first_chunk_at)
-        job = Job(result, received_at=now, recv_s=recv_s, client_id=client_id)
+        self._take(Job(result, received_at=now, recv_s=recv_s, client_id=client_id))
+
+    def _take(self, job: Job | TileJob | Refusal | None) -> None:
+        """Queue a job for the stage worker, or answer it at once (a refused piece, draining,
+        overloaded); None: a piece that waits for its siblings."""
+        if job is None:
+            return
+        if isinstance(job, Refusal):
+            self._count_refused(
+                "agent=%s refused piece client=%s req=%s stage=%d: %s",
+                self.agent_id,
+                job.client_id,
+                job.header.request_id,
+                job.header.stage,
+                job.error,
+            )
+            self._reply_error(job.header, job.error, job.client_id)
+            return
         if self.refusing is not None:  # draining: the client retries on the current plan
-            self._reply_error(result.header, self.refusing, client_id)
+            self._reply_error(job.header, self.refusing, job.client_id)
             return
         if self.queue.qsize() >= self.max_queue:
             busy = AgentBusyError(
                 f"agent {self.agent_id} is overloaded ({self.queue.qsize()} requests queued); "
                 "retry, or add agents"
             )
-            self._reply_error(result.header, busy, client_id)
+            self._reply_error(job.header, busy, job.client_id)
             return
         self.queue.put_nowait(job)
 
@@ -164,21 +207,27 @@ class DataPlane:
         self._expired_at = now = self.clock()
         for refused in self.reassembler.expire(now):
             self._on_refused(refused)
+        for refusal in self.tiles.expire(now):
+            self._take(refusal)
+
+    def _count_refused(self, what: str, *args: object) -> None:
+        self.refused += 1
+        # a flood must not become a flood of log lines: the first 20, then every 1000th
+        (log.warning if self.refused <= 20 or self.refused % 1000 == 0 else log.debug)(
+            what + " (%d dropped so far)", *args, self.refused
+        )
 
     def _on_refused(self, refused: Refused) -> None:
         if not refused.is_error:
             return
-        self.refused += 1
         header = refused.header
-        # a flood must not become a flood of log lines: the first 20, then every 1000th
-        (log.warning if self.refused <= 20 or self.refused % 1000 == 0 else log.debug)(
-            "agent=%s dropped transfer=%s client=%s req=%s reason=%s (%d dropped so far): %s",
+        self._count_refused(
+            "agent=%s dropped transfer=%s client=%s req=%s reason=%s: %s",
             self.agent_id,
             refused.transfer_id[:12],
             refused.sender or "?",
             header.request_id if header else "?",
             refused.reason,
-            self.refused,
             refused.detail,
         )
         if header is not None and header.kind in ("request", "activation") and refused.sender:
@@ -196,14 +245,24 @@ class DataPlane:
         while True:
             jobs = await self.queue.get_batch()
             self.running = len(jobs)
+            head = jobs[0]
             try:
                 started = self.clock()
-                outbounds = await loop.run_in_executor(
-                    self.executor, self._compute_batch, jobs, started
-                )
+                if isinstance(head, TileJob):  # never batched (agent/tiles.py)
+                    outbounds = await loop.run_in_executor(
+                        self.executor, self._compute_tile, head, started
+                    )
+                else:
+                    plain = [j for j in jobs if isinstance(j, Job)]
+                    outbounds = await loop.run_in_executor(
+                        self.executor, self._compute_batch, plain, started
+                    )
             finally:
                 self.running = 0
             for outbound in outbounds:
+                if isinstance(outbound.local, LocalPiece):  # our own next tile: no broker
+                    self._take(self.tiles.on_local(outbound.local, self.clock()))
+                    continue
                 task = asyncio.create_task(self._send(outbound))
                 self._send_tasks.add(task)
                 task.add_done_callback(self._send_tasks.discard)
@@ -258,8 +317,24 @@ class DataPlane:
         self.on_outcome(timing)
         return outbound
 
-    def _failed(self, job: Job, exc: Exception) -> Outbound:
-        header = job.done.header
+    def _compute_tile(self, job: TileJob, started: float) -> list[Outbound]:
+        """Worker thread: one tiled job (agent/tiles.py), or its error reply."""
+        try:
+            outputs, timing, sha = run_tile(job, self.runtime, self.agent_id, started)
+            self.busy_s += timing.compute_s
+            self.stats.setdefault(sha, StageStats(timing.stage)).add(
+                timing.compute_s, timing.queue_s
+            )
+            out = tile_outbounds(
+                job, outputs, timing, self.agent_id, self.topics, self.chunk_size, self.clock()
+            )
+        except Exception as exc:  # every failure goes back to the client, never a hang
+            return [self._failed(job, exc)]
+        self.on_outcome(timing)
+        return out
+
+    def _failed(self, job: Job | TileJob, exc: Exception) -> Outbound:
+        header = job.header
         log.warning(
             "agent=%s req=%s stage=%d failed: %s",
             self.agent_id,

@@ -11,6 +11,7 @@ that id, and a request whose envelope ``reply_to`` names another client is refus
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from torch import Tensor
 
@@ -54,11 +55,13 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Outbound:
-    """What a computed job sends next: topic + chunks, or an error to the client."""
+    """What a computed job sends next: topic + chunks, or an error to the client; or, for a
+    tiled request, a piece this agent keeps for itself (``local``, agent/tiles.py)."""
 
     topic: str
     chunks: list[bytes]
     request_id: str
+    local: Any = None  # an agent.tiles.LocalPiece: fed back to this agent, never published
 
 
 def prepare(job: Job, agent_id: str, runtime: StageRuntime) -> Prepared:
