@@ -13,7 +13,9 @@ or that may have been lost by a broker restart is re-sent at once under the same
 request id (client/requests.py: first result wins, duplicates dropped and counted), so
 no request is lost and none waits out its timeout. A withdrawn plan fails requests at
 once with the planner's reason (:class:`NoPlanError`). Many ``infer`` calls may run at once.
-Watching the plan and waiting for a ready one is client/planwatch.py's.
+Watching the plan and waiting for a ready one is client/planwatch.py's. A tiled plan's
+request is sent as pieces to its first stage's tiles and gathered from its last stage's
+(client/tiled.py); retries, re-sends and timeouts are the same.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from edgeslice.broker.settings import BrokerSettings
 from edgeslice.broker.transport import TransportFactory, mqtt_transport
 from edgeslice.client.planwatch import PlanWatch
 from edgeslice.client.requests import (
+    GatheredResult,
     InferenceResult,
     InFlight,
     RequestTracker,
@@ -63,6 +66,14 @@ from edgeslice.client.requests import (
 )
 from edgeslice.client.routing import Router
 from edgeslice.client.scoring import Weights
+from edgeslice.client.tiled import (
+    ResultGather,
+    Scattered,
+    is_tiled_plan,
+    route_of,
+    scatter,
+    stage_agents,
+)
 
 __all__ = ["InferenceClient", "InferenceResult"]  # what infer() returns: part of the API
 
@@ -102,6 +113,7 @@ class InferenceClient:
         self._reassembler = Reassembler(
             max_open=512, max_age_s=120.0, idle_s=5.0, accept=self._awaited
         )
+        self._pieces = ResultGather()  # a tiled plan's result pieces (client/tiled.py)
         self._expired_at = 0.0
         self.dropped = 0  # messages and results refused as unusable (malformed, foreign)
         self._followed: set[str] = set()  # agents subscribed to by exact topic
@@ -161,6 +173,7 @@ class InferenceClient:
         tensor_meta, payload = pack_tensors(tensors)
         loop = asyncio.get_running_loop()
         req = InFlight(uuid.uuid4().hex, tensor_meta, payload, deadline, loop.create_future())
+        req.inputs = tensors
         self.requests.add(req)
         start = time.perf_counter()
         last: EdgesliceError | None = None
@@ -213,52 +226,73 @@ class InferenceClient:
         return self.router.choose_route(plan)
 
     def _send(self, req: InFlight, plan: PlanMessage) -> None:
-        """(Re-)send ``req`` along a fresh route of ``plan`` (same request id)."""
-        route = self.choose_route(plan)
+        """(Re-)send ``req`` along a fresh route of ``plan`` (same request id); for a tiled
+        plan, as pieces to every tile of its first stage (client/tiled.py)."""
+        tiled = is_tiled_plan(plan.stages)
+        tiles = self.router.choose_tiles(plan) if tiled else []
+        route = route_of(tiles) if tiled else self.choose_route(plan)
         self.router.track(req.route, route)
         if req.sends:
             self.requests.resends += 1
         req.route, req.plan_id, req.plan_version = route, plan.plan_id, plan.plan_version
+        req.stage_agents = stage_agents(tiles)
         req.sends += 1
         req.parked = False
         req.sent_at = time.time()
         envelope = RequestEnvelope(
-            route=[RouteHop(a, s.artifact) for a, s in zip(route, plan.stages, strict=True)],
+            route=[]
+            if tiled
+            else [RouteHop(a, s.artifact) for a, s in zip(route, plan.stages, strict=True)],
             reply_to=self.client_id,
             tensors=req.tensor_meta,
             model=plan.model,
             compression=plan.compression,
             sent_at=req.sent_at,
+            attempt=req.sends,
         )
-        _header, chunks = stream_transfer(
-            req.payload,
-            request_id=req.request_id,
-            kind="request",
-            plan_id=plan.plan_id,
-            plan_version=plan.plan_version,
-            stage=0,
-            deadline=req.deadline,
-            meta=codec.to_wire(envelope),
-            chunk_size=self.chunk_size,
+        pieces = (
+            scatter(req.inputs, tiles, envelope)
+            if tiled
+            else [Scattered(route[0], envelope, req.payload)]
         )
-        topic = self.topics.inbox(route[0], self.client_id)  # ACL: our own segment only
         for ack in req.acks:
             ack.cancel()  # no-op when acknowledged; stops waiting otherwise
-        req.acks = [self.client.publish_nowait(topic, c, qos=1) for c in chunks]
+        req.acks = []
+        for piece in pieces:
+            _header, chunks = stream_transfer(
+                piece.payload,
+                request_id=req.request_id,
+                kind="request",
+                plan_id=plan.plan_id,
+                plan_version=plan.plan_version,
+                stage=0,
+                deadline=req.deadline,
+                meta=codec.to_wire(piece.envelope),
+                chunk_size=self.chunk_size,
+            )
+            topic = self.topics.inbox(piece.agent_id, self.client_id)  # ACL: our own segment
+            req.acks += [self.client.publish_nowait(topic, c, qos=1) for c in chunks]
 
     def _release(self, req: InFlight) -> None:
         self.requests.close(req.request_id)
+        self._pieces.forget(req.request_id)
         for ack in req.acks:
             ack.cancel()
         self.router.track(req.route, [])
         req.route = []
 
-    def _result(self, req: InFlight, done: Completed, latency: float) -> InferenceResult:
-        reply = codec.from_wire(done.header.meta, RequestEnvelope)
-        outputs = unpack_tensors(reply.tensors, done.payload, share=True)
-        self.router.learn(reply.timings)
-        timings = [dataclasses.asdict(t) for t in reply.timings]
-        route = [t.agent for t in reply.timings] or list(req.route)
+    def _result(
+        self, req: InFlight, done: Completed | GatheredResult, latency: float
+    ) -> InferenceResult:
+        if isinstance(done, GatheredResult):  # a tiled plan's, assembled from its pieces
+            outputs, stage_timings = done.outputs, done.timings
+        else:
+            reply = codec.from_wire(done.header.meta, RequestEnvelope)
+            outputs = unpack_tensors(reply.tensors, done.payload, share=True)
+            stage_timings = reply.timings
+        self.router.learn(stage_timings)
+        timings = [dataclasses.asdict(t) for t in stage_timings]
+        route = [t.agent for t in stage_timings] or list(req.route)
         return InferenceResult(
             req.request_id, outputs, latency, timings, route, done.header.plan_version, req.sends
         )
@@ -363,6 +397,7 @@ class InferenceClient:
         if now - self._expired_at >= 1.0:  # drop half-finished results idle for a while
             self._expired_at = now
             self._reassembler.expire(now)
+            self._pieces.expire(now)
         result = self._reassembler.feed(payload, now)
         if isinstance(result, Refused):
             if result.is_error and result.reason != "unexpected":
@@ -379,4 +414,12 @@ class InferenceClient:
                 req, result.header.plan_version, failure.stage, failure.agent
             ):
                 return  # from a send this request was re-sent after: its new route answers
+        elif isinstance(result.header.meta, dict) and result.header.meta.get("tiles"):
+            gathered = self._pieces.add(result, now)  # one piece of a tiled plan's result
+            if isinstance(gathered, str):
+                self._dropped("%s", gathered)
+            if not isinstance(gathered, GatheredResult):
+                return
+            req.future.set_result(gathered)
+            return
         req.future.set_result(result)

@@ -14,6 +14,10 @@ A re-send that cannot go out yet (no ready plan routes around the lost agent) is
 later ones are duplicates, dropped and counted; an error from an earlier send (another
 plan version or another agent than the current route names) is stale and ignored.
 
+A request of a tiled plan (protocol 1.4) is sent as pieces to every tile of its first
+stage and answered by pieces from every tile of its last; its route is then every agent
+that holds a tile (each one's loss re-sends it), ``stage_agents`` the agents per stage.
+
 Pure: :class:`RequestTracker` holds values and answers questions; the client performs
 the sends. Also here: the result value handed to callers and the input check.
 """
@@ -28,9 +32,9 @@ from typing import Any
 
 from torch import Tensor
 
-from edgeslice.broker.protocol.chunking import Completed
+from edgeslice.broker.protocol.chunking import Completed, TransferHeader
 from edgeslice.broker.protocol.errors import InferenceError
-from edgeslice.broker.protocol.messages import OFFLINE, PlanMessage, PlannerStatus
+from edgeslice.broker.protocol.messages import OFFLINE, PlanMessage, PlannerStatus, StageTiming
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ class InFlight:
     tensor_meta: list[dict[str, Any]]
     payload: bytes | memoryview
     deadline: float
-    future: asyncio.Future[Completed]
+    future: asyncio.Future[Completed | GatheredResult]
     route: list[str] = field(default_factory=list)  # empty: not sent yet
     plan_id: str = ""
     plan_version: int = 0
@@ -71,18 +75,38 @@ class InFlight:
     sends: int = 0
     parked: bool = False  # to be re-sent as soon as a ready plan routes it
     acks: list[asyncio.Future[None]] = field(default_factory=list)
+    inputs: list[Tensor] = field(default_factory=list)  # kept to cut a tiled plan's pieces
+    stage_agents: list[list[str]] = field(default_factory=list)  # last send: agents per stage
+
+
+@dataclass(frozen=True)
+class GatheredResult:
+    """A tiled request's answer: outputs assembled from the last stage's pieces (the
+    request's future holds this instead of a transfer); ``header`` is the last piece's."""
+
+    header: TransferHeader
+    outputs: list[Tensor]
+    timings: list[StageTiming]
 
 
 def plan_agents(plan: PlanMessage) -> set[str]:
-    return {a for stage in plan.stages for a in stage.agents}
+    return {a for stage in plan.stages for a in stage.agents} | {
+        t.agent_id for stage in plan.stages for t in stage.tiles
+    }
 
 
 def routable(plan: PlanMessage | None, offline: Iterable[str]) -> bool:
-    """A ready plan with stages, and an agent not known to be offline for every stage."""
+    """A ready plan with stages, and an agent not known to be offline for every stage
+    (for a tiled stage: every tile's agent)."""
     if plan is None or not plan.ready or not plan.stages:
         return False
     down = set(offline)
-    return all(any(a not in down for a in stage.agents) for stage in plan.stages)
+    return all(
+        all(t.agent_id not in down for t in stage.tiles)
+        if stage.tiles
+        else any(a not in down for a in stage.agents)
+        for stage in plan.stages
+    )
 
 
 class RequestTracker:
@@ -147,7 +171,10 @@ class RequestTracker:
 
     def is_stale_error(self, req: InFlight, plan_version: int, stage: int, agent: str) -> bool:
         """An error from an earlier send: another plan version or agent than the route's."""
-        current = 0 <= stage < len(req.route) and req.route[stage] == agent
+        if req.stage_agents:
+            current = 0 <= stage < len(req.stage_agents) and agent in req.stage_agents[stage]
+        else:
+            current = 0 <= stage < len(req.route) and req.route[stage] == agent
         if current and plan_version in (0, req.plan_version):  # error transfers may carry 0
             return False
         self.stale_errors += 1

@@ -4,7 +4,8 @@
 EWMAs of recent stage times) beside the shared :class:`FleetState` (telemetry load, link
 latency, liveness), and asks :func:`~edgeslice.client.scoring.pick_replica` for one replica
 per stage. Replicas known not to be online (last will, ``draining``) are passed over
-while another replica of the stage is up.
+while another replica of the stage is up. A tiled plan's request goes to every tile of its
+tiled stages (:meth:`Router.choose_tiles`); its other stages get one replica as above.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from edgeslice.broker.fleetstate import FleetState
-from edgeslice.broker.protocol.messages import PlanMessage, StageTiming
+from edgeslice.broker.protocol.messages import PlanMessage, StageTiming, Tile
 from edgeslice.client.requests import Measured
 from edgeslice.client.scoring import Candidate, Weights, pick_replica
 
@@ -41,6 +42,16 @@ class Router:
             cands = [self.candidate(a, stage.stage, predicted.get(a, 1.0), now) for a in agents]
             route.append(pick_replica(cands, plan.strategy, self.weights))
         return route
+
+    def choose_tiles(self, plan: PlanMessage) -> list[list[Tile]]:
+        """Per stage, the tiles a request of a tiled plan goes to: a tiled stage's own, and
+        for a stage that is not split one whole tile on the replica :meth:`choose_route`
+        picks."""
+        route = self.choose_route(plan)
+        return [
+            list(stage.tiles) or [Tile(agent, stage.artifact, [], [])]
+            for stage, agent in zip(plan.stages, route, strict=True)
+        ]
 
     def candidate(self, agent_id: str, stage: int, predicted_s: float, now: float) -> Candidate:
         """One replica as the policy sees it: the fleet's word plus this client's measures."""
