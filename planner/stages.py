@@ -167,7 +167,7 @@ def _boundary_nodes(profile: ModelProfile, b: int) -> list[fx.Node]:
 
 
 def _export(
-    gm: fx.GraphModule,
+    gm: nn.Module,
     inputs: list[Tensor],
     expected: list[Tensor],
     input_names: Sequence[str],
@@ -317,34 +317,89 @@ def build_stages(
                 len(exported.body),
                 exported.seconds,
             )
-        meta = {
-            "kind": STAGE_KIND,
-            "format": STAGE_FORMAT,
-            "torch": torch.__version__.split("+")[0],
-            "model": profile.name,
-            "index": index,
-            "start_segment": lo,
-            "end_segment": hi,
-            "inputs": [s.to_wire() for s in exported.inputs],
-            "outputs": [s.to_wire() for s in exported.outputs],
-            "param_bytes": exported.param_bytes,
-            "compression": compression or "none",
-            "batchable": exported.batchable,
-            "body_sha256": hashlib.sha256(exported.body).hexdigest(),
-        }
-        data = seal(exported.body, meta, key)
-        artifacts.append(
-            StageArtifact(
-                index=index,
-                start_segment=lo,
-                end_segment=hi,
-                sha256=artifact_id(data),
-                data=data,
-                size=len(data),
-                input_specs=exported.inputs,
-                output_specs=exported.outputs,
-                param_bytes=exported.param_bytes,
-                batchable=exported.batchable,
-            )
-        )
+        artifacts.append(_seal(exported, profile.name, index, lo, hi, compression, key))
     return artifacts
+
+
+def _seal(
+    exported: _Exported,
+    model: str,
+    index: int,
+    lo: int,
+    hi: int,
+    compression: str | None,
+    key: PrivateKey,
+    extra: Mapping[str, Any] | None = None,
+) -> StageArtifact:
+    """Sign one exported stage with its meta (``extra``: more signed meta, e.g. a tile's)."""
+    meta = {
+        "kind": STAGE_KIND,
+        "format": STAGE_FORMAT,
+        "torch": torch.__version__.split("+")[0],
+        "model": model,
+        "index": index,
+        "start_segment": lo,
+        "end_segment": hi,
+        "inputs": [s.to_wire() for s in exported.inputs],
+        "outputs": [s.to_wire() for s in exported.outputs],
+        "param_bytes": exported.param_bytes,
+        "compression": compression or "none",
+        "batchable": exported.batchable,
+        "body_sha256": hashlib.sha256(exported.body).hexdigest(),
+        **(extra or {}),
+    }
+    data = seal(exported.body, meta, key)
+    return StageArtifact(
+        index=index,
+        start_segment=lo,
+        end_segment=hi,
+        sha256=artifact_id(data),
+        data=data,
+        size=len(data),
+        input_specs=exported.inputs,
+        output_specs=exported.outputs,
+        param_bytes=exported.param_bytes,
+        batchable=exported.batchable,
+    )
+
+
+class _FlatTuple(nn.Module):
+    """A module whose outputs are always a flat tuple, as stage programs' are."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        return tuple(torch.utils._pytree.tree_leaves(self.inner(*inputs)))
+
+
+def build_module_artifact(
+    module: nn.Module,
+    inputs: Sequence[Tensor],
+    expected: Sequence[Tensor],
+    *,
+    model: str,
+    index: int,
+    start_segment: int,
+    end_segment: int,
+    key: PrivateKey,
+    compression: str | None = None,
+    extra_meta: Mapping[str, Any] | None = None,
+) -> StageArtifact:
+    """One signed stage artifact from any module (e.g. one tile of a tiled block,
+    planner/intraplan.py): exported with fixed shapes, checked to reproduce ``expected``
+    on ``inputs``, saved and sealed exactly like :func:`build_stages`' stages."""
+    if compression not in COMPRESSIONS:
+        raise PlanningError(f"unknown artifact compression {compression!r}")
+    label = f"model {model!r} stage {index}"
+    exported = _export(
+        _FlatTuple(module.eval()),
+        list(inputs),
+        list(expected),
+        [f"in{i}" for i in range(len(inputs))],
+        [f"out{i}" for i in range(len(expected))],
+        compression,
+        label,
+    )
+    return _seal(exported, model, index, start_segment, end_segment, compression, key, extra_meta)
