@@ -99,7 +99,7 @@ def tile_of(env: RequestEnvelope, stage: int, agent_id: str, request_id: str) ->
         senders = None if stage == 0 else [tile_boxes(t)[1] for t in tiles[stage - 1]]
         expected = expected_boxes(senders, in_box)
         for t in tiles[stage + 1] if stage + 1 < len(tiles) else ():
-            tile_boxes(t)  # a malformed box downstream fails here, not after the compute
+            piece_box(out_box, tile_boxes(t)[0])  # a bad box downstream fails before compute
     except ValueError as exc:
         raise InferenceError(f"{where}: malformed tile box: {exc}") from None
     return TileSpec(
