@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "planner": ("edgeslice.planner.cli:planner_cmd", "Run the planner service for a model."),
     "infer": ("edgeslice.client.cli:infer_cmd", "Send an inference request to a running fleet."),
+    "plan": (
+        "edgeslice.lab.plan_cli:plan_cmd",
+        "Print a model's latency/throughput Pareto front of plans on a fleet.",
+    ),
     "profile": (
         "edgeslice.planner.cli:profile_cmd",
         "Print a model's cut points and per-segment costs.",

@@ -36,6 +36,14 @@ def _fail(exc: Exception) -> click.ClickException:
     help="Minimise one request's latency, or the slowest stage.",
 )
 @click.option(
+    "--max-latency-ms",
+    type=float,
+    default=None,
+    help="Serve the highest-throughput plan whose predicted latency is within this many "
+    "ms (a point of the Pareto front `edgeslice plan` prints, with the bound that selects "
+    "it); the fastest plan, with a warning, when none is. Needs --objective throughput.",
+)
+@click.option(
     "--min-agents",
     type=int,
     default=1,
@@ -120,6 +128,7 @@ def planner_cmd(
     settings: BrokerSettings,
     model_spec: str,
     objective: str,
+    max_latency_ms: float | None,
     min_agents: int,
     max_segments: int,
     max_stages: int | None,
@@ -151,6 +160,7 @@ def planner_cmd(
                 model_spec=model_spec,
                 broker=settings,
                 objective=objective,
+                max_latency_s=None if max_latency_ms is None else max_latency_ms / 1e3,
                 min_agents=min_agents,
                 max_segments=max_segments,
                 max_stages=max_stages,

@@ -21,6 +21,9 @@ class PlannerConfig:
     model_spec: str
     broker: BrokerSettings
     objective: str = "throughput"
+    # serve the highest-throughput plan whose predicted latency is within this bound (a
+    # point of the Pareto front `edgeslice plan` prints: planner/pareto.py); None: no bound
+    max_latency_s: float | None = None
     min_agents: int = 1
     max_segments: int = 48
     max_stages: int | None = None
@@ -41,6 +44,14 @@ class PlannerConfig:
         if self.strategy != "edgeslice" and self.strategy not in STRATEGIES:
             known = ", ".join(["edgeslice", *STRATEGIES])
             raise ConfigError(f"--strategy {self.strategy!r} is unknown; use one of {known}")
+        if self.max_latency_s is not None:
+            if not self.max_latency_s > 0:
+                raise ConfigError(f"--max-latency-ms must be > 0, not {self.max_latency_s * 1e3}")
+            if self.objective != "throughput" or self.strategy != "edgeslice":
+                raise ConfigError(
+                    "--max-latency-ms serves the highest-throughput plan within the bound: "
+                    "use it with --objective throughput and --strategy edgeslice"
+                )
         if self.min_agents < 1:
             raise ConfigError("--min-agents must be >= 1")
         if self.replan_delay_s < 0:

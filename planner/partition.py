@@ -108,6 +108,7 @@ __all__ = [
     "Plan",
     "StagePlan",
     "amp4ec_balanced",
+    "baseline_plan",
     "brute_force_partition",
     "build_plan",
     "even_split",
@@ -168,6 +169,29 @@ def plan_partition(
     return build_plan(
         model, devs, named, objective=objective, strategy="edgeslice", params=params, exact=proven
     )
+
+
+def baseline_plan(
+    model: ModelCost,
+    devices: Sequence[Device],
+    baseline: Sequence[tuple[int, int, Sequence[str]]],
+    params: CostParams = DEFAULT_PARAMS,
+    max_stages: int | None = None,
+    replicas: bool = True,
+    objective: str = "throughput",
+) -> Plan | None:
+    """``baseline`` (the plan being served) re-priced on today's fleet as
+    :func:`plan_partition` keeps it (spare devices as replicas), or None when it no longer
+    fits the fleet or the limits."""
+    if not baseline:
+        return None
+    devs = validated(model, devices, params, max_stages)
+    t = CostTable(model, devs, params)
+    kept = _baseline_groups(t, devs, baseline, replicas, max_stages)
+    if kept is None:
+        return None
+    named = [(i, j, [devs[d].agent_id for d in ds]) for i, j, ds in kept]
+    return build_plan(model, devs, named, objective=objective, strategy="edgeslice", params=params)
 
 
 def _baseline_groups(

@@ -6,8 +6,9 @@ leave plans at once, a join after a quiet period that a new change may shorten o
 extend) and calls the service back. :func:`propose` turns the usable devices into a
 :class:`Proposal`: the partitioner picks stages and agents -- for ``edgeslice``, keeping
 the served layout unless another beats it by more than the cost model's measured error
-(planner/margin.py) -- and :func:`planner.stages.build_stages` cuts and signs the
-artifacts off the event loop. :func:`plan_message` is the ``plans/{model}`` message of a
+(planner/margin.py); with a latency bound, the highest-throughput point of the Pareto
+front within it (planner/pareto.py) -- and :func:`planner.stages.build_stages` cuts and
+signs the artifacts off the event loop. :func:`plan_message` is the ``plans/{model}`` message of a
 proposal (pure).
 """
 
@@ -27,6 +28,7 @@ from edgeslice.planner import retained
 from edgeslice.planner.config import PlannerConfig
 from edgeslice.planner.costmodel import CostParams, Device, ModelCost, fit_correction
 from edgeslice.planner.margin import decision_margin
+from edgeslice.planner.pareto import plan_under_latency
 from edgeslice.planner.partition import STRATEGIES, Objective, Plan, plan_partition
 from edgeslice.planner.replan import ReplanSchedule
 
@@ -92,7 +94,27 @@ async def propose(
     from edgeslice.planner.stages import build_stages
 
     params = CostParams(correction=fit_correction(samples))
-    if config.strategy == "edgeslice":
+    baseline = [(s.start_segment, s.end_segment, s.agents) for s in previous]
+    if config.max_latency_s is not None:  # a point of the latency/throughput Pareto front
+        plan, met = plan_under_latency(
+            cost,
+            devices,
+            config.max_latency_s,
+            params,
+            max_stages=config.max_stages,
+            margin=decision_margin(samples, params.correction),
+            baseline=baseline,
+        )
+        if not met:
+            log.warning(
+                "no plan of model=%s meets --max-latency-ms %g on %d agents: serving the "
+                "fastest for one request (predicted %.1f ms)",
+                cost.name,
+                config.max_latency_s * 1e3,
+                len(devices),
+                plan.latency_s * 1e3,
+            )
+    elif config.strategy == "edgeslice":
         plan = plan_partition(  # keep the served plan unless beaten beyond the model's error
             cost,
             devices,
@@ -100,7 +122,7 @@ async def propose(
             params,
             max_stages=config.max_stages,
             margin=decision_margin(samples, params.correction),
-            baseline=[(s.start_segment, s.end_segment, s.agents) for s in previous],
+            baseline=baseline,
         )
     else:  # a baseline, priced by the same cost model so predictions stay comparable
         plan = STRATEGIES[config.strategy](cost, devices, params)

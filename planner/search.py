@@ -297,7 +297,7 @@ def search(
     return heuristic, False
 
 
-def _stage_limits(limit: int) -> list[int]:
+def stage_limits(limit: int) -> list[int]:
     """Pipeline lengths worth trying before replicas: 1-8, then doubling, and ``limit``.
 
     Every length up to 8 is tried so that a fleet of up to 8 devices tries every
@@ -332,13 +332,13 @@ def plan_groups(
 
     For throughput with replicas, shorter pipelines leave more devices to
     replicate (a model that fits one board may run fastest as pure data
-    parallelism), so the best pipeline of each length in :func:`_stage_limits`
+    parallelism), so the best pipeline of each length in :func:`stage_limits`
     gets its replicas; from the shortest up, a deeper candidate replaces the best
     so far only when its period is lower by more than ``margin``
     (:func:`~planner.margin.prefer`), one no deeper when it is lower at all, or
     equal with a lower latency.
     """
-    lengths = _stage_limits(limit) if replicas and objective == "throughput" else [limit]
+    lengths = stage_limits(limit) if replicas and objective == "throughput" else [limit]
     best: tuple[float, float, int] = (_INF, _INF, 0)
     chosen: list[Group] = []
     proven = True
