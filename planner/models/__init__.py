@@ -34,4 +34,5 @@ BUILTIN_MODELS: dict[str, ModelBuilder] = {
     "mobilenetv2": _lazy("mobilenetv2", "build_mobilenetv2"),
     "resnet18": _lazy("resnet", "build_resnet18"),
     "transformer": _lazy("transformer", "build_transformer"),
+    "vgg": _lazy("vgg", "build_vgg"),
 }
