@@ -88,6 +88,17 @@ def _fail(exc: Exception) -> click.ClickException:
     help="Partitioner: edgeslice's DP, or a baseline (for side-by-side benchmarks).",
 )
 @click.option(
+    "--intra-layer",
+    type=click.Choice(["off", "auto", "outc", "inh", "inw", "grid"]),
+    default="off",
+    show_default=True,
+    envvar="EDGESLICE_INTRA_LAYER",
+    help="Serve a tiled (intra-layer) plan: every segment that can be split runs on all "
+    "agents at once, each computing a box of its output (auto: per segment the split "
+    "needing the fewest bytes per device; or one strategy: output channels, input "
+    "height, width or a 2-D grid), the rest whole on the fastest agent.",
+)
+@click.option(
     "--clear-plan-on-exit/--keep-plan-on-exit",
     default=False,
     show_default=True,
@@ -136,6 +147,7 @@ def planner_cmd(
     fleet_key_file: str | None,
     replan_delay: float,
     strategy: str,
+    intra_layer: str,
     clear_plan_on_exit: bool,
     metrics: MetricsEndpoint | None,
     busy_high: float,
@@ -167,6 +179,7 @@ def planner_cmd(
                 fleet_key_file=fleet_key_file,
                 replan_delay_s=replan_delay,
                 strategy=strategy,
+                intra_layer="" if intra_layer == "off" else intra_layer,
                 clear_plan_on_exit=clear_plan_on_exit,
                 compression=None if compression == "none" else compression,
                 load_shift=LoadShiftConfig(

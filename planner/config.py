@@ -13,6 +13,9 @@ from edgeslice.broker.settings import BrokerSettings
 from edgeslice.planner.partition import STRATEGIES
 from edgeslice.planner.replan import LoadShiftConfig
 
+# "" (off), "auto" and planner.tiling.STRATEGIES (not imported: it needs torch)
+INTRA_LAYER = ("", "auto", "outc", "inh", "inw", "grid")
+
 
 @dataclass(frozen=True)
 class PlannerConfig:
@@ -32,6 +35,9 @@ class PlannerConfig:
     compression: str | None = None  # activation compression between stages: None|fp16|int8
     planner_id: str = "planner"
     strategy: str = "edgeslice"  # or a baseline of planner.partition.STRATEGIES (benchmarks)
+    # serve a tiled (intra-layer) plan (planner/intraplan.py): "" off, else "auto" or one
+    # split of planner.tiling.STRATEGIES
+    intra_layer: str = ""
     # on stop, clear the retained plan (the fleet is retired) instead of keeping it for the
     # agents to serve on and a restarted planner to adopt
     clear_plan_on_exit: bool = False
@@ -52,6 +58,11 @@ class PlannerConfig:
                     "--max-latency-ms serves the highest-throughput plan within the bound: "
                     "use it with --objective throughput and --strategy edgeslice"
                 )
+        if self.intra_layer not in INTRA_LAYER:
+            known = ", ".join(INTRA_LAYER[1:])
+            raise ConfigError(f"--intra-layer {self.intra_layer!r} is unknown; use {known}")
+        if self.intra_layer and self.max_latency_s is not None:
+            raise ConfigError("--intra-layer plans take no --max-latency-ms (yet)")
         if self.min_agents < 1:
             raise ConfigError("--min-agents must be >= 1")
         if self.replan_delay_s < 0:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from edgeslice.broker.protocol.errors import PlanningError
-from edgeslice.broker.protocol.messages import PlanMessage, PlanStage
+from edgeslice.broker.protocol.messages import PlanMessage, PlanStage, StageAssignment
 from edgeslice.planner import retained
 from edgeslice.planner.config import PlannerConfig
 from edgeslice.planner.costmodel import CostParams, Device, ModelCost, fit_correction
@@ -69,11 +69,17 @@ async def planning_loop(
 
 @dataclass(frozen=True)
 class Proposal:
-    """A partition of the model over the devices, with its built artifacts and wire stages."""
+    """A partition of the model over the devices, with its built artifacts and wire stages.
+
+    A tiled plan (planner/intraplan.py) has more artifacts than stages (one per tile), so
+    it brings its own ``assignments`` (agent -> StageAssignment list) and ``input_specs``.
+    """
 
     plan: Plan
     artifacts: list[Any]  # planner.stages.StageArtifact, in stage order
     stages: list[PlanStage]
+    assignments: dict[str, list[StageAssignment]] | None = None  # None: from plan + artifacts
+    input_specs: list[dict[str, Any]] | None = None  # None: the first artifact's inputs
 
 
 async def propose(
@@ -94,6 +100,10 @@ async def propose(
     from edgeslice.planner.stages import build_stages
 
     params = CostParams(correction=fit_correction(samples))
+    if config.intra_layer:  # a tiled (intra-layer) plan: planner/intraplan.py
+        from edgeslice.planner.intraplan import propose_tiled
+
+        return await propose_tiled(config, cost, loaded, profile, key, devices, params)
     baseline = [(s.start_segment, s.end_segment, s.agents) for s in previous]
     if config.max_latency_s is not None:  # a point of the latency/throughput Pareto front
         plan, met = plan_under_latency(
@@ -146,7 +156,9 @@ def plan_message(
         objective=plan.objective,
         strategy=plan.strategy,
         stages=proposal.stages,
-        input_specs=[s.to_wire() for s in proposal.artifacts[0].input_specs],
+        input_specs=proposal.input_specs
+        if proposal.input_specs is not None
+        else [s.to_wire() for s in proposal.artifacts[0].input_specs],
         predicted_latency_s=plan.latency_s,
         predicted_period_s=plan.period_s,
         compression=config.compression or "",

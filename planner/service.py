@@ -362,7 +362,9 @@ class PlannerService:
         )
         self.served = True
         # set before publishing: reports for this version may arrive while we publish
-        wanted = retained.desired_assignments(proposal.plan, proposal.artifacts)
+        wanted = proposal.assignments  # a tiled plan's own (planner/intraplan.py)
+        if wanted is None:
+            wanted = retained.desired_assignments(proposal.plan, proposal.artifacts)
         self.assigned = {a: [s.stage for s in st] for a, st in wanted.items()}
         await self.retained.publish_assignments(
             self.plan_id, self.version, self.model_name, wanted, self.registry.usable_ids()

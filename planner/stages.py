@@ -27,7 +27,7 @@ import itertools
 import logging
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,8 +249,10 @@ def build_stages(
     key: PrivateKey,
     compression: str | None = None,
     batch: bool = True,
+    only: Collection[int] | None = None,
 ) -> list[StageArtifact]:
-    """Build, check, save and sign one artifact per stage between consecutive ``boundaries``.
+    """Build, check, save and sign one artifact per stage between consecutive ``boundaries``
+    (``only``: just the stages of these indices, e.g. the whole blocks of a tiled plan).
 
     ``key`` is the planner's Ed25519 private key (:func:`broker.fleetkey.load_signing_key`).
 
@@ -288,6 +290,8 @@ def build_stages(
         log.info("model %s: stages run one request at a time: %s", profile.name, why_not)
     artifacts = []
     for index, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        if only is not None and index not in only:
+            continue
         first, last = profile.segments[lo].first, profile.segments[hi - 1].last
         ins, outs = crossings[index], crossings[index + 1]
         cache_key = (first, last, compression, literals is not None)

@@ -1,0 +1,128 @@
+"""Tiled plans from the planner: the simple description, tile artifacts, and a planner that
+serves one (``intra_layer``) to real agents and a client on the in-memory broker."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from memfleet import SETTINGS, agent_config, eventually, key_file, running
+from torch import nn
+
+from edgeslice.agent.service import AgentService
+from edgeslice.broker.fleetkey import load_signing_key
+from edgeslice.broker.memory import MemoryBroker
+from edgeslice.broker.protocol.boxes import covers, full_box
+from edgeslice.broker.protocol.errors import ConfigError, PlanningError
+from edgeslice.broker.protocol.pieces import WHOLE, wire_box
+from edgeslice.client.inference import InferenceClient
+from edgeslice.planner import intraplan
+from edgeslice.planner.config import INTRA_LAYER, PlannerConfig
+from edgeslice.planner.costmodel import Device
+from edgeslice.planner.profile import profile_model
+from edgeslice.planner.service import PlannerService
+
+TINY_CNN = f"{Path(__file__).resolve()}:build_tiny_cnn"
+
+
+def build_tiny_cnn() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Wide early planes (split by rows, with halo) and many late channels (split by them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+        nn.Conv2d(8, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    ).eval()  # fmt: skip
+    return model, (torch.randn(1, 3, 32, 32),)
+
+
+DEVICES = [
+    Device("fast", 20.0, 2**30, 1e7, 0.001),
+    Device("slow1", 5.0, 2**30, 1e7, 0.001),
+    Device("slow2", 5.0, 2**30, 1e7, 0.001),
+]
+
+
+def test_intra_layer_choices_are_the_tiling_strategies() -> None:
+    from edgeslice.planner.tiling import STRATEGIES
+
+    assert ("", intraplan.AUTO, *STRATEGIES) == INTRA_LAYER
+    with pytest.raises(ConfigError, match="intra-layer"):
+        PlannerConfig(model_spec=TINY_CNN, broker=SETTINGS, intra_layer="rows")
+
+
+def test_simple_description_splits_planes_by_rows_and_late_layers_by_channels(
+    tmp_path: Path,
+) -> None:
+    model, inputs = build_tiny_cnn()
+    profile = profile_model(model, inputs, max_segments=8)
+    blocks = intraplan.simple_description(profile, DEVICES)
+    intraplan.check_description(profile, blocks)
+    strategies = [b.strategy for b in blocks]
+    assert "inh" in strategies and "outc" in strategies, strategies
+    first = blocks[0]
+    assert [a for a, _box in first.tiles] == ["fast", "slow1", "slow2"]
+    rows = [box[1][1] - box[1][0] for _a, box in first.tiles]
+    assert rows[0] > rows[1] and rows[0] > rows[2]  # shares by speed
+    built = intraplan.build_tiled(
+        model, inputs, profile, blocks, load_signing_key(key_file(tmp_path))
+    )
+    stages = intraplan.tiled_stages(profile, blocks, built)
+    for stage in stages:  # every tile's output boxes cover the stage's output
+        outs = [wire_box(t.out_box) for t in stage.tiles]
+        if outs != [WHOLE]:
+            shape = profile.segments[stage.end_segment - 1].outputs[0].shape
+            assert covers(outs, full_box(shape)), stage
+    assert stages[0].tiles[0].in_box[1][1] > stages[0].tiles[0].out_box[1][1]  # halo row
+    wanted = intraplan.tiled_assignments(stages, built)
+    assert sorted(wanted) == ["fast", "slow1", "slow2"]
+    assert all(len(a) == len({s.stage for s in a}) for a in wanted.values())  # one per stage
+    only_one = intraplan.simple_description(profile, DEVICES[:1])
+    assert [b.strategy for b in only_one] == [""] and only_one[0].tiles[0][0] == "fast"
+    with pytest.raises(PlanningError, match="does not continue"):
+        intraplan.check_description(profile, blocks[1:])
+
+
+def test_planner_serves_a_tiled_plan_end_to_end(tmp_path: Path) -> None:
+    model, _ = build_tiny_cnn()
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        config = PlannerConfig(
+            model_spec=TINY_CNN,
+            broker=SETTINGS,
+            objective="latency",
+            min_agents=3,
+            max_segments=8,
+            replan_delay_s=0.05,
+            fleet_key_file=key_file(tmp_path),
+            intra_layer="auto",
+        )
+        planner = PlannerService(config, transport=broker.factory)
+        agents = [
+            AgentService(agent_config(name, tmp_path), transport=broker.factory)
+            for name in ("a1", "a2", "a3")
+        ]
+        async with (
+            running(planner.run),
+            running(agents[0].run),
+            running(agents[1].run),
+            running(agents[2].run),
+        ):
+            await eventually(lambda: planner.model_name, what="model loaded")
+            async with InferenceClient(
+                SETTINGS, planner.model_name, transport=broker.factory
+            ) as client:
+                plan = await client.wait_ready(timeout=60.0)
+                assert {s.tiling for s in plan.stages} >= {"inh", "outc"}
+                batch = [torch.randn(1, 3, 32, 32) for _ in range(3)]
+                results = await asyncio.gather(*(client.infer(x, timeout=30.0) for x in batch))
+        with torch.no_grad():
+            for x, result in zip(batch, results, strict=True):
+                assert torch.allclose(result.outputs[0], model(x), atol=1e-4)
+        assert {t["agent"] for t in results[0].timings} == {"a1", "a2", "a3"}
+
+    asyncio.run(scenario())
