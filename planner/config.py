@@ -32,6 +32,10 @@ class PlannerConfig:
     max_stages: int | None = None
     fleet_key_file: str | None = None
     replan_delay_s: float = 2.0
+    # after the planner's own reconnect, how long the agents of the served plan have to
+    # re-announce before it re-plans without them (ends early once all are back): paho
+    # reconnects after 1, 2, 4, 8 s, so an agent may come back one back-off step later
+    reconnect_grace_s: float = 10.0
     compression: str | None = None  # activation compression between stages: None|fp16|int8
     planner_id: str = "planner"
     strategy: str = "edgeslice"  # or a baseline of planner.partition.STRATEGIES (benchmarks)
@@ -67,6 +71,8 @@ class PlannerConfig:
             raise ConfigError("--min-agents must be >= 1")
         if self.replan_delay_s < 0:
             raise ConfigError("--replan-delay must be >= 0 seconds")
+        if self.reconnect_grace_s < 0:
+            raise ConfigError("reconnect_grace_s must be >= 0 seconds")
         ls = self.load_shift
         if not 0 <= ls.low < ls.high <= 1 or ls.hold_s < 0 or ls.recover_s < 0:
             raise ConfigError(

@@ -8,6 +8,11 @@ asyncio), so each rule is unit-tested in tests/unit/test_replan.py:
   other non-online state, or an error from an agent of the new plan) re-plans at once.
 * :func:`first_plan_gate`: ``--min-agents`` gates the first plan only; afterwards the
   planner always serves the best plan on the agents it has.
+* :func:`reconnect_wait`: after the planner's own reconnect, the agents of the served plan
+  get a grace period to re-announce before their absence counts (a broker restarted
+  without persistence holds no status yet; the agents reconnect at the same time as the
+  planner, on the same back-off, and the last wills the broker sent as it stopped say
+  nothing about them).
 * :class:`Backoff`: an agent that failed an assignment sits out 5 s, 10 s, 20 s ...
   (capped), not until the planner restarts; a new session (restarted agent) is eligible at
   once, and a ``ready`` report clears its record.
@@ -99,6 +104,22 @@ def first_plan_gate(usable: int, min_agents: int, served_before: bool) -> str | 
     if served_before or usable >= min_agents:
         return None
     return f"waiting for the first plan: {usable} usable agent(s), need {min_agents}"
+
+
+def reconnect_wait(
+    expected: frozenset[str],
+    usable: frozenset[str],
+    heard: frozenset[str],
+    now: float,
+    until: float,
+) -> float:
+    """Seconds to wait before planning (0: plan now): until ``until`` (the planner's own
+    reconnect plus its grace) while an agent of the served plan (``expected``) is neither
+    usable nor ``heard`` from since the reconnect (a status after it -- ``draining``, or a
+    last will the restarted broker sent -- is news, not a silence to wait out)."""
+    if now >= until or expected <= usable | heard:
+        return 0.0
+    return until - now
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,12 @@ served publishes nothing; when no plan is possible the plan is **withdrawn** (no
 
 After every (re)connect all retained state is published again, and whatever else the
 broker comes to hold on the planner's plan and assignment topics (garbage, a foreign plan)
-is replaced by the planner's own within a second or so (planner/retained.py). On
+is replaced by the planner's own within a second or so (planner/retained.py). The
+planner does not plan while its connection is down (a plan decided across a reconnect is
+dropped), and after a reconnect the agents of the served plan get ``reconnect_grace_s``
+to re-announce before it re-plans without them or withdraws the plan: a broker restarted
+without persistence holds no agent status yet, and the last wills it sent as it stopped
+say nothing about agents that are reconnecting at the same moment. On
 stop the plan is kept (agents serve on; a restarted planner adopts it) and the status says
 ``offline``; ``clear_plan_on_exit`` clears it instead (the fleet is retired).
 """
@@ -89,6 +94,11 @@ class PlannerService:
         self._empty_since: float | None = None  # when the last usable agent went away
         self.dropped = 0  # messages that could not be understood (malformed, foreign)
         self._exact: set[str] = set()  # agents subscribed to by exact topic (_follow)
+        self._connects = 0  # (re)connects so far: a plan decided across one is dropped
+        self._settle_until = 0.0  # monotonic: agents re-announce after a reconnect until then
+        self._settle_timer: asyncio.TimerHandle | None = None  # re-plans when the grace ends
+        self._settled_at = 0.0  # the _settle_until that timer is for
+        self._heard: set[str] = set()  # agents whose status came since the last reconnect
         self.client = (transport or mqtt_transport(config.broker))(
             f"planner-{config.planner_id}-{uuid.uuid4().hex[:6]}",
             will=Will(self.topics.planner_status(), codec.encode(PlannerStatus(state=OFFLINE))),
@@ -114,6 +124,8 @@ class PlannerService:
         finally:
             for task in tasks:
                 task.cancel()
+            if self._settle_timer is not None:
+                self._settle_timer.cancel()
             self.artifacts.cancel()
             self.retained.cancel()
             # bounded: on 3.11 a wait_for finishing as it is cancelled can eat the cancel
@@ -174,6 +186,8 @@ class PlannerService:
         await self.client.close()
 
     async def _on_connect(self) -> None:
+        self._connects += 1
+        self._heard.clear()
         t = self.topics
         for suffix in ("status", "info", "telemetry", "assignment/reported", "assignment/desired"):
             await self.client.subscribe(t.all_agents(suffix), qos=1)
@@ -182,7 +196,9 @@ class PlannerService:
         if self.retained.status is None:
             await self._publish_status()
         else:  # a reconnect: the broker may have lost every retained message (no persistence)
+            self._settle_until = time.monotonic() + self.config.reconnect_grace_s
             await self.retained.republish()
+            self._request(LEAVE)  # look at the fleet again (_make_plan waits out the grace)
 
     def _status(self, summary: str = "") -> PlannerStatus:
         return PlannerStatus(
@@ -215,6 +231,8 @@ class PlannerService:
                 had = self.registry.agents.get(parsed.agent_id or "")
                 info = had.info if had is not None else None
                 self.registry.apply(msg.topic, msg.payload, time.time())
+                if parsed.kind is Kind.STATUS and parsed.agent_id:
+                    self._heard.add(parsed.agent_id)
                 change = replan.classify(before, self.registry.usable_ids())
                 if change is None and had and replan.capability_changed(info, had.info):
                     log.info("agent=%s re-measured itself: re-planning", parsed.agent_id)
@@ -322,6 +340,12 @@ class PlannerService:
     async def _make_plan(self) -> None:
         started = time.perf_counter()
         now = time.time()
+        if not self.client.connected:
+            log.info("planner not planning while its broker connection is down")
+            return  # the reconnect asks for a plan again
+        if self._settling():
+            return
+        connects = self._connects
         sessions = {a: v.session for a, v in self.registry.agents.items()}
         devices, sitting_out = replan.candidates(
             self.registry.devices(now), sessions, self.backoff, self.loadshift, now
@@ -353,6 +377,9 @@ class PlannerService:
         )
         for art in proposal.artifacts:
             self.artifacts.add(art.sha256, art.data)
+        if not self.client.connected or self._connects != connects:
+            log.info("planner dropped a plan decided while its broker connection went away")
+            return  # the reconnect asks for a plan again, after the agents re-announce
         if current is not None and replan.layout(current) == replan.layout(None, proposal.stages):
             log.info("plan model=%s v%d unchanged: still served", self.model_name, self.version)
             return
@@ -378,6 +405,29 @@ class PlannerService:
         )
         if self.on_plan is not None:
             self.on_plan(self.plan_message)
+
+    def _settling(self) -> bool:
+        """True (and a re-plan set for the end of the grace) while the agents of the served
+        plan may still be re-announcing after the planner's own reconnect (module doc)."""
+        plan = self.plan_message
+        expected = frozenset(a for s in plan.stages for a in s.agents) if plan else frozenset()
+        usable, heard = self.registry.usable_ids(), frozenset(self._heard)
+        now = time.monotonic()
+        wait = replan.reconnect_wait(expected, usable, heard, now, self._settle_until)
+        if wait <= 0:
+            return False
+        log.info(
+            "planner reconnected: waiting up to %.1fs for %s to re-announce before re-planning",
+            wait,
+            ", ".join(sorted(expected - usable - heard)),
+        )
+        if self._settle_timer is None or self._settled_at != self._settle_until:
+            if self._settle_timer is not None:
+                self._settle_timer.cancel()  # an earlier reconnect's
+            loop = asyncio.get_running_loop()
+            self._settle_timer = loop.call_later(wait + 0.01, self._request, LEAVE)
+            self._settled_at = self._settle_until
+        return True
 
     async def _withdraw(self, reason: str) -> None:
         """No plan is possible: publish a plan with no stages and the reason (once)."""

@@ -27,6 +27,7 @@ from edgeslice.planner.replan import (
     classify,
     first_plan_gate,
     layout,
+    reconnect_wait,
 )
 
 
@@ -170,3 +171,14 @@ def test_candidates_leave_out_backed_off_agents_and_derate_hot_ones() -> None:
     out, sitting_out = candidates(devices, {"a": 1, "b": 1, "c": 1}, backoff, shift, 1.0)
     assert [d.agent_id for d in out] == ["a", "c"] and sitting_out == ["b"]
     assert out[0].load == 0.0 and out[1].load == 0.8  # planned with its effective rate
+
+
+def test_after_a_reconnect_the_planner_waits_for_silent_plan_agents_until_the_grace_ends() -> None:
+    plan_agents, none = frozenset({"a", "b"}), frozenset[str]()
+    assert reconnect_wait(plan_agents, none, none, now=1.0, until=11.0) == 10.0
+    assert reconnect_wait(plan_agents, frozenset({"a"}), none, now=4.0, until=11.0) == 7.0
+    assert reconnect_wait(plan_agents, frozenset({"a", "b", "c"}), none, 4.0, 11.0) == 0.0  # back
+    # b said something since the reconnect (draining, its will): news, nothing to wait for
+    assert reconnect_wait(plan_agents, frozenset({"a"}), frozenset({"b"}), 4.0, 11.0) == 0.0
+    assert reconnect_wait(plan_agents, frozenset({"a"}), none, now=11.0, until=11.0) == 0.0  # over
+    assert reconnect_wait(none, none, none, now=1.0, until=11.0) == 0.0  # no plan served

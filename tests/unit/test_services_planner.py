@@ -220,6 +220,63 @@ def test_leave_replans_at_once_errors_back_off_and_no_agent_withdraws_the_plan(
     asyncio.run(scenario())
 
 
+def test_a_broker_restart_keeps_the_plan_while_its_agents_reconnect(tmp_path: Path) -> None:
+    """The broker stops (sending every agent's last will) and starts again empty; the
+    planner reconnects first. Agents back within the grace: the plan is kept, never
+    withdrawn (a client waiting for it would fail at once). Agents not back: withdrawn
+    once the grace is over, saying why (clients still fail fast when nobody is left)."""
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        agents = {name: await _fake_agent(broker, name) for name in ("a", "b")}
+        # joins wait 0.5 s of quiet, every agent gone withdraws after that much: without
+        # the grace the plan would be withdrawn before the agents are back
+        config = _config(tmp_path, replan_delay_s=0.5, reconnect_grace_s=2.0)
+        planner = PlannerService(config, transport=broker.factory)
+        model = "build_mlp"
+
+        async def restart_broker() -> None:
+            for client in agents.values():
+                client.crash()  # the stopping broker sends every last will ...
+            # ... which reach the planner before its own connection drops (paho reconnects
+            # a second later at the earliest)
+            await eventually(lambda: not planner.registry.usable_ids(), what="the wills")
+            planner.client.drop_connection()  # type: ignore[attr-defined]
+            broker.retained.clear()  # no persistence: it comes back empty
+
+        def withdrawn() -> list[PlanMessage]:
+            plans = [
+                codec.decode(p.payload, PlanMessage)
+                for p in broker.published
+                if p.topic == T.plan(model) and p.payload
+            ]
+            return [p for p in plans if not p.stages]
+
+        async with running(planner.run):
+            plan = await eventually(lambda: _plan(broker, model), what="a plan")
+            assert isinstance(plan, PlanMessage)
+            for name in {x for s in plan.stages for x in s.agents}:
+                await _report_desired(broker, agents[name], name, "ready")
+            ready = await eventually(lambda: (p := _plan(broker, model)) and p.ready and p)
+            assert isinstance(ready, PlanMessage)
+
+            await restart_broker()
+            await eventually(lambda: _plan(broker, model), what="the plan re-published")
+            await asyncio.sleep(1.0)  # longer than the 0.5 s the planner once waited
+            agents = {name: await _fake_agent(broker, name) for name in agents}
+            await asyncio.sleep(1.5)  # past the grace: the fleet is whole again
+            kept = _plan(broker, model)
+            assert kept is not None and kept.ready
+            assert (kept.plan_id, kept.plan_version) == (ready.plan_id, ready.plan_version)
+            assert withdrawn() == []
+
+            await restart_broker()  # ... and this time no agent comes back
+            gone = await eventually(withdrawn, timeout=15.0, what="the plan withdrawn")
+            assert isinstance(gone, list) and gone[0].reason == "no usable agent"
+
+    asyncio.run(scenario())
+
+
 def test_a_restarted_planner_adopts_the_valid_retained_plan(tmp_path: Path) -> None:
     async def scenario() -> None:
         broker = MemoryBroker()
