@@ -37,6 +37,7 @@ from edgeslice.agent.drain import PlanWatch, wait_idle
 from edgeslice.agent.fetch import ArtifactFetcher
 from edgeslice.agent.probe import LinkTest, claim_id, decode_presence, here, is_link_probe
 from edgeslice.agent.runtime import ArtifactCache, StageRuntime, set_threads
+from edgeslice.agent.sweep import sweep_command
 from edgeslice.agent.telemetry import TelemetrySampler, total_memory_bytes
 from edgeslice.broker.client import IncomingMessage, Will
 from edgeslice.broker.protocol import codec
@@ -323,6 +324,15 @@ class AgentService:
             task.add_done_callback(self._background.discard)
 
     # -- commands ----------------------------------------------------------------
+    def _device_summary(self) -> dict[str, Any]:
+        """What a sweep's samples need to know about the device that timed them."""
+        return {
+            "gflops": self.measured.gflops,
+            "memory_budget_bytes": self.memory_budget_bytes,
+            "profile": self.profile.name,
+            "profile_gflops": self.profile.gflops_fp32,
+        }
+
     async def _on_command(self, name: str, cmd: Command) -> None:
         ok, result, error = True, {}, ""
         try:
@@ -344,8 +354,12 @@ class AgentService:
                     "link_rtt_s": self.measured.link_rtt_s,
                     "link_bandwidth_bps": self.measured.link_bandwidth_bps,
                 }
+            elif name == "sweep":  # time layers for the learned cost model (agent/sweep.py)
+                result = await sweep_command(
+                    self.agent_id, cmd.args, self.dataplane.executor, self._device_summary()
+                )
             else:
-                raise EdgesliceError(f"unknown command {name!r}; known: ping, calibrate")
+                raise EdgesliceError(f"unknown command {name!r}; known: ping, calibrate, sweep")
         except Exception as exc:
             ok, error = False, str(exc)
         reply = CommandResult(

@@ -54,6 +54,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "edgeslice.lab.testbed_cli:testbed_group",
         "Start and stop emulated device fleets.",
     ),
+    "calibrate": (
+        "edgeslice.planner.calibrate_cli:calibrate_cmd",
+        "Time a layer sweep on every agent; train and score the learned cost model.",
+    ),
     "bench": ("edgeslice.benchmarks.cli:bench_cmd", "Run a benchmark and write its JSON results."),
 }
 

@@ -40,10 +40,17 @@ class _Timed(fx.Interpreter):
         return out
 
 
-def segment_seconds(
+def node_seconds(
     profile: ModelProfile, inputs: tuple[Tensor, ...], repeats: int = 3, threads: int = 1
-) -> list[float]:
-    """Fastest-of-``repeats`` seconds per segment on this machine with ``threads`` threads."""
+) -> dict[str, float]:
+    """Fastest-of-``repeats`` seconds per graph node (by name) on this machine."""
+    seconds = _node_times(profile, inputs, repeats, threads)
+    return {node.name: t for node, t in seconds.items()}
+
+
+def _node_times(
+    profile: ModelProfile, inputs: tuple[Tensor, ...], repeats: int, threads: int
+) -> dict[fx.Node, float]:
     graph = profile.graph
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -54,8 +61,17 @@ def segment_seconds(
                 timed.run(*inputs, enable_io_processing=False)
     finally:
         torch.set_num_threads(previous)
+    return timed.seconds
+
+
+def segment_seconds(
+    profile: ModelProfile, inputs: tuple[Tensor, ...], repeats: int = 3, threads: int = 1
+) -> list[float]:
+    """Fastest-of-``repeats`` seconds per segment on this machine with ``threads`` threads."""
+    seconds = _node_times(profile, inputs, repeats, threads)
+    order = profile.graph.order
     return [
-        sum(timed.seconds.get(graph.order[i], 0.0) for i in range(s.first, s.last + 1))
+        sum(seconds.get(order[i], 0.0) for i in range(s.first, s.last + 1))
         for s in profile.segments
     ]
 
