@@ -202,7 +202,7 @@ def rich_view(fleet: FleetState, now: float) -> Any:
         ("last", "right"),
         ("assignment", "left"),
     ):
-        agents.add_column(name, justify=justify)  # type: ignore[arg-type]
+        agents.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for state in sorted(fleet.agents.values(), key=lambda s: s.agent_id):
         row = agent_row(state, now)
         age = f"{row['seconds_since_telemetry']:.1f}s" if row["last_telemetry"] else "-"
