@@ -231,6 +231,7 @@ def tile_outbounds(
     env = job.gathered.pieces[-1][1].env
     timings = [*merged_timings(job), timing]
     out: list[Outbound] = []
+    base: dict[str, Any] | None = None
     for dest, box in destinations(env, tile):
         try:
             part = cut(outputs, tile.out_box, box)
@@ -240,8 +241,10 @@ def tile_outbounds(
                 f"{list(box)} from output box {list(tile.out_box)}: {exc}"
             ) from None
         forward = replace(env, box=box_to_wire(box), timings=timings, sent_at=now, tensors=[])
+        if base is None:  # the envelope on the wire, once: pieces differ in box and tensors
+            base = codec.to_wire(forward)
         if dest == agent_id:
-            meta = codec.to_wire(forward)  # what an error reply about it reads timings from
+            meta = dict(base, box=forward.box)  # what an error reply reads timings from
             next_header = replace(header, stage=tile.stage + 1, transfer_id="local", meta=meta)
             data = PieceData(forward, now, tensors=list(part))
             local = LocalPiece(next_header, data, box, job.client_id)
@@ -249,7 +252,6 @@ def tile_outbounds(
             continue
         compression = None if tile.last else (env.compression or None)
         tensor_meta, payload = pack_tensors(part, compression=compression)
-        forward = replace(forward, tensors=tensor_meta)
         topic = (
             topics.client_results(job.client_id)
             if tile.last
@@ -263,7 +265,7 @@ def tile_outbounds(
             plan_version=header.plan_version,
             stage=tile.stage + 1,
             deadline=header.deadline,
-            meta=codec.to_wire(forward),
+            meta=dict(base, box=forward.box, tensors=tensor_meta),
             chunk_size=chunk_size,
         )
         out.append(Outbound(topic, encoded.chunks, header.request_id))

@@ -15,6 +15,7 @@ validates one. ``NamedTuple`` fields travel as msgpack arrays (a route hop is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, TypeVar, Union, get_args, get_origin
@@ -138,15 +139,25 @@ def from_dict(cls: type[Any], obj: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+@functools.cache
+def _parts(tp: Any) -> tuple[Any, tuple[Any, ...]]:
+    """``get_origin`` and ``get_args`` of a schema type, once per type (decoding a tiled
+    request's envelope checks thousands of nested values)."""
+    return get_origin(tp), get_args(tp)
+
+
+_EXACT = (int, str)  # list items checked by exact type in one pass (bool is not an int here)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
-    origin = get_origin(tp)
+    origin, args = _parts(tp)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in get_args(tp):
             return None
         errors = []
-        for arm in get_args(tp):
+        for arm in args:
             if arm is type(None):
                 continue
             try:
@@ -165,11 +176,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     elif origin is list:
         if isinstance(value, list):
-            (item,) = get_args(tp) or (Any,)
+            (item,) = args or (Any,)
+            if item in _EXACT and set(map(type, value)) <= {item}:
+                return list(value)
             return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     elif origin is dict:
         if isinstance(value, dict):
-            key_tp, val_tp = get_args(tp) or (Any, Any)
+            key_tp, val_tp = args or (Any, Any)
             return {
                 _coerce(k, key_tp, f"{where} key"): _coerce(v, val_tp, f"{where}[{k!r}]")
                 for k, v in value.items()

@@ -25,7 +25,7 @@ from edgeslice.broker.memory import MemoryBroker
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.boxes import Box, box_to_wire, crop, full_box
 from edgeslice.broker.protocol.chunking import encode_transfer
-from edgeslice.broker.protocol.errors import RemoteStageError
+from edgeslice.broker.protocol.errors import DecodeError, RemoteStageError
 from edgeslice.broker.protocol.messages import (
     AssignmentDesired,
     AssignmentReported,
@@ -102,6 +102,21 @@ def test_buffer_completes_refuses_and_expires() -> None:
     gone = buf.expire(1.35)
     assert sorted(r.key for r in gone) == ["k1", "k2"] and {r.reason for r in gone} == {"timed_out"}
     assert len(buf) == 0
+
+
+def test_tiles_and_boxes_are_type_checked_on_decode() -> None:
+    tile = Tile("a1", "f" * 64, [[0, 3], [0, 7], [0, 12]], [[0, 8], [0, 6], [0, 12]])
+    env = RequestEnvelope(route=[], reply_to="c", tiles=[[tile]], box=[[0, 3], [0, 7], [0, 12]])
+    wire = codec.to_wire(env)
+    assert codec.from_wire(codec.unpackb(codec.packb(wire)), RequestEnvelope) == env
+    for bad in (
+        {"box": [[0, True]]},  # a bool is not a coordinate
+        {"box": [[0, 1.5]]},
+        {"tiles": [[[7, "f", [], []]]]},  # agent id not a string
+        {"tiles": [[["a1", "f", [[0, 3]]]]]},  # a tile of three fields
+    ):
+        with pytest.raises(DecodeError):
+            codec.from_wire(dict(wire, **bad), RequestEnvelope)
 
 
 # -- a CNN tiled by hand ---------------------------------------------------------------
