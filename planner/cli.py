@@ -99,6 +99,23 @@ def _fail(exc: Exception) -> click.ClickException:
     "height, width or a 2-D grid), the rest whole on the fastest agent.",
 )
 @click.option(
+    "--cost-model",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="EDGESLICE_COST_MODEL",
+    default=None,
+    help="Calibration file from `edgeslice calibrate`: price the layer kinds on which the "
+    "learned estimator beat the timed model on held-out layers with it, and keep "
+    "training it on the stage timings agents report (needs the ml extra; without "
+    "scikit-learn the planner warns and keeps the analytic model).",
+)
+@click.option(
+    "--refit-interval",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="With --cost-model: retrain on serving stage timings at most this often (s).",
+)
+@click.option(
     "--clear-plan-on-exit/--keep-plan-on-exit",
     default=False,
     show_default=True,
@@ -148,6 +165,8 @@ def planner_cmd(
     replan_delay: float,
     strategy: str,
     intra_layer: str,
+    cost_model: str | None,
+    refit_interval: float,
     clear_plan_on_exit: bool,
     metrics: MetricsEndpoint | None,
     busy_high: float,
@@ -180,6 +199,8 @@ def planner_cmd(
                 replan_delay_s=replan_delay,
                 strategy=strategy,
                 intra_layer="" if intra_layer == "off" else intra_layer,
+                cost_model=cost_model,
+                refit_interval_s=refit_interval,
                 clear_plan_on_exit=clear_plan_on_exit,
                 compression=None if compression == "none" else compression,
                 load_shift=LoadShiftConfig(

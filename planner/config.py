@@ -47,6 +47,10 @@ class PlannerConfig:
     clear_plan_on_exit: bool = False
     # when a busy agent is derated and gets its work back (--busy-high/-low/-hold/-recover)
     load_shift: LoadShiftConfig = field(default_factory=LoadShiftConfig)
+    # `edgeslice calibrate`'s file: price with the learned estimator where it beat the timed
+    # model on held-out layers (planner/learnedcost.py); None: the analytic model only
+    cost_model: str | None = None
+    refit_interval_s: float = 60.0  # retrain on serving stage timings at most this often
 
     def __post_init__(self) -> None:
         if self.objective not in ("latency", "throughput"):
@@ -71,6 +75,8 @@ class PlannerConfig:
             raise ConfigError("--min-agents must be >= 1")
         if self.replan_delay_s < 0:
             raise ConfigError("--replan-delay must be >= 0 seconds")
+        if self.refit_interval_s <= 0:
+            raise ConfigError("--refit-interval must be > 0 seconds")
         if self.reconnect_grace_s < 0:
             raise ConfigError("reconnect_grace_s must be >= 0 seconds")
         ls = self.load_shift

@@ -170,7 +170,10 @@ class LearnedEstimator:
             categorical_features=[0, 1],
             random_state=self.seed,
         )
-        model.fit(np.asarray(x), np.asarray(y), sample_weight=np.asarray([s.weight for s in good]))
+        with _one_thread():
+            model.fit(
+                np.asarray(x), np.asarray(y), sample_weight=np.asarray([s.weight for s in good])
+            )
         self._model, self.trained_on = model, len(good)
         return self
 
@@ -184,7 +187,8 @@ class LearnedEstimator:
             raise RuntimeError("LearnedEstimator.predict_s before fit")
         if not pairs:
             return []
-        logs = self._model.predict(np.asarray([features(spec, dev) for spec, dev in pairs]))
+        with _one_thread():
+            logs = self._model.predict(np.asarray([features(spec, dev) for spec, dev in pairs]))
         return [base_s(spec, dev) * math.exp(v) for (spec, dev), v in zip(pairs, logs, strict=True)]
 
     def compute_s(self, layers: LayerSpec | Iterable[LayerSpec], device: Any) -> float:
@@ -196,6 +200,15 @@ class LearnedEstimator:
         dev = device_features(device)
         specs = [layers] if isinstance(layers, LayerSpec) else list(layers)
         return math.fsum(self.predict_s([(s, dev) for s in specs]))
+
+
+def _one_thread() -> Any:
+    """scikit-learn's OpenMP on one thread: a few hundred samples train in a fraction of a
+    second on one core, while OpenMP's threads on a busy 2-core host (agents, the planner,
+    torch's own pool) spin at every barrier: measured 19 s instead of 0.4 s for one fit."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="openmp")
 
 
 def device_features(device: Any) -> DeviceFeatures:

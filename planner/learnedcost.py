@@ -24,6 +24,7 @@ serving samples are not held out.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import statistics
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 MAX_SERVING = 3000  # serving samples kept (a stage contributes one per layer)
 MIN_COUNT = 3  # requests behind a reported stage mean before it becomes samples
+OBSERVE_EVERY_S = 5.0  # how often telemetry's stage timings are folded in
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
@@ -157,6 +159,8 @@ class LearnedPricing:
         self.estimator = LearnedEstimator().fit(self.sweep)
         self._dirty = False
         self._fitted_at = clock()
+        self._observed_at = -math.inf
+        self._refitting: asyncio.Task[None] | None = None
         self.refits = 0
 
     def _timed_s(self, name: str, dev: DeviceFeatures) -> float:
@@ -265,3 +269,35 @@ class LearnedPricing:
             len(serving),
             len(self.serving),
         )
+
+    # -- the planner service's hooks ---------------------------------------------------------
+    def cost_for(self, cost: ModelCost, devices: Sequence[Device]) -> ModelCost:
+        """:meth:`price` for the planner, logging what the learned model priced."""
+        priced = self.price(cost, devices)
+        log.info(
+            "plan priced with the learned model for %s (%.0f%% of the model's compute; "
+            "devices disagree up to x%.2f on a segment), the %s model for the rest",
+            ", ".join(sorted(self.choice.learned)) or "nothing",
+            100 * priced.learned_share,
+            priced.spread,
+            self.choice.baseline,
+        )
+        return priced.cost
+
+    def learn(self, registry: Any, plan: Any, now: float) -> None:
+        """On telemetry: fold the served plan's reported stage timings in (at most every
+        few seconds) and start a refit in a worker thread when one is :meth:`due`."""
+        if plan is None or not plan.stages or self.clock() - self._observed_at < OBSERVE_EVERY_S:
+            return
+        self._observed_at = self.clock()
+        ranges = {s.artifact: (s.start_segment, s.end_segment) for s in plan.stages}
+        devices = {d.agent_id: d for d in registry.devices(now)}
+        self.observe(registry.stage_timings(), ranges, devices)
+        if self.due() and self._refitting is None:
+            self._refitting = asyncio.create_task(asyncio.to_thread(self.refit))
+            self._refitting.add_done_callback(self._refit_done)
+
+    def _refit_done(self, task: asyncio.Task[None]) -> None:
+        self._refitting = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("learned cost model refit failed: %s", task.exception())

@@ -82,6 +82,7 @@ class PlannerService:
         self.loaded: Any = None
         self.profile: Any = None
         self.cost: Any = None  # the profile's ModelCost with measured, timed segment costs
+        self.pricing: Any = None  # --cost-model: planner/learnedcost.py's LearnedPricing
         self.plan_message: PlanMessage | None = None
         self.assigned: dict[str, list[int]] = {}
         self.served = False  # a plan was served: min_agents no longer applies
@@ -113,6 +114,16 @@ class PlannerService:
             load_and_price, self.config.model_spec, self.config.max_segments
         )
         self.model_name = self.loaded.name
+        if self.config.cost_model:  # the learned estimator where it beat the timed model
+            from edgeslice.planner.calibrate import load_pricing
+
+            self.pricing = await asyncio.to_thread(
+                load_pricing,
+                self.config.cost_model,
+                self.profile,
+                self.loaded.example_inputs,
+                self.config.refit_interval_s,
+            )
         await self.client.connect()
         tasks = [asyncio.create_task(self._consume())]
         try:
@@ -244,6 +255,8 @@ class PlannerService:
                 elif parsed.kind is Kind.TELEMETRY:
                     await self._follow(parsed.agent_id)
                     self._check_load()
+                    if self.pricing is not None:  # serving timings: samples, periodic refit
+                        self.pricing.learn(self.registry, self.plan_message, time.time())
             except Exception as exc:
                 self.dropped += 1
                 # garbage must not become a flood of log lines: the first 20, then every 1000th
@@ -371,9 +384,10 @@ class PlannerService:
         self._empty_since = None
         current = self.plan_message
         previous = current.stages if current is not None else []
-        samples = self.registry.timing_samples(self.cost, previous, now)
+        cost = self.cost if self.pricing is None else self.pricing.cost_for(self.cost, devices)
+        samples = self.registry.timing_samples(cost, previous, now)
         proposal = await planning.propose(
-            self.config, self.cost, self.loaded, self.profile, self.key, devices, samples, previous
+            self.config, cost, self.loaded, self.profile, self.key, devices, samples, previous
         )
         for art in proposal.artifacts:
             self.artifacts.add(art.sha256, art.data)
