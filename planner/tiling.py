@@ -29,16 +29,16 @@ can ask for thousands of (block, box) pairs of a 150-node model in well under a 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from edgeslice.broker.protocol.boxes import Box, box_shape, contains, full_box, split_range
+from edgeslice.broker.protocol.boxes import Box, box_shape, contains, full_box
 from edgeslice.broker.protocol.errors import PlanningError
 from edgeslice.planner.profile import ModelProfile
+from edgeslice.planner.tileboxes import STRATEGIES, grid_shape, tile_boxes
 from edgeslice.planner.tilegraph import (
     Op,
     Regions,
@@ -52,8 +52,21 @@ from edgeslice.planner.tilegraph import (
 )
 from edgeslice.planner.tracing import crossing_after, live_ranges
 
-STRATEGIES = ("outc", "inh", "inw", "grid")
-_SPLIT_DIM = {"outc": 0, "inh": 1, "inw": 2}  # box dimension (batch excluded)
+__all__ = [
+    "STRATEGIES",
+    "Block",
+    "ProfileBlocks",
+    "block",
+    "boundary_nodes",
+    "grid_shape",
+    "input_box",
+    "tile_boxes",
+    "tile_flops",
+    "tile_module",
+    "tile_param_bytes",
+    "tileable",
+]
+
 aten = torch.ops.aten
 
 
@@ -67,10 +80,7 @@ class Block:
     output: fx.Node | None
     ops: tuple[Op, ...]
     problem: str | None  # why this block cannot be tiled at all (None: it can)
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        return shape_of(self.output) if self.output is not None else ()
+    out_shape: tuple[int, ...] = ()  # of the output tensor, batch first
 
 
 def _cache(profile: ModelProfile) -> dict[Any, Any]:
@@ -129,7 +139,8 @@ def block(profile: ModelProfile, start: int, end: int) -> Block:
         if problem is None and outs[0] not in nodes:
             problem = "the block's output is not computed inside it"
     source, output = (ins[0], outs[0]) if problem is None else (None, None)
-    result = Block(start, end, source, output, tuple(ops), problem)
+    shape = shape_of(output) if output is not None else ()
+    result = Block(start, end, source, output, tuple(ops), problem, shape)
     cache[key] = result
     return result
 
@@ -156,39 +167,6 @@ def tileable(profile: ModelProfile, start: int, end: int) -> frozenset[str]:
         if shape[2] >= 2 and shape[3] >= 2:
             ok.add("grid")
     return frozenset(ok)
-
-
-def grid_shape(k: int, height: int, width: int) -> tuple[int, int]:
-    """Near-square ``rows × cols = k``; the larger factor goes along the longer side."""
-    small = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
-    big = k // small
-    return (big, small) if height > width else (small, big)
-
-
-def tile_boxes(out_shape: Sequence[int], strategy: str, shares: Sequence[float]) -> list[Box]:
-    """One output box per share (same order), covering ``out_shape`` without overlap.
-
-    Raises ``ValueError`` when the split dimension is shorter than the number of tiles.
-    """
-    whole = full_box(out_shape)
-    if strategy in _SPLIT_DIM:
-        dim = _SPLIT_DIM[strategy]
-        if dim >= len(whole):
-            raise ValueError(f"strategy {strategy!r} needs a 4-D output, got {tuple(out_shape)}")
-        lo, hi = whole[dim]
-        return [(*whole[:dim], part, *whole[dim + 1 :]) for part in split_range(lo, hi, shares)]
-    if strategy != "grid":
-        raise ValueError(f"unknown tiling strategy {strategy!r}; use one of {STRATEGIES}")
-    if len(whole) != 3:
-        raise ValueError(f"strategy 'grid' needs a 4-D output, got {tuple(out_shape)}")
-    channels, (_, height), (_, width) = whole
-    rows, cols = grid_shape(len(shares), height, width)
-    row_shares = [shares[r * cols : (r + 1) * cols] for r in range(rows)]
-    bands = split_range(0, height, [sum(g) for g in row_shares])
-    boxes: list[Box] = []
-    for band, group in zip(bands, row_shares, strict=True):
-        boxes += [(channels, band, part) for part in split_range(0, width, group)]
-    return boxes
 
 
 def _regions(profile: ModelProfile, start: int, end: int, out_box: Box) -> tuple[Block, Regions]:
@@ -241,6 +219,38 @@ def tile_param_bytes(profile: ModelProfile, start: int, end: int, out_box: Box) 
             if target is not None:
                 seen[(target, lo, hi)] = row * (hi - lo)
     return sum(seen.values())
+
+
+class ProfileBlocks:
+    """A profile as :class:`planner.intradp.BlockCosts`: what the tiling DP asks of a model."""
+
+    def __init__(self, profile: ModelProfile) -> None:
+        self.profile = profile
+        self.n_segments = len(profile.segments)
+
+    def tileable(self, start: int, end: int) -> frozenset[str]:
+        return tileable(self.profile, start, end)
+
+    def out_shape(self, boundary: int) -> tuple[int, ...] | None:
+        crossing = self.profile.crossing(boundary)
+        return crossing[0].shape if len(crossing) == 1 else None
+
+    def boundary_bytes(self, boundary: int) -> int:
+        return sum(t.nbytes for t in self.profile.crossing(boundary))
+
+    def input_box(self, start: int, end: int, out_box: Box) -> Box:
+        return input_box(self.profile, start, end, out_box)
+
+    def flops(self, start: int, end: int, out_box: Box) -> float:
+        """A tile's FLOPs; the empty box (a whole block) as profiled."""
+        if not out_box:
+            return sum(s.flops for s in self.profile.segments[start:end])
+        return tile_flops(self.profile, start, end, out_box)
+
+    def param_bytes(self, start: int, end: int, out_box: Box) -> int:
+        if not out_box:
+            return sum(s.param_bytes for s in self.profile.segments[start:end])
+        return tile_param_bytes(self.profile, start, end, out_box)
 
 
 class _Builder:
