@@ -57,6 +57,8 @@ from edgeslice.planner.tracing import reference_run
 
 AUTO = "auto"
 PREFERENCE = ("inh", "inw", "outc", "grid")  # on a tie, the simpler split
+SPATIAL = frozenset({"inh", "inw", "grid"})
+FUSE_HALO = 1.5  # fuse a spatial run while its tiles read at most this much more input
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,9 @@ def simple_description(
     ``auto`` picks, per segment, the strategy whose largest tile needs the fewest bytes of
     input plus weights: spatial splits where activations are large (early layers, halo
     rows recomputed), ``outc`` where weights dominate (late layers: each device holds a
-    slice of them) -- the trade FlexPie's planner makes with measured costs.
+    slice of them) -- the trade FlexPie's planner makes with measured costs. Consecutive
+    segments split the same spatial way are fused into one block (each tile recomputes
+    the grown halo instead of exchanging pieces) while the halo stays small (:func:`_fuse`).
     """
     from edgeslice.planner.tiling import block as tiling_block
     from edgeslice.planner.tiling import input_box, tile_boxes, tile_param_bytes, tileable
@@ -138,13 +142,44 @@ def simple_description(
             )
             if best is None or need < best[0]:
                 best = (need, name, boxes)
-        if best is not None:
-            out.append(TiledBlock(k, k + 1, best[1], tuple(zip(ids, best[2], strict=True))))
-        elif out and not out[-1].strategy:  # extend the whole run
+        if best is None and out and not out[-1].strategy:  # extend the whole run
             out[-1] = TiledBlock(out[-1].start, k + 1, "", out[-1].tiles)
-        else:
+        elif best is None:
             out.append(TiledBlock(k, k + 1, "", ((ids[0], WHOLE),)))
+        elif not (out and _fuse(profile, out, k, best[1], ids, shares)):
+            out.append(TiledBlock(k, k + 1, best[1], tuple(zip(ids, best[2], strict=True))))
     return out
+
+
+def _fuse(
+    profile: ModelProfile,
+    out: list[TiledBlock],
+    k: int,
+    strategy: str,
+    ids: Sequence[str],
+    shares: Sequence[float],
+) -> bool:
+    """Fold segment ``k`` into the last block when both are split the same spatial way and
+    the fused tiles' input (halo grown by every layer) stays within :data:`FUSE_HALO` of
+    the last block's: one exchange through the broker less, a few halo rows recomputed."""
+    from edgeslice.planner.tiling import block as tiling_block
+    from edgeslice.planner.tiling import input_box, tile_boxes, tileable
+
+    last = out[-1]
+    if strategy not in SPATIAL or last.strategy != strategy:
+        return False
+    if strategy not in tileable(profile, last.start, k + 1):
+        return False
+    try:
+        boxes = tile_boxes(tiling_block(profile, last.start, k + 1).out_shape, strategy, shares)
+    except ValueError:
+        return False
+    fused = [volume(input_box(profile, last.start, k + 1, box)) for box in boxes]
+    alone = [volume(input_box(profile, last.start, last.end, box)) for _a, box in last.tiles]
+    if max(fused) > FUSE_HALO * max(alone):
+        return False
+    out[-1] = TiledBlock(last.start, k + 1, strategy, tuple(zip(ids, boxes, strict=True)))
+    return True
 
 
 def describe(
