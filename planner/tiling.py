@@ -68,6 +68,7 @@ __all__ = [
 ]
 
 aten = torch.ops.aten
+MAX_CACHED_TILES = 20_000  # region analyses kept per traced graph (a few KB each)
 
 
 @dataclass(frozen=True)
@@ -175,12 +176,13 @@ def _regions(profile: ModelProfile, start: int, end: int, out_box: Box) -> tuple
         raise PlanningError(f"segments [{start}, {end}) of {profile.name!r}: {blk.problem}")
     if not contains(full_box(blk.out_shape), out_box) or any(hi <= lo for lo, hi in out_box):
         raise PlanningError(f"box {out_box} is not a non-empty part of shape {blk.out_shape}")
-    key = ("regions", start, end, out_box)
-    cache = _cache(profile)
+    cache: dict[Any, Regions] = _cache(profile).setdefault("regions", {})
+    key = (start, end, out_box)
     if key not in cache:
+        if len(cache) >= MAX_CACHED_TILES:  # re-plans with new speeds make new boxes
+            cache.clear()
         cache[key] = analyse(blk.ops, blk.source, blk.output, out_box)
-    regions: Regions = cache[key]
-    return blk, regions
+    return blk, cache[key]
 
 
 def input_box(profile: ModelProfile, start: int, end: int, out_box: Box) -> Box:

@@ -252,7 +252,12 @@ def test_tile_module_round_trips_through_torch_export(whole) -> None:
     shape = block(profile, 8, 17).out_shape
     box = tile_boxes(shape, "grid", [1.0, 2.0, 1.0, 1.0])[1]
     tile_in = crop(x, full_box(x.shape), input_box(profile, 8, 17, box))
-    exported = torch.export.export(tile_module(profile, 8, 17, box), (tile_in,))
+    module = tile_module(profile, 8, 17, box)
+    with torch.no_grad():  # no batch size is baked into the program
+        (pair,) = module(torch.cat([tile_in, 2 * tile_in]))
+        (one,) = module(2 * tile_in)
+    torch.testing.assert_close(pair[1:], one)
+    exported = torch.export.export(module, (tile_in,))
     buffer = io.BytesIO()
     torch.export.save(exported, buffer)
     loaded = torch.export.load(io.BytesIO(buffer.getvalue())).module()
