@@ -100,17 +100,11 @@ def tile_of(env: RequestEnvelope, stage: int, agent_id: str, request_id: str) ->
         expected = expected_boxes(senders, in_box)
         for t in tiles[stage + 1] if stage + 1 < len(tiles) else ():
             piece_box(out_box, tile_boxes(t)[0])  # a bad box downstream fails before compute
+        want = want_box(expected, in_box)
     except ValueError as exc:
         raise InferenceError(f"{where}: malformed tile box: {exc}") from None
-    return TileSpec(
-        stage,
-        mine[0].artifact,
-        in_box,
-        out_box,
-        tuple(expected),
-        want_box(expected, in_box),
-        stage == len(tiles) - 1,
-    )
+    last = stage == len(tiles) - 1
+    return TileSpec(stage, mine[0].artifact, in_box, out_box, tuple(expected), want, last)
 
 
 def piece_of(env: RequestEnvelope, request_id: str) -> Box:
@@ -291,6 +285,21 @@ class TileIntake:
 
     def on_transfer(self, done: Completed, client_id: str, now: float) -> TileJob | Refusal | None:
         """A completed transfer of a tiled request (its client from the inbox topic)."""
+        try:
+            return self._on_transfer(done, client_id, now)
+        except Exception as exc:  # a bug must not cost the client its answer
+            return Refusal(done.header, _unexpected(done.header, exc), client_id)
+
+    def on_local(self, local: LocalPiece, now: float) -> TileJob | Refusal | None:
+        """A piece this agent cut for its own tile of the next stage."""
+        try:
+            nbytes = sum(t.numel() * t.element_size() for t in local.data.tensors or [])
+            data, header = local.data, local.header
+            return self._gather(header, data.env, local.box, data, local.client_id, nbytes, now)
+        except Exception as exc:
+            return Refusal(local.header, _unexpected(local.header, exc), local.client_id)
+
+    def _on_transfer(self, done: Completed, client_id: str, now: float) -> TileJob | Refusal | None:
         header = done.header
         try:
             env = codec.from_wire(header.meta, RequestEnvelope)
@@ -304,12 +313,6 @@ class TileIntake:
             return Refusal(header, exc, client_id)
         data = PieceData(env, done.first_chunk_at, payload=done.payload)
         return self._gather(header, env, box, data, client_id, len(done.payload), now)
-
-    def on_local(self, local: LocalPiece, now: float) -> TileJob | Refusal | None:
-        """A piece this agent cut for its own tile of the next stage."""
-        nbytes = sum(t.numel() * t.element_size() for t in local.data.tensors or [])
-        env = local.data.env
-        return self._gather(local.header, env, local.box, local.data, local.client_id, nbytes, now)
 
     def _gather(
         self,
@@ -353,6 +356,13 @@ class TileIntake:
             reason=refused.reason,
         )
         return Refusal(header, error, refused.sender)
+
+
+def _unexpected(header: TransferHeader, exc: Exception) -> InferenceError:
+    return InferenceError(
+        f"request {header.request_id} stage {header.stage}: piece not usable "
+        f"({type(exc).__name__}: {exc})"
+    )
 
 
 def run_tile(

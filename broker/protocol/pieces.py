@@ -85,10 +85,13 @@ def expected_boxes(sender_outs: Sequence[Box] | None, in_box: Box) -> list[Box]:
 
 def want_box(expected: Sequence[Box], in_box: Box) -> Box:
     """What a receiver assembles: its ``in_box``; for a whole receiver of split pieces, the
-    box they span from the origin; for whole pieces, the whole."""
+    box they span from the origin; for whole pieces, the whole. Raises ``ValueError`` for
+    pieces of different ranks."""
     if in_box != WHOLE or not expected or WHOLE in expected:
         return in_box
     rank = len(expected[0])
+    if any(len(b) != rank for b in expected):
+        raise ValueError(f"pieces of different ranks: {[list(b) for b in expected]}")
     return tuple((0, max(b[d][1] for b in expected)) for d in range(rank))
 
 
