@@ -36,7 +36,7 @@ from torch import Tensor
 from edgeslice.agent.hops import Outbound
 from edgeslice.agent.runtime import StageRuntime
 from edgeslice.broker.protocol import codec
-from edgeslice.broker.protocol.boxes import Box, box_to_wire
+from edgeslice.broker.protocol.boxes import Box, box_shape, box_to_wire
 from edgeslice.broker.protocol.chunking import Completed, TransferHeader, encode_transfer
 from edgeslice.broker.protocol.errors import (
     EdgesliceError,
@@ -380,6 +380,12 @@ def run_tile(
     inputs = tile_inputs(job)
     start = time.perf_counter()
     outputs = loaded.run(inputs)
+    if tile.out_box and [tuple(o.shape[1:]) for o in outputs] != [box_shape(tile.out_box)]:
+        raise InferenceError(
+            f"request {job.header.request_id} stage {tile.stage}: artifact "
+            f"{tile.artifact[:12]} on agent {agent_id} made {[list(o.shape) for o in outputs]}, "
+            f"not the out box {list(tile.out_box)} its tile names"
+        )
     timing = StageTiming(
         stage=tile.stage,
         agent=agent_id,
