@@ -119,8 +119,9 @@ def covers(boxes: Sequence[Box], box: Box) -> bool:
 def split_range(lo: int, hi: int, shares: Sequence[float]) -> list[tuple[int, int]]:
     """Cut ``[lo, hi)`` into ``len(shares)`` contiguous non-empty ranges sized by ``shares``.
 
-    Sizes follow the shares by largest remainder, every range gets at least one element
-    (so ``hi - lo`` must be at least ``len(shares)``); shares must be positive.
+    Sizes follow the shares by largest remainder over the whole length (16 at 1:3 gives
+    4 and 12); a part the shares would leave empty gets one element, taken from the
+    largest parts. ``hi - lo`` must be at least ``len(shares)``; shares must be positive.
     """
     n = hi - lo
     k = len(shares)
@@ -129,12 +130,14 @@ def split_range(lo: int, hi: int, shares: Sequence[float]) -> list[tuple[int, in
     if any(s <= 0 for s in shares):
         raise ValueError(f"shares must be positive, got {list(shares)}")
     total = float(sum(shares))
-    spare = n - k  # each part gets 1, the rest goes by share
-    exact = [spare * s / total for s in shares]
-    sizes = [1 + int(e) for e in exact]
-    left = n - sum(sizes)
-    for i in sorted(range(k), key=lambda i: (int(exact[i]) - exact[i], i))[:left]:
+    exact = [n * s / total for s in shares]
+    sizes = [int(e) for e in exact]
+    for i in sorted(range(k), key=lambda i: (int(exact[i]) - exact[i], i))[: n - sum(sizes)]:
         sizes[i] += 1
+    for i in range(k):
+        if sizes[i] == 0:  # no part empty: one element from the largest part
+            sizes[max(range(k), key=lambda j: (sizes[j], -j))] -= 1
+            sizes[i] = 1
     out = []
     start = lo
     for size in sizes:

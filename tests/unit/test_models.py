@@ -40,7 +40,7 @@ def test_builtin_models_are_standard_sized_and_deterministic(build, params, out_
 
 
 def test_registry_builds_the_documented_inputs() -> None:
-    assert set(BUILTIN_MODELS) == {"mobilenetv2", "resnet18", "transformer"}
+    assert set(BUILTIN_MODELS) == {"mobilenetv2", "resnet18", "transformer", "vgg"}
     _, (ids,) = BUILTIN_MODELS["transformer"]()
     assert ids.dtype == torch.int64 and ids.shape == (1, 128)
     _, (image,) = BUILTIN_MODELS["mobilenetv2"]()
