@@ -117,6 +117,15 @@ def test_tiles_and_boxes_are_type_checked_on_decode() -> None:
     ):
         with pytest.raises(DecodeError):
             codec.from_wire(dict(wire, **bad), RequestEnvelope)
+    # a 1.3 sender's envelope and plan stage (no tile fields) read as pipeline ones
+    old = {"route": [["pi-1", "a" * 64]], "reply_to": "c", "k": "request", "v": [1, 3]}
+    back = codec.from_wire(old, RequestEnvelope)
+    assert (back.tiles, back.box, back.attempt) == ([], [], 0)
+    stage = {"stage": 0, "start_segment": 0, "end_segment": 2, "agents": ["pi-1"]}
+    plan = {"k": "plan", "v": [1, 3], "model": "m", "plan_id": "p", "plan_version": 1}
+    plan |= {"objective": "latency", "strategy": "edgeslice", "stages": [stage]}
+    decoded = codec.decode(codec.packb(plan), PlanMessage)
+    assert decoded.stages[0].tiles == [] and decoded.stages[0].tiling == ""
 
 
 # -- a CNN tiled by hand ---------------------------------------------------------------
