@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import statistics
 import time
 from collections.abc import Iterator
@@ -116,4 +117,50 @@ def test_tiled_plan_serves_the_whole_models_outputs(vgg_fleet: LocalFleet) -> No
     print(
         f"tiled / pipeline p50: {tiled_p50 / pipe_p50:.2f}; test took "
         f"{time.monotonic() - started:.1f} s"
+    )
+
+
+async def _through_a_kill(
+    fleet: LocalFleet, model: str, inputs: list[torch.Tensor], victim: str
+) -> tuple[PlanMessage, list, PlanMessage]:  # type: ignore[type-arg]
+    """Requests one after another while ``victim`` is killed -9 after the first answer."""
+    settings = parse_broker_url(fleet.broker_url, fleet.namespace)
+    async with InferenceClient(settings, model) as client:
+        plan = await client.wait_ready(120)
+        results = [await client.infer(inputs[0], timeout=60)]
+        fleet.signal(victim, signal.SIGKILL)
+        results += [await client.infer(x, timeout=60) for x in inputs[1:]]
+        after = client.plan
+        assert after is not None
+        return plan, results, after
+
+
+def test_a_killed_tile_agent_costs_no_request(vgg_fleet: LocalFleet) -> None:
+    """kill -9 of a tile's agent: the planner re-plans on the other two at once, requests
+    routed through the dead one are re-sent on the new plan; none is lost or wrong."""
+    loaded = load_model(SPEC)
+    torch.manual_seed(2)
+    inputs = [torch.randn(loaded.example_inputs[0].shape) for _ in range(4)]
+    with torch.inference_mode():
+        expected = [loaded.module(x) for x in inputs]
+    fleet = vgg_fleet
+    started = time.monotonic()
+    fleet.start_planner(SPEC, [*PLANNER, "--intra-layer", "auto", "--clear-plan-on-exit"])
+    try:
+        before, results, after = asyncio.run(_through_a_kill(fleet, loaded.name, inputs, "t3"))
+    except Exception:
+        print(fleet.log_tail("planner", 60))
+        raise
+    finally:
+        fleet.stop("planner")
+    assert "t3" in {a for s in before.stages for a in s.agents}
+    assert after.plan_version > before.plan_version
+    assert "t3" not in {a for s in after.stages for a in s.agents}
+    for got, want in zip(results, expected, strict=True):
+        assert torch.allclose(got.outputs[0], want, rtol=1e-4, atol=1e-4)
+    assert {t["agent"] for t in results[-1].timings} == {"t1", "t2"}
+    print(
+        f"kill -9 of t3: {len(results)} of {len(inputs)} answered, the one after the kill in "
+        f"{results[1].latency_s:.1f} s ({results[1].attempts} send(s)); "
+        f"test took {time.monotonic() - started:.1f} s"
     )
