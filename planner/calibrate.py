@@ -274,7 +274,9 @@ def load_pricing(
 ) -> Any:
     """The planner's :class:`~planner.learnedcost.LearnedPricing` from a calibration file,
     or None when scikit-learn is missing (the analytic model stays; logged). Blocking: it
-    retrains the trees, re-runs the holdout and times the model's nodes here."""
+    retrains the trees, re-runs the holdout (timing the sweep's layers here first when the
+    file has no host timing: the baseline is always the planner's own timed pricing) and
+    times the model's nodes."""
     from edgeslice.planner import learned
     from edgeslice.planner.learnedcost import LearnedPricing
     from edgeslice.planner.timing import node_seconds
@@ -287,6 +289,8 @@ def load_pricing(
             path,
         )
         return None
+    if any(x.host_s is None for x in cal.layers):  # calibrated --no-host-timing: time here
+        cal.layers, cal.reference_gflops = time_on_host(cal.layers)
     samples = cal.samples()
     result = learned.holdout(samples, cal.reference_gflops)
     choice = learned.choose(result)
@@ -300,7 +304,8 @@ def load_pricing(
         path,
         len(samples),
         len({s.agent for s in samples}),
-        ", ".join(sorted(choice.learned)) or f"no kind (the {choice.baseline} model is better)",
+        ", ".join(sorted(choice.learned))
+        or f"no kind (the {choice.baseline} model is better; no serving refits)",
     )
     return pricing
 

@@ -16,7 +16,7 @@ import click
 
 from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.broker.settings import BrokerSettings, connection_options
-from edgeslice.planner.learned import Choice, ErrorStats, Holdout, HoldoutRow
+from edgeslice.planner.learned import Choice, ErrorStats, Holdout, HoldoutRow, Predicted
 
 MODEL_HELP = (
     "Also time this model's layers (built-in name or module:callable, as for the planner), "
@@ -54,6 +54,29 @@ def format_holdout(result: Holdout, choice: Choice | None) -> str:
     lines += [row(r, "") for r in result.models]
     lines.append(row(result.overall, ""))
     return "\n".join(lines)
+
+
+def model_totals(result: Holdout) -> list[str]:
+    """Per held-out model: each estimator's error on the sum of its distinct layers, per
+    agent (the planner prices segments, sums of layers, where errors partly cancel)."""
+    lines = []
+    for group in sorted(
+        {p.sample.group for p in result.predictions if p.sample.group.startswith("model:")}
+    ):
+        per_agent: dict[str, list[Predicted]] = {}
+        for p in result.predictions:
+            if p.sample.group == group:
+                per_agent.setdefault(p.sample.agent, []).append(p)
+        cells = []
+        for name in ("learned", "analytic", "timed"):
+            errs = []
+            for rows in per_agent.values():
+                got = [getattr(p, name) for p in rows]
+                if all(g is not None for g in got):
+                    errs.append(sum(got) / sum(p.sample.seconds for p in rows) - 1)
+            cells.append(f"{name} " + " ".join(f"{e:+.0%}" for e in errs) if errs else f"{name} -")
+        lines.append(f"{group} summed over its distinct layers, per agent: " + "; ".join(cells))
+    return lines
 
 
 def holdout_json(result: Holdout, choice: Choice) -> dict[str, Any]:
@@ -169,6 +192,8 @@ def calibrate_cmd(
         choice = learned.choose(result)
         cal.holdout = holdout_json(result, choice)
         click.echo(format_holdout(result, choice))
+        for line in model_totals(result):
+            click.echo(line)
     else:
         click.echo(
             "scikit-learn is not installed (pip install 'edgeslice[ml]'): samples saved, "

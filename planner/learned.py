@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -398,8 +397,3 @@ def choose(result: Holdout, baseline: str = "timed") -> Choice:
     for k in KINDS:
         reasons.setdefault(k, f"{baseline}: no held-out layer of this kind")
     return Choice(frozenset(learned), baseline, reasons)
-
-
-def median_or_none(values: Iterable[float]) -> float | None:
-    got = list(values)
-    return statistics.median(got) if got else None

@@ -272,7 +272,10 @@ class LearnedPricing:
 
     # -- the planner service's hooks ---------------------------------------------------------
     def cost_for(self, cost: ModelCost, devices: Sequence[Device]) -> ModelCost:
-        """:meth:`price` for the planner, logging what the learned model priced."""
+        """:meth:`price` for the planner, logging what the learned model priced (nothing to
+        log when it prices no kind: the planner said so when it loaded the file)."""
+        if not self.choice.learned:
+            return cost
         priced = self.price(cost, devices)
         log.info(
             "plan priced with the learned model for %s (%.0f%% of the model's compute; "
@@ -286,8 +289,11 @@ class LearnedPricing:
 
     def learn(self, registry: Any, plan: Any, now: float) -> None:
         """On telemetry: fold the served plan's reported stage timings in (at most every
-        few seconds) and start a refit in a worker thread when one is :meth:`due`."""
-        if plan is None or not plan.stages or self.clock() - self._observed_at < OBSERVE_EVERY_S:
+        few seconds) and start a refit in a worker thread when one is :meth:`due`. Nothing
+        when the learned model prices no kind: a refit would change no plan."""
+        if not self.choice.learned or plan is None or not plan.stages:
+            return
+        if self.clock() - self._observed_at < OBSERVE_EVERY_S:
             return
         self._observed_at = self.clock()
         ranges = {s.artifact: (s.start_segment, s.end_segment) for s in plan.stages}
