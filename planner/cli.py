@@ -89,14 +89,15 @@ def _fail(exc: Exception) -> click.ClickException:
 )
 @click.option(
     "--intra-layer",
-    type=click.Choice(["off", "auto", "outc", "inh", "inw", "grid"]),
+    type=click.Choice(["off", "dp", "auto", "outc", "inh", "inw", "grid"]),
     default="off",
     show_default=True,
     envvar="EDGESLICE_INTRA_LAYER",
-    help="Serve a tiled (intra-layer) plan: every segment that can be split runs on all "
-    "agents at once, each computing a box of its output (auto: per segment the split "
-    "needing the fewest bytes per device; or one strategy: output channels, input "
-    "height, width or a 2-D grid), the rest whole on the fastest agent.",
+    help="Serve a tiled (intra-layer) plan, where a split block runs on all agents at "
+    "once, each computing a box of its output. dp: per block, whole on one agent or split, "
+    "whichever the latency DP prefers; auto: every segment that can be split is, by the "
+    "split needing the fewest bytes per device; or one split everywhere it applies "
+    "(output channels, input height, width, 2-D grid). Unsplit segments run whole.",
 )
 @click.option(
     "--cost-model",

@@ -13,8 +13,8 @@ from edgeslice.broker.settings import BrokerSettings
 from edgeslice.planner.partition import STRATEGIES
 from edgeslice.planner.replan import LoadShiftConfig
 
-# "" (off), "auto" and planner.tiling.STRATEGIES (not imported: it needs torch)
-INTRA_LAYER = ("", "auto", "outc", "inh", "inw", "grid")
+# "" (off), "dp", "auto" and planner.tiling.STRATEGIES (not imported: it needs torch)
+INTRA_LAYER = ("", "dp", "auto", "outc", "inh", "inw", "grid")
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ class PlannerConfig:
     compression: str | None = None  # activation compression between stages: None|fp16|int8
     planner_id: str = "planner"
     strategy: str = "edgeslice"  # or a baseline of planner.partition.STRATEGIES (benchmarks)
-    # serve a tiled (intra-layer) plan (planner/intraplan.py): "" off, else "auto" or one
-    # split of planner.tiling.STRATEGIES
+    # serve a tiled (intra-layer) plan (planner/intraplan.py): "" off, "dp" (the DP picks
+    # pipeline or a split per block), "auto" (every splittable segment split) or one split
     intra_layer: str = ""
     # on stop, clear the retained plan (the fleet is retired) instead of keeping it for the
     # agents to serve on and a restarted planner to adopt

@@ -4,9 +4,10 @@ A *description* is a list of :class:`TiledBlock` s covering the profile's segmen
 order: each a run of segments ``[start, end)`` either split by a strategy of
 :mod:`planner.tiling` (``outc``, ``inh``, ``inw``, ``grid``) into one output box per agent,
 or run whole by one agent (strategy ``""``, its box :data:`WHOLE`). The planner gets it
-from :func:`describe` -- today :func:`simple_description` (every tileable segment split
-over all agents with shares by calibrated speed; the DP of planner/intradp.py is to take
-its place) -- and this module makes it servable:
+from :func:`describe`: the DP of planner/intradp.py (``--intra-layer dp``: per block,
+pipeline on one agent or a split over all, least latency by this cost model) or
+:func:`simple_description` (``auto`` or one strategy: every splittable segment split over
+all agents with shares by calibrated speed) -- and this module makes it servable:
 
 * :func:`build_tiled` exports one artifact per tile with :func:`planner.tiling.tile_module`
   (its input is the block input cropped to :func:`planner.tiling.input_box`, halo
@@ -46,6 +47,7 @@ from edgeslice.planner.costmodel import (
     Device,
     ModelCost,
     compute_s,
+    seconds_per_flop,
     stage_in_bytes,
     transfer_s,
 )
@@ -56,6 +58,7 @@ from edgeslice.planner.stages import StageArtifact, build_module_artifact, build
 from edgeslice.planner.tracing import reference_run
 
 AUTO = "auto"
+DP = "dp"
 PREFERENCE = ("inh", "inw", "outc", "grid")  # on a tie, the simpler split
 SPATIAL = frozenset({"inh", "inw", "grid"})
 FUSE_HALO = 1.5  # fuse a spatial run while its tiles read at most this much more input
@@ -182,12 +185,47 @@ def _fuse(
     return True
 
 
-def describe(
-    config: PlannerConfig, profile: ModelProfile, devices: Sequence[Device]
+def dp_description(
+    profile: ModelProfile, devices: Sequence[Device], params: CostParams
 ) -> list[TiledBlock]:
-    """The tiled plan to serve on ``devices`` (the DP of planner/intradp.py will decide it
-    here; until then :func:`simple_description` with ``--intra-layer``'s strategy)."""
-    blocks = simple_description(profile, devices, config.intra_layer or AUTO)
+    """The least-latency mix of pipeline and tiled blocks, as the DP of planner/intradp.py
+    finds it with this cost model's compute and transfer times (a pipeline block is a
+    whole block on its device)."""
+    from edgeslice.planner.intradp import PIPELINE, TileDevice, plan_tiled
+    from edgeslice.planner.tiling import ProfileBlocks
+
+    ranked = sorted(devices, key=lambda d: (-d.gflops, d.agent_id))
+    by_id = {d.agent_id: d for d in ranked}
+
+    def compute(name: str, flops: float) -> float:
+        return flops * seconds_per_flop(by_id[name], params) + params.min_compute_s
+
+    def transfer(nbytes: int, name: str | None) -> float:
+        return transfer_s(nbytes, None, by_id[name] if name else None, params)
+
+    found = plan_tiled(
+        ProfileBlocks(profile),
+        [TileDevice(d.agent_id, max(d.gflops, 1e-3), d.memory_bytes) for d in ranked],
+        compute,
+        transfer,
+    )
+    return [
+        TiledBlock(b.start, b.end, "", ((b.tiles[0].device, WHOLE),))
+        if b.strategy == PIPELINE
+        else TiledBlock(b.start, b.end, b.strategy, tuple((t.device, t.out_box) for t in b.tiles))
+        for b in found.blocks
+    ]
+
+
+def describe(
+    config: PlannerConfig, profile: ModelProfile, devices: Sequence[Device], params: CostParams
+) -> list[TiledBlock]:
+    """The tiled plan to serve on ``devices``: the DP's choice (``--intra-layer dp``), or
+    :func:`simple_description` with ``--intra-layer``'s strategy."""
+    if config.intra_layer == DP:
+        blocks = dp_description(profile, devices, params)
+    else:
+        blocks = simple_description(profile, devices, config.intra_layer or AUTO)
     check_description(profile, blocks)
     return blocks
 
@@ -371,7 +409,7 @@ async def propose_tiled(
     params: CostParams,
 ) -> Proposal:
     """The tiled plan for ``devices``, built and signed off the event loop (module doc)."""
-    blocks = await asyncio.to_thread(describe, config, profile, devices)
+    blocks = await asyncio.to_thread(describe, config, profile, devices, params)
     built = await asyncio.to_thread(
         build_tiled,
         loaded.module,

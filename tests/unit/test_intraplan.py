@@ -20,7 +20,7 @@ from edgeslice.broker.protocol.pieces import WHOLE, wire_box
 from edgeslice.client.inference import InferenceClient
 from edgeslice.planner import intraplan
 from edgeslice.planner.config import INTRA_LAYER, PlannerConfig
-from edgeslice.planner.costmodel import Device
+from edgeslice.planner.costmodel import CostParams, Device
 from edgeslice.planner.profile import profile_model
 from edgeslice.planner.service import PlannerService
 
@@ -49,7 +49,7 @@ DEVICES = [
 def test_intra_layer_choices_are_the_tiling_strategies() -> None:
     from edgeslice.planner.tiling import STRATEGIES
 
-    assert ("", intraplan.AUTO, *STRATEGIES) == INTRA_LAYER
+    assert ("", intraplan.DP, intraplan.AUTO, *STRATEGIES) == INTRA_LAYER
     with pytest.raises(ConfigError, match="intra-layer"):
         PlannerConfig(model_spec=TINY_CNN, broker=SETTINGS, intra_layer="rows")
 
@@ -86,7 +86,27 @@ def test_simple_description_splits_planes_by_rows_and_late_layers_by_channels(
         intraplan.check_description(profile, blocks[1:])
 
 
-def test_planner_serves_a_tiled_plan_end_to_end(tmp_path: Path) -> None:
+def test_dp_description_splits_only_where_compute_outweighs_the_exchange(
+    tmp_path: Path,
+) -> None:
+    model, inputs = build_tiny_cnn()
+    profile = profile_model(model, inputs, max_segments=8)
+    params = CostParams()
+    fast = [Device(f"f{i}", 100.0, 2**30, 1e6, 0.01) for i in range(3)]  # slow links
+    whole = intraplan.dp_description(profile, fast, params)
+    assert len(whole) == 1, whole  # one block: no exchange is worth its link time
+    slow = [Device(f"s{i}", 0.05, 2**30, 1e9, 0.0001) for i in range(3)]  # fast links
+    split = intraplan.dp_description(profile, slow, params)
+    intraplan.check_description(profile, split)
+    assert any(b.strategy for b in split), split
+    built = intraplan.build_tiled(
+        model, inputs, profile, split, load_signing_key(key_file(tmp_path))
+    )
+    assert [len(arts) for arts in built] == [len(b.tiles) for b in split]
+
+
+@pytest.mark.parametrize("mode", ["auto", "dp"])
+def test_planner_serves_a_tiled_plan_end_to_end(tmp_path: Path, mode: str) -> None:
     model, _ = build_tiny_cnn()
 
     async def scenario() -> None:
@@ -99,7 +119,7 @@ def test_planner_serves_a_tiled_plan_end_to_end(tmp_path: Path) -> None:
             max_segments=8,
             replan_delay_s=0.05,
             fleet_key_file=key_file(tmp_path),
-            intra_layer="auto",
+            intra_layer=mode,
         )
         planner = PlannerService(config, transport=broker.factory)
         agents = [
@@ -117,12 +137,15 @@ def test_planner_serves_a_tiled_plan_end_to_end(tmp_path: Path) -> None:
                 SETTINGS, planner.model_name, transport=broker.factory
             ) as client:
                 plan = await client.wait_ready(timeout=60.0)
-                assert {s.tiling for s in plan.stages} >= {"inh", "outc"}
+                assert all(s.tiles for s in plan.stages)
+                if mode == "auto":
+                    assert {s.tiling for s in plan.stages} >= {"inh", "outc"}
                 batch = [torch.randn(1, 3, 32, 32) for _ in range(3)]
                 results = await asyncio.gather(*(client.infer(x, timeout=30.0) for x in batch))
         with torch.no_grad():
             for x, result in zip(batch, results, strict=True):
                 assert torch.allclose(result.outputs[0], model(x), atol=1e-4)
-        assert {t["agent"] for t in results[0].timings} == {"a1", "a2", "a3"}
+        if mode == "auto":
+            assert {t["agent"] for t in results[0].timings} == {"a1", "a2", "a3"}
 
     asyncio.run(scenario())
