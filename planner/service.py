@@ -155,6 +155,7 @@ class PlannerService:
             self.profile,
             self.key,
             objective=self.config.objective,
+            max_latency_s=self.config.max_latency_s,
         )
         plan = found.plan
         if plan is None:

@@ -36,11 +36,13 @@ async def retained_plan(
     compression: str,
     timeout: float = ADOPT_WAIT_S,
     objective: str | None = None,
+    max_latency_s: float | None = None,
 ) -> tuple[PlanMessage | None, str | None]:
     """The retained plan of ``model`` (None: none) and why it cannot be adopted (None: it can).
 
     Waits up to ``timeout`` for the retained messages to arrive, less when the plan and
-    its agents' reports are in and say it can be adopted.
+    its agents' reports are in and say it can be adopted. With ``max_latency_s``
+    (``--max-latency-ms``) a plan predicted slower than the bound is not adopted.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -49,10 +51,21 @@ async def retained_plan(
             "none seen"
             if plan is None
             else adopt_problem(plan, model, strategy, compression, fleet.agents, objective)
+            or latency_problem(plan, max_latency_s)
         )
         if problem is None or time.monotonic() >= deadline:
             return plan, problem
         await asyncio.sleep(0.05)
+
+
+def latency_problem(plan: PlanMessage, max_latency_s: float | None) -> str | None:
+    """Why ``plan`` breaks a ``--max-latency-ms`` bound (None: no bound, or within it)."""
+    if max_latency_s is None or plan.predicted_latency_s <= max_latency_s * (1 + 1e-9):
+        return None
+    return (
+        f"its predicted latency {plan.predicted_latency_s * 1e3:.1f} ms is over "
+        f"--max-latency-ms {max_latency_s * 1e3:g}"
+    )
 
 
 def rebuild_problem(
@@ -125,9 +138,12 @@ async def examine_retained(
     profile: Any,
     key: Any,
     objective: str | None = None,
+    max_latency_s: float | None = None,
 ) -> Adoption:
     """Wait for the retained view, check the plan, rebuild its cut (in a thread)."""
-    plan, problem = await retained_plan(fleet, model, strategy, compression, objective=objective)
+    plan, problem = await retained_plan(
+        fleet, model, strategy, compression, objective=objective, max_latency_s=max_latency_s
+    )
     if plan is None or problem is not None:
         return Adoption(plan, problem)
     problem, artifacts = await asyncio.to_thread(rebuild_problem, plan, loaded, profile, key)

@@ -303,6 +303,31 @@ def test_a_restarted_planner_adopts_the_valid_retained_plan(tmp_path: Path) -> N
     asyncio.run(scenario())
 
 
+def test_a_planner_with_a_latency_bound_does_not_adopt_a_plan_over_it(tmp_path: Path) -> None:
+    """--max-latency-ms on restart: a retained plan predicted slower than the bound is
+    replaced, not adopted (a plan within the bound is adopted as before)."""
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        agents = {name: await _fake_agent(broker, name) for name in ("a", "b")}
+        first = PlannerService(_config(tmp_path), transport=broker.factory)
+        async with running(first.run):
+            plan = await eventually(lambda: _plan(broker, "build_mlp"), what="a plan")
+            assert isinstance(plan, PlanMessage)
+            for name in {x for s in plan.stages for x in s.agents}:
+                await _report_desired(broker, agents[name], name, "ready")
+            await eventually(lambda: (p := _plan(broker, "build_mlp")) and p.ready, what="ready")
+        kept = _plan(broker, "build_mlp")
+        assert kept is not None and kept.ready and kept.predicted_latency_s > 0
+        bound = kept.predicted_latency_s / 2
+        second = PlannerService(_config(tmp_path, max_latency_s=bound), transport=broker.factory)
+        async with running(second.run):
+            await eventually(lambda: second.served, what="served")
+            assert second.plan_id != kept.plan_id  # planned anew under the bound
+
+    asyncio.run(scenario())
+
+
 def test_garbage_retained_on_the_planners_topics_is_replaced_by_its_own(tmp_path: Path) -> None:
     """Malformed bytes or a foreign plan retained on plans/{model} (or on an agent's
     assignment/desired) are replaced by the planner's own, rate-limited; a client that
