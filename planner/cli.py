@@ -89,15 +89,26 @@ def _fail(exc: Exception) -> click.ClickException:
 )
 @click.option(
     "--intra-layer",
-    type=click.Choice(["off", "dp", "auto", "outc", "inh", "inw", "grid"]),
+    type=click.Choice(["off", "dp", "auto", "outc", "inh", "inw", "grid", "fixed"]),
     default="off",
     show_default=True,
     envvar="EDGESLICE_INTRA_LAYER",
     help="Serve a tiled (intra-layer) plan, where a split block runs on all agents at "
-    "once, each computing a box of its output. dp: per block, whole on one agent or split, "
-    "whichever the latency DP prefers; auto: every segment that can be split is, by the "
-    "split needing the fewest bytes per device; or one split everywhere it applies "
-    "(output channels, input height, width, 2-D grid). Unsplit segments run whole.",
+    "once, each computing a box of its output. dp: per block, whole on one agent or split "
+    "(fusing up to --max-fusion segments), whichever the latency DP prefers; auto: every "
+    "segment that can be split is, by the split needing the fewest bytes per device; "
+    "outc|inh|inw|grid: that split (output channels, input height, width, 2-D grid) for "
+    "every segment it applies to, exchanging after each; fixed: input-height splits "
+    "fused over blocks of one length (the best up to --max-fusion). Unsplit segments run "
+    "whole.",
+)
+@click.option(
+    "--max-fusion",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Tiled plans: at most this many segments in one split block (its tiles recompute "
+    "the halo instead of exchanging after every segment).",
 )
 @click.option(
     "--cost-model",
@@ -166,6 +177,7 @@ def planner_cmd(
     replan_delay: float,
     strategy: str,
     intra_layer: str,
+    max_fusion: int,
     cost_model: str | None,
     refit_interval: float,
     clear_plan_on_exit: bool,
@@ -200,6 +212,7 @@ def planner_cmd(
                 replan_delay_s=replan_delay,
                 strategy=strategy,
                 intra_layer="" if intra_layer == "off" else intra_layer,
+                max_fusion=max_fusion,
                 cost_model=cost_model,
                 refit_interval_s=refit_interval,
                 clear_plan_on_exit=clear_plan_on_exit,

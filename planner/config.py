@@ -13,8 +13,9 @@ from edgeslice.broker.settings import BrokerSettings
 from edgeslice.planner.partition import STRATEGIES
 from edgeslice.planner.replan import LoadShiftConfig
 
-# "" (off), "dp", "auto" and planner.tiling.STRATEGIES (not imported: it needs torch)
-INTRA_LAYER = ("", "dp", "auto", "outc", "inh", "inw", "grid")
+# "" (off), "dp", "auto", planner.tiling.STRATEGIES (not imported: it needs torch) and
+# "fixed" (fixed fusion): planner/intramodes.py says what each plans
+INTRA_LAYER = ("", "dp", "auto", "outc", "inh", "inw", "grid", "fixed")
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,10 @@ class PlannerConfig:
     planner_id: str = "planner"
     strategy: str = "edgeslice"  # or a baseline of planner.partition.STRATEGIES (benchmarks)
     # serve a tiled (intra-layer) plan (planner/intraplan.py): "" off, "dp" (the DP picks
-    # pipeline or a split per block), "auto" (every splittable segment split) or one split
+    # pipeline or a split per block), "auto" (every splittable segment split), one split
+    # wherever it applies, or "fixed" (row splits fused over blocks of one length)
     intra_layer: str = ""
+    max_fusion: int = 8  # tiled plans: at most this many segments per split block
     # on stop, clear the retained plan (the fleet is retired) instead of keeping it for the
     # agents to serve on and a restarted planner to adopt
     clear_plan_on_exit: bool = False
@@ -69,6 +72,8 @@ class PlannerConfig:
         if self.intra_layer not in INTRA_LAYER:
             known = ", ".join(INTRA_LAYER[1:])
             raise ConfigError(f"--intra-layer {self.intra_layer!r} is unknown; use {known}")
+        if self.max_fusion < 1:
+            raise ConfigError(f"--max-fusion must be >= 1, not {self.max_fusion}")
         if self.intra_layer and self.max_latency_s is not None:
             raise ConfigError("--intra-layer plans take no --max-latency-ms (yet)")
         if self.min_agents < 1:

@@ -20,8 +20,11 @@ are cached by :mod:`planner.tiling`.
 
 :class:`Constraints` restrict the search for the benchmark's baselines: one strategy
 (``strategies={"inh", "pipeline"}``), no fusion (``max_fusion=1``), fixed fusion
-(``fixed_fusion=L``), pipeline only (``strategies={"pipeline"}``); the same objective
-prices them all. :func:`brute_force` is the test oracle.
+(``fixed_fusion=L``), pipeline only (``strategies={"pipeline"}``), and ``forced``: every
+block split by an allowed strategy wherever one can split it, whole on one device only
+where none can (FlexPie's single-strategy baselines); the same objective prices them
+all. On equal latency the DP prefers pipeline blocks: a tiled block that costs the same
+only adds pieces that can go wrong. :func:`brute_force` is the test oracle.
 """
 
 from __future__ import annotations
@@ -64,11 +67,15 @@ _CLIENT = ("client", None)  # the layout at boundary 0
 @dataclass(frozen=True)
 class Constraints:
     """What the search may use. Fusion off is ``max_fusion=1``; ``fixed_fusion=L`` makes
-    every tiled block exactly ``L`` segments (shorter only where the model ends)."""
+    every tiled block exactly ``L`` segments (shorter only where the model ends, or, when
+    ``forced``, where a longer block cannot be split). ``forced``: at a segment where some
+    allowed tiled block can start, only tiled blocks may; elsewhere a one-segment block
+    runs whole on one device (pipeline, whether or not ``strategies`` names it)."""
 
     strategies: frozenset[str] = frozenset({PIPELINE, *TILED})
     max_fusion: int = 8
     fixed_fusion: int | None = None
+    forced: bool = False
     max_labels: int = 256  # Pareto labels kept per state under memory limits
 
     def tiled_ends(self, start: int, n: int) -> range:
@@ -84,29 +91,58 @@ class _Label:
     memory: tuple[int, ...]
     parent: _Label | None
     choice: BlockChoice | None
+    tiled: int = 0  # tiled blocks so far: the tie-break (fewer wins at equal latency)
+
+
+TIE = 1e-9  # latencies within this fraction of each other are equal
+
+
+def _no_slower(a: tuple[float, int], b: tuple[float, int]) -> bool:
+    """(latency, tiled blocks) ``a`` at least as good as ``b``: faster, or as fast (within
+    :data:`TIE`) with no more tiled blocks."""
+    if abs(a[0] - b[0]) <= TIE * max(abs(a[0]), abs(b[0])):
+        return a[1] <= b[1]
+    return a[0] < b[0]
+
+
+def _better(a: tuple[float, int], b: tuple[float, int]) -> bool:
+    return _no_slower(a, b) and not _no_slower(b, a)
 
 
 def _choices(
-    model: BlockCosts, devices: Sequence[TileDevice], c: Constraints, start: int
-) -> Iterator[BlockChoice]:
+    model: BlockCosts,
+    devices: Sequence[TileDevice],
+    c: Constraints,
+    start: int,
+    pricer: Pricer,
+) -> list[BlockChoice]:
     n = model.n_segments
-    if PIPELINE in c.strategies:
-        for end in range(start + 1, n + 1):
-            for d in devices:
-                yield BlockChoice(start, end, PIPELINE, d.name)
     tiled = [s for s in TILED if s in c.strategies]
+    splits: list[BlockChoice] = []
     for end in c.tiled_ends(start, n) if tiled else ():
         allowed = model.tileable(start, end)
-        for strategy in tiled:
-            if strategy in allowed:
-                yield BlockChoice(start, end, strategy)
+        splits += [BlockChoice(start, end, s) for s in tiled if s in allowed]
+    if not c.forced:
+        whole = range(start + 1, n + 1) if PIPELINE in c.strategies else range(0)
+        return [BlockChoice(start, e, PIPELINE, d.name) for e in whole for d in devices] + splits
+    splits = [b for b in splits if pricer.tiles(b) is not None]
+    if not splits and c.fixed_fusion is not None:  # the longest block that can be split
+        for end in range(min(start + c.fixed_fusion, n) - 1, start, -1):
+            allowed = model.tileable(start, end)
+            splits = [BlockChoice(start, end, s) for s in tiled if s in allowed]
+            splits = [b for b in splits if pricer.tiles(b) is not None]
+            if splits:
+                break
+    if splits:
+        return splits
+    return [BlockChoice(start, start + 1, PIPELINE, d.name) for d in devices]
 
 
 def _insert(front: list[_Label], new: _Label, cap: int) -> bool:
     """Add ``new`` to a Pareto front unless dominated; False when the cap dropped labels."""
 
     def dominates(a: _Label, b: _Label) -> bool:
-        return a.latency <= b.latency and all(
+        return _no_slower((a.latency, a.tiled), (b.latency, b.tiled)) and all(
             x <= y for x, y in zip(a.memory, b.memory, strict=True)
         )
 
@@ -159,6 +195,8 @@ def _check(devices: Sequence[TileDevice], c: Constraints) -> None:
     if any(d.speed <= 0 for d in devices):
         raise PlanningError("device speeds must be positive (tile shares follow them)")
     unknown = set(c.strategies) - {PIPELINE, *TILED}
+    if c.forced and not set(c.strategies) & set(TILED):
+        raise PlanningError("forced splits need a tiled strategy to force")
     if unknown or not c.strategies:
         raise PlanningError(f"unknown strategies {sorted(unknown)}; use {PIPELINE!r} or {TILED}")
     if c.max_fusion < 1 or (c.fixed_fusion is not None and c.fixed_fusion < 1):
@@ -187,7 +225,7 @@ def plan_tiled(
     states[0][_CLIENT] = [_Label(0.0, (0,) * k if track else (), None, None)]
     exact = True
     for start in range(n):
-        choices = list(_choices(model, devices, constraints, start))
+        choices = _choices(model, devices, constraints, start, pricer)
         for layout, labels in states[start].items():
             pieces = steps.pieces(start, layout)
             for choice in choices:
@@ -205,7 +243,8 @@ def plan_tiled(
                     )
                     if track and any(m > limit for m, limit in zip(memory, limits, strict=True)):
                         continue
-                    new = _Label(label.latency + seconds, memory, label, choice)
+                    tiled = label.tiled + (choice.strategy != PIPELINE)
+                    new = _Label(label.latency + seconds, memory, label, choice, tiled)
                     exact = _insert(front, new, constraints.max_labels) and exact
     finals = [
         (label.latency + pricer.gather(steps.pieces(n, layout))[0], label)
@@ -217,7 +256,11 @@ def plan_tiled(
             f"no tiled plan of {n} segments fits: check device memory ({limits} bytes) and "
             f"the constraints {constraints}"
         )
-    _, best = min(finals, key=lambda f: f[0])
+    best = finals[0][1]
+    best_key = (finals[0][0], best.tiled)
+    for latency, label in finals[1:]:
+        if _better((latency, label.tiled), best_key):
+            best, best_key = label, (latency, label.tiled)
     chosen: list[BlockChoice] = []
     node: _Label | None = best
     while node is not None and node.choice is not None:
@@ -244,6 +287,10 @@ def _merge_runs(choices: Sequence[BlockChoice]) -> list[BlockChoice]:
     return out
 
 
+def _key(plan: IntraPlan) -> tuple[float, int]:
+    return plan.latency_s, sum(b.strategy != PIPELINE for b in plan.blocks)
+
+
 def _partitions(n: int) -> Iterator[list[tuple[int, int]]]:
     for cuts in itertools.product((False, True), repeat=n - 1):
         bounds = [0, *(i + 1 for i, cut in enumerate(cuts) if cut), n]
@@ -264,7 +311,8 @@ def brute_force(
     best: IntraPlan | None = None
     for blocks in _partitions(model.n_segments):
         options = [
-            [c for c in _choices(model, devices, constraints, a) if c.end == b] for a, b in blocks
+            [c for c in _choices(model, devices, constraints, a, pricer) if c.end == b]
+            for a, b in blocks
         ]
         for plan in itertools.product(*options):
             try:
@@ -273,7 +321,7 @@ def brute_force(
                 continue
             if any(priced.memory_bytes[d.name] > d.memory_bytes for d in devices):
                 continue
-            if best is None or priced.latency_s < best.latency_s:
+            if best is None or _better(_key(priced), _key(best)):
                 best = priced
     if best is None:
         raise PlanningError("no plan fits")

@@ -4,10 +4,11 @@ A *description* is a list of :class:`TiledBlock` s covering the profile's segmen
 order: each a run of segments ``[start, end)`` either split by a strategy of
 :mod:`planner.tiling` (``outc``, ``inh``, ``inw``, ``grid``) into one output box per agent,
 or run whole by one agent (strategy ``""``, its box :data:`WHOLE`). The planner gets it
-from :func:`describe`: the DP of planner/intradp.py (``--intra-layer dp``: per block,
-pipeline on one agent or a split over all, least latency by this cost model) or
-:func:`simple_description` (``auto`` or one strategy: every splittable segment split over
-all agents with shares by calibrated speed) -- and this module makes it servable:
+from planner/intramodes.py: the DP of planner/intradp.py, free (``--intra-layer dp``: per
+block, pipeline on one agent or a split over all, least latency by this cost model) or
+restricted to a baseline (one strategy, fixed fusion), or :func:`simple_description`
+(``auto``: every splittable segment split over all agents with shares by calibrated
+speed) -- and this module makes it servable:
 
 * :func:`build_tiled` exports one artifact per tile with :func:`planner.tiling.tile_module`
   (its input is the block input cropped to :func:`planner.tiling.input_box`, halo
@@ -22,8 +23,9 @@ all agents with shares by calibrated speed) -- and this module makes it servable
 * :func:`propose_tiled` is what planner/planning.py calls under ``--intra-layer``: a
   :class:`~planner.planning.Proposal` whose ``assignments`` and ``input_specs`` are set.
 
-Predictions are rough on purpose (a tile's share of the block's FLOPs on its agent, its
-input box over the agent's link); pricing tiled plans properly is the DP's job.
+A plan the DP made publishes the DP's prices (planner/intramodes.py); ``auto``'s are rough
+on purpose (:func:`predict`: a tile's share of the block's FLOPs on its agent, its input
+box over the agent's link).
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ from edgeslice.planner.costmodel import (
     Device,
     ModelCost,
     compute_s,
-    seconds_per_flop,
     stage_in_bytes,
     transfer_s,
 )
@@ -188,46 +189,13 @@ def _fuse(
 def dp_description(
     profile: ModelProfile, devices: Sequence[Device], params: CostParams
 ) -> list[TiledBlock]:
-    """The least-latency mix of pipeline and tiled blocks, as the DP of planner/intradp.py
-    finds it with this cost model's compute and transfer times (a pipeline block is a
-    whole block on its device)."""
-    from edgeslice.planner.intradp import PIPELINE, TileDevice, plan_tiled
-    from edgeslice.planner.tiling import ProfileBlocks
+    """The least-latency mix of pipeline and tiled blocks (``--intra-layer dp``), as the
+    DP of planner/intradp.py finds it with this cost model (planner/intramodes.py)."""
+    from edgeslice.planner.intradp import Constraints
+    from edgeslice.planner.intramodes import blocks_of, constraints_for, dp_plan
 
-    ranked = sorted(devices, key=lambda d: (-d.gflops, d.agent_id))
-    by_id = {d.agent_id: d for d in ranked}
-
-    def compute(name: str, flops: float) -> float:
-        return flops * seconds_per_flop(by_id[name], params) + params.min_compute_s
-
-    def transfer(nbytes: int, name: str | None) -> float:
-        return transfer_s(nbytes, None, by_id[name] if name else None, params)
-
-    found = plan_tiled(
-        ProfileBlocks(profile),
-        [TileDevice(d.agent_id, max(d.gflops, 1e-3), d.memory_bytes) for d in ranked],
-        compute,
-        transfer,
-    )
-    return [
-        TiledBlock(b.start, b.end, "", ((b.tiles[0].device, WHOLE),))
-        if b.strategy == PIPELINE
-        else TiledBlock(b.start, b.end, b.strategy, tuple((t.device, t.out_box) for t in b.tiles))
-        for b in found.blocks
-    ]
-
-
-def describe(
-    config: PlannerConfig, profile: ModelProfile, devices: Sequence[Device], params: CostParams
-) -> list[TiledBlock]:
-    """The tiled plan to serve on ``devices``: the DP's choice (``--intra-layer dp``), or
-    :func:`simple_description` with ``--intra-layer``'s strategy."""
-    if config.intra_layer == DP:
-        blocks = dp_description(profile, devices, params)
-    else:
-        blocks = simple_description(profile, devices, config.intra_layer or AUTO)
-    check_description(profile, blocks)
-    return blocks
+    searches = constraints_for(DP, Constraints().max_fusion)
+    return blocks_of(dp_plan(profile, devices, params, searches)[0])
 
 
 def build_tiled(
@@ -311,8 +279,10 @@ def tiled_stages(
     blocks: Sequence[TiledBlock],
     built: Sequence[Sequence[StageArtifact]],
     predicted: Sequence[StagePlan] = (),
+    tile_compute: Sequence[Sequence[float]] = (),
 ) -> list[PlanStage]:
-    """The plan's stages: one per block with its tiles (module docstring)."""
+    """The plan's stages: one per block with its tiles (module docstring); a tiled stage's
+    ``replica_period_s`` is each tile's predicted compute, when ``tile_compute`` has it."""
     stages = []
     for i, (block, arts) in enumerate(zip(blocks, built, strict=True)):
         tiles = []
@@ -335,6 +305,7 @@ def tiled_stages(
                 predicted_transfer_s=p.in_transfer_s if p else 0.0,
                 out_bytes=profile.segments[block.end - 1].out_bytes,
                 param_bytes=sum(a.param_bytes for a in arts),
+                replica_period_s=list(tile_compute[i]) if i < len(tile_compute) else [],
                 tiles=tiles,
                 tiling=block.strategy,
             )
@@ -409,7 +380,10 @@ async def propose_tiled(
     params: CostParams,
 ) -> Proposal:
     """The tiled plan for ``devices``, built and signed off the event loop (module doc)."""
-    blocks = await asyncio.to_thread(describe, config, profile, devices, params)
+    from edgeslice.planner.intramodes import describe, prediction
+
+    described = await asyncio.to_thread(describe, config, profile, devices, params)
+    blocks = described.blocks
     built = await asyncio.to_thread(
         build_tiled,
         loaded.module,
@@ -419,10 +393,16 @@ async def propose_tiled(
         key,
         None,
     )
-    plan = await asyncio.to_thread(
-        predict, cost, profile, blocks, devices, config.objective, params
-    )
-    stages = tiled_stages(profile, blocks, built, plan.stages)
+    tile_compute: list[list[float]] = []
+    if described.priced is not None:
+        plan, tile_compute = prediction(
+            described.priced, cost.name, config.objective, devices, params
+        )
+    else:
+        plan = await asyncio.to_thread(
+            predict, cost, profile, blocks, devices, config.objective, params
+        )
+    stages = tiled_stages(profile, blocks, built, plan.stages, tile_compute)
     inputs = [TensorSpec(t.shape, t.dtype, t.name).to_wire() for t in profile.inputs]
     artifacts = [a for arts in built for a in arts]
     return Proposal(plan, artifacts, stages, tiled_assignments(stages, built), inputs)

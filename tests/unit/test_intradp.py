@@ -205,3 +205,53 @@ def test_relaxing_constraints_never_hurts_on_vgg() -> None:
     assert fused.latency_s <= no_fusion.latency_s <= pipeline.latency_s
     assert fused.latency_s < pipeline.latency_s  # tiling pays on a plain CNN
     assert len(pipeline.blocks) == 1
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        Constraints(strategies=frozenset({"inh"}), max_fusion=1, forced=True),
+        Constraints(strategies=frozenset({"outc"}), max_fusion=1, forced=True),
+        Constraints(strategies=frozenset({"inh"}), fixed_fusion=2, forced=True),
+    ],
+    ids=["inh", "outc", "inh-fixed-2"],
+)
+def test_forced_splits_run_whole_only_where_the_strategy_cannot_split(cnn, rules) -> None:
+    """FlexPie's single-strategy baselines: split wherever the strategy can, even where a
+    whole block would be faster (links here are slow), and whole only where it cannot."""
+    compute, transfer = _costs(TWO, 1e6)
+    plan = plan_tiled(cnn, TWO, compute, transfer, rules)
+    assert plan.latency_s == pytest.approx(
+        brute_force(cnn, TWO, compute, transfer, rules).latency_s, rel=1e-9
+    )
+    (strategy,) = rules.strategies
+    for b in plan.blocks:
+        if b.strategy == PIPELINE:  # no block of the strategy starts at any of its segments
+            for k in range(b.start, b.end):
+                assert strategy not in cnn.tileable(k, k + 1) or cnn.out_shape(k + 1) is None
+        else:
+            assert b.strategy == strategy
+            assert b.end - b.start == (rules.fixed_fusion or 1) or b.end == cnn.n_segments
+    assert any(b.strategy == strategy for b in plan.blocks)
+    free = plan_tiled(cnn, TWO, compute, transfer)
+    assert free.latency_s < plan.latency_s  # the free DP keeps these slow exchanges out
+    with pytest.raises(PlanningError, match="force"):
+        plan_tiled(cnn, TWO, compute, transfer, Constraints(strategies=frozenset({PIPELINE}),
+                                                            forced=True))  # fmt: skip
+
+
+def test_ties_go_to_the_pipeline_block(cnn) -> None:
+    """A tiled block no faster than the whole one (within rounding) only adds risk: the DP
+    and the oracle keep the block whole, even when the split is a rounding error faster."""
+    devices = [TileDevice("a", 1.0), TileDevice("b", 1.0)]
+
+    def compute(device: str, flops: float) -> float:
+        return 1.0 + flops * 1e-17  # a fixed price per run dwarfs the work (1e-10 s)
+
+    def transfer(nbytes: int, receiver: str | None) -> float:
+        return 0.0
+
+    for rules in (Constraints(), Constraints(max_fusion=1)):
+        for search in (plan_tiled, brute_force):
+            plan = search(cnn, devices, compute, transfer, rules)
+            assert [b.strategy for b in plan.blocks] == [PIPELINE], (search, plan.choices)

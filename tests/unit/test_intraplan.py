@@ -47,9 +47,11 @@ DEVICES = [
 
 
 def test_intra_layer_choices_are_the_tiling_strategies() -> None:
+    from edgeslice.planner.intramodes import MODES
     from edgeslice.planner.tiling import STRATEGIES
 
-    assert ("", intraplan.DP, intraplan.AUTO, *STRATEGIES) == INTRA_LAYER
+    assert ("", intraplan.DP, intraplan.AUTO, *STRATEGIES, "fixed") == INTRA_LAYER
+    assert ("", *MODES) == INTRA_LAYER
     with pytest.raises(ConfigError, match="intra-layer"):
         PlannerConfig(model_spec=TINY_CNN, broker=SETTINGS, intra_layer="rows")
 
@@ -103,6 +105,66 @@ def test_dp_description_splits_only_where_compute_outweighs_the_exchange(
         model, inputs, profile, split, load_signing_key(key_file(tmp_path))
     )
     assert [len(arts) for arts in built] == [len(b.tiles) for b in split]
+
+
+def test_modes_plan_their_baselines_and_publish_the_dps_prices(tmp_path: Path) -> None:
+    """Each mode is the same DP, restricted: single strategies split wherever they can,
+    fixed fusion fuses row tiles over one length; a DP plan's published latency and block
+    times are the DP's own."""
+    from edgeslice.planner.intradp import PIPELINE, BlockChoice, TileDevice
+    from edgeslice.planner.intramodes import Prices, describe, prediction
+    from edgeslice.planner.intraprice import Pricer
+    from edgeslice.planner.tiling import ProfileBlocks
+
+    model, inputs = build_tiny_cnn()
+    profile = profile_model(model, inputs, max_segments=8)
+    params = CostParams()
+    slow_links = [Device(f"s{i}", 1.0, 2**30, 1e6, 0.01) for i in range(3)]
+    prices = Prices(slow_links, params)
+    pricer = Pricer(
+        ProfileBlocks(profile),
+        [TileDevice(d.agent_id, d.gflops) for d in slow_links],
+        prices.compute,
+        prices.transfer,
+    )
+
+    def plan(mode: str):  # type: ignore[no-untyped-def]
+        config = PlannerConfig(model_spec=TINY_CNN, broker=SETTINGS, intra_layer=mode)
+        return describe(config, profile, slow_links, params)
+
+    free = plan("dp")
+    assert free.priced is not None and len(free.blocks) <= 2  # slow links: few exchanges
+    for mode in ("outc", "inh", "grid"):
+        forced = plan(mode)
+        assert forced.priced is not None and forced.priced.latency_s > free.priced.latency_s
+        for block in forced.blocks:
+            assert block.strategy in (mode, "")
+            if block.strategy:
+                assert block.end - block.start == 1
+            else:  # whole only where the strategy cannot split (or the tensor is too small)
+                for k in range(block.start, block.end):
+                    assert pricer.tiles(BlockChoice(k, k + 1, mode)) is None, (mode, k)
+        assert any(b.strategy == mode for b in forced.blocks), mode
+    fixed = plan("fixed")
+    assert fixed.constraints is not None and fixed.constraints.fixed_fusion is not None
+    assert {b.strategy for b in fixed.blocks} <= {"inh", ""}
+    assert max(b.end - b.start for b in fixed.blocks if b.strategy) > 1
+
+    priced = plan("inh").priced
+    assert priced is not None
+    published, tile_compute = prediction(priced, "cnn", "latency", slow_links, params)
+    assert published.latency_s == priced.latency_s
+    for stage, block, computes in zip(published.stages, priced.blocks, tile_compute, strict=True):
+        assert stage.compute_s + stage.in_transfer_s == pytest.approx(block.seconds)
+        assert len(computes) == len(block.tiles) and max(computes) == stage.period_s
+        assert (block.strategy == PIPELINE) == (len(computes) == 1)
+    built = intraplan.build_tiled(
+        model, inputs, profile, plan("inh").blocks, load_signing_key(key_file(tmp_path))
+    )
+    stages = intraplan.tiled_stages(
+        profile, plan("inh").blocks, built, published.stages, tile_compute
+    )
+    assert [s.replica_period_s for s in stages] == tile_compute
 
 
 @pytest.mark.parametrize("mode", ["auto", "dp"])
