@@ -12,7 +12,8 @@ requests are sent and the ones in flight get ``drain_s`` to finish.
 Counts: sent, completed, failed (an ``infer`` that raised) and lost (sent, neither
 completed nor failed by the end of the drain). Both must be 0: the process exits 1
 otherwise, saying which. Latency p50/p95/p99 per window of completions (10 s), the
-events on the same clock, every process's RSS at start (after warm-up) and at the end,
+events on the same clock, every process's RSS at start (after warm-up), every window and
+at the end,
 and the machine's load averages (other work on a shared host slows everything; the JSON
 says how loaded it was). Results: results/soak.json (+ soak.png with the ``bench``
 extra); ``--quick`` writes soak-quick.* (CI: ~35 s of load, 4 in flight, 3 agents).
@@ -25,6 +26,7 @@ need far less than four host cores; the quick run uses the same model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -73,6 +75,7 @@ class Tally:
     errors: list[str] = dataclasses.field(default_factory=list)
     done: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (at, latency)
     events: list[tuple[float, str]] = dataclasses.field(default_factory=list)
+    rss: list[tuple[float, dict[str, int | None]]] = dataclasses.field(default_factory=list)
 
     @property
     def lost(self) -> int:
@@ -157,7 +160,15 @@ async def _load(
                 tally.completed += 1
                 tally.done.append((time.monotonic() - tally.t0, res.latency_s))
 
+        async def sample_rss() -> None:  # every window: does memory level off or keep growing?
+            while not stop.is_set():
+                now = round(time.monotonic() - tally.t0, 1)
+                tally.rss.append((now, await asyncio.to_thread(rss, _pids(bed, broker))))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), cfg.window_s)
+
         workers = [asyncio.ensure_future(worker()) for _ in range(cfg.in_flight)]
+        sampler = asyncio.ensure_future(sample_rss())
         victim = bed.agents[0]
         agent_cmd = fleet.procs[victim].cmd
         plan_before = client.plan
@@ -188,7 +199,7 @@ async def _load(
         _, pending = await asyncio.wait(workers, timeout=cfg.drain_s)
         for task in pending:  # still unanswered after the drain: those requests are lost
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*pending, sampler, return_exceptions=True)
         tally.event("drained" if not pending else f"{len(pending)} request(s) unanswered")
         plan = client.plan
         result["plan_versions"] = [
@@ -261,6 +272,10 @@ def run(cfg: SoakConfig) -> dict[str, Any]:
         else {},
         events=tally.events,
         windows=windows(tally.done, cfg.window_s),
+        rss_over_time_mib=[
+            {"at_s": at, **{k: round(v / 2**20, 1) if v else None for k, v in row.items()}}
+            for at, row in tally.rss
+        ],
         load_avg_at_end=list(load_average()),
         uptime_at_end=_uptime(),
     )
