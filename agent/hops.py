@@ -110,6 +110,7 @@ def next_hop(
     last = stage == len(route) - 1
     compression = None if last else (env.compression or None)
     tensor_meta, payload = pack_tensors(outputs, compression=compression)
+    timing = replace(timing, sent_bytes=memoryview(payload).nbytes)
     forward = replace(env, tensors=tensor_meta, timings=[*env.timings, timing], sent_at=now)
     if last:
         topic = topics.client_results(job.client_id)

@@ -220,32 +220,38 @@ def tile_outbounds(
     now: float,
 ) -> list[Outbound]:
     """The tile's output, cut into the next stage's pieces (module doc); a piece for this
-    agent itself is an Outbound carrying a :class:`LocalPiece` and no chunks."""
+    agent itself is an Outbound carrying a :class:`LocalPiece` and no chunks. Every piece is
+    packed first, so ``timing`` goes on carrying the payload bytes the tile sent."""
     tile, header = job.tile, job.header
     env = job.gathered.pieces[-1][1].env
-    timings = [*merged_timings(job), timing]
-    out: list[Outbound] = []
-    base: dict[str, Any] | None = None
+    compression = None if tile.last else (env.compression or None)
+    parts: list[tuple[str, Box, list[Tensor], Any]] = []  # dest, box, tensors, packed
     for dest, box in destinations(env, tile):
         try:
-            part = cut(outputs, tile.out_box, box)
+            part = list(cut(outputs, tile.out_box, box))
         except ValueError as exc:
             raise InferenceError(
                 f"request {header.request_id} stage {tile.stage}: cannot cut piece "
                 f"{list(box)} from output box {list(tile.out_box)}: {exc}"
             ) from None
+        packed = None if dest == agent_id else pack_tensors(part, compression=compression)
+        parts.append((dest, box, part, packed))
+    sent = sum(memoryview(p[3][1]).nbytes for p in parts if p[3] is not None)
+    timings = [*merged_timings(job), replace(timing, sent_bytes=sent)]
+    out: list[Outbound] = []
+    base: dict[str, Any] | None = None
+    for dest, box, part, packed in parts:
         forward = replace(env, box=box_to_wire(box), timings=timings, sent_at=now, tensors=[])
         if base is None:  # the envelope on the wire, once: pieces differ in box and tensors
             base = codec.to_wire(forward)
-        if dest == agent_id:
+        if packed is None:  # for this agent itself
             meta = dict(base, box=forward.box)  # what an error reply reads timings from
             next_header = replace(header, stage=tile.stage + 1, transfer_id="local", meta=meta)
-            data = PieceData(forward, now, tensors=list(part))
+            data = PieceData(forward, now, tensors=part)
             local = LocalPiece(next_header, data, box, job.client_id)
             out.append(Outbound("", [], header.request_id, local=local))
             continue
-        compression = None if tile.last else (env.compression or None)
-        tensor_meta, payload = pack_tensors(part, compression=compression)
+        tensor_meta, payload = packed
         topic = (
             topics.client_results(job.client_id)
             if tile.last

@@ -273,6 +273,10 @@ class StageTiming:
     queue_s: float = 0.0  # waiting for the stage worker (and for the rest of its batch)
     compute_s: float = 0.0  # the stage itself (the whole batch's run when batched)
     batch: int = 1  # requests that ran together in this stage run (agent/batching.py)
+    # tensor payload bytes this stage run sent on through the broker for this request (to
+    # the next stage's agents or the client; pieces an agent hands itself are not sent).
+    # Newer than 1.4: an older hop drops it, and a missing value decodes as 0
+    sent_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,9 @@ def test_two_agents_and_a_planner_serve_the_whole_model(tmp_path: Path) -> None:
         with torch.no_grad():
             for x, result in zip(batch, results, strict=True):
                 assert torch.allclose(result.outputs[0], model(x), atol=1e-5)
+                # every stage says what it sent on: the last one, the result's bytes
+                assert all(t["sent_bytes"] > 0 for t in result.timings)
+                assert result.timings[-1]["sent_bytes"] == 4 * result.outputs[0].numel()
 
     asyncio.run(scenario())
 

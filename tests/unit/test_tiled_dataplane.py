@@ -23,7 +23,7 @@ from edgeslice.agent.service import AgentService
 from edgeslice.broker.fleetkey import load_signing_key
 from edgeslice.broker.memory import MemoryBroker
 from edgeslice.broker.protocol import codec
-from edgeslice.broker.protocol.boxes import Box, box_to_wire, crop, full_box
+from edgeslice.broker.protocol.boxes import Box, box_to_wire, crop, full_box, volume
 from edgeslice.broker.protocol.chunking import encode_transfer
 from edgeslice.broker.protocol.errors import DecodeError, RemoteStageError
 from edgeslice.broker.protocol.messages import (
@@ -285,6 +285,27 @@ async def assign(
     await planner.publish(T.plan("cnn"), codec.encode(plan), qos=1, retain=True)
 
 
+def sent_bytes(
+    built: list[list[tuple[Spec, StageArtifact]]], out_shape: torch.Size
+) -> dict[tuple[int, str], int]:
+    """(stage, agent) -> float32 bytes its tile sends: its output's intersection with every
+    next-stage tile's input on another agent, or its output box for the client."""
+    out = {}
+    for stage, tiles in enumerate(built):
+        for (agent, _m, _in, out_box), _art in tiles:
+            if stage == len(built) - 1:
+                box = out_box if out_box != WHOLE else full_box(out_shape)
+                out[(stage, agent)] = 4 * volume(box)
+                continue
+            pieces = [
+                piece_box(out_box, next_in)
+                for (other, _n, next_in, _o), _a in built[stage + 1]
+                if other != agent
+            ]
+            out[(stage, agent)] = sum(4 * volume(p) for p in pieces if p is not None)
+    return out
+
+
 def cache(built: list[list[tuple[Spec, StageArtifact]]], tmp_path: Path) -> None:
     for tiles in built:
         for (agent, *_rest), art in tiles:
@@ -321,6 +342,9 @@ def test_tiled_plan_serves_the_whole_models_outputs(tmp_path: Path, tiled_tail: 
                 assert timed == {
                     (s, spec[0]) for s, tiles in enumerate(built) for spec, _a in tiles
                 }
+                for result in results:  # each tile's payload bytes to other agents / the client
+                    sent = {(t["stage"], t["agent"]): t["sent_bytes"] for t in result.timings}
+                    assert sent == sent_bytes(built, expected.shape)
                 assert not client.requests.open and client.dropped == 0
         pieces_left = [len(a.dataplane.tiles.buffer) for a in agents]
         assert pieces_left == [0, 0, 0]
