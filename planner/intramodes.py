@@ -1,7 +1,8 @@
 """Owns what each ``--intra-layer`` mode plans: its DP constraints, the DP call, its predictions.
 
 Every mode but ``auto`` is the DP of :mod:`planner.intradp` (:func:`plan_tiled`) priced
-by this cost model's compute and transfer times, restricted by :func:`constraints_for`:
+by this cost model's compute and transfer times (compute from the planner's timed segment
+costs, as the pipeline planner prices them), restricted by :func:`constraints_for`:
 
 * ``dp``: per block, whole on one agent or any split over all agents, fusing up to
   ``max_fusion`` segments (edgeslice's combined plan);
@@ -23,11 +24,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from edgeslice.broker.protocol.errors import PlanningError
 from edgeslice.broker.protocol.pieces import WHOLE
 from edgeslice.planner.config import PlannerConfig
-from edgeslice.planner.costmodel import CostParams, Device, seconds_per_flop, transfer_s
+from edgeslice.planner.costmodel import (
+    CostParams,
+    Device,
+    ModelCost,
+    seconds_per_flop,
+    transfer_s,
+)
 from edgeslice.planner.intradp import PIPELINE, Constraints, IntraPlan, TileDevice, plan_tiled
 from edgeslice.planner.intraplan import AUTO, DP, TiledBlock, check_description
 from edgeslice.planner.plans import Plan, StagePlan
@@ -82,13 +90,23 @@ def dp_plan(
     devices: Sequence[Device],
     params: CostParams,
     constraints: Sequence[Constraints],
+    priced: ModelCost | None = None,
+    inputs: tuple[Any, ...] | None = None,
 ) -> tuple[IntraPlan, Constraints]:
-    """The least-latency plan over ``constraints`` (each one DP search) and which won."""
+    """The least-latency plan over ``constraints`` (each one DP search) and which won;
+    with ``priced`` (the planner's timed segment costs) blocks cost what the pipeline
+    planner says they do, and with the model's example ``inputs`` tiles their measured
+    tile factor more (:class:`planner.tiling.ProfileBlocks`, :mod:`planner.tilecost`)."""
+    from edgeslice.planner.tilecost import tile_factors
     from edgeslice.planner.tiling import ProfileBlocks
 
     order = ranked(devices)
     prices = Prices(order, params)
-    blocks = ProfileBlocks(profile)
+    used = sorted({s for c in constraints for s in c.strategies if s in STRATEGIES})
+    factors = None
+    if inputs is not None and len(order) > 1 and used:
+        factors = tile_factors(profile, inputs, len(order), used)
+    blocks = ProfileBlocks(profile, priced, factors)
     tiles = [TileDevice(d.agent_id, max(d.gflops, 1e-3), d.memory_bytes) for d in order]
     best: tuple[IntraPlan, Constraints] | None = None
     errors = []
@@ -125,7 +143,12 @@ class Described:
 
 
 def describe(
-    config: PlannerConfig, profile: ModelProfile, devices: Sequence[Device], params: CostParams
+    config: PlannerConfig,
+    profile: ModelProfile,
+    devices: Sequence[Device],
+    params: CostParams,
+    priced: ModelCost | None = None,
+    inputs: tuple[Any, ...] | None = None,
 ) -> Described:
     """The tiled plan ``config.intra_layer`` asks for on ``devices`` (module docstring)."""
     from edgeslice.planner.intraplan import simple_description
@@ -134,7 +157,7 @@ def describe(
     if not searches:
         described = Described(simple_description(profile, devices, AUTO))
     else:
-        found, rules = dp_plan(profile, devices, params, searches)
+        found, rules = dp_plan(profile, devices, params, searches, priced, inputs)
         described = Described(blocks_of(found), found, rules)
     check_description(profile, described.blocks)
     return described

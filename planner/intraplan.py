@@ -382,7 +382,9 @@ async def propose_tiled(
     """The tiled plan for ``devices``, built and signed off the event loop (module doc)."""
     from edgeslice.planner.intramodes import describe, prediction
 
-    described = await asyncio.to_thread(describe, config, profile, devices, params)
+    described = await asyncio.to_thread(
+        describe, config, profile, devices, params, cost, tuple(loaded.example_inputs)
+    )
     blocks = described.blocks
     built = await asyncio.to_thread(
         build_tiled,

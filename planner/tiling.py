@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from edgeslice.broker.protocol.boxes import Box, box_shape, contains, full_box
+from edgeslice.broker.protocol.boxes import Box, box_shape, contains, full_box, volume
 from edgeslice.broker.protocol.errors import PlanningError
 from edgeslice.planner.profile import ModelProfile
 from edgeslice.planner.tileboxes import STRATEGIES, grid_shape, tile_boxes
@@ -224,11 +224,22 @@ def tile_param_bytes(profile: ModelProfile, start: int, end: int, out_box: Box) 
 
 
 class ProfileBlocks:
-    """A profile as :class:`planner.intradp.BlockCosts`: what the tiling DP asks of a model."""
+    """A profile as :class:`planner.intradp.BlockCosts`: what the tiling DP asks of a model.
 
-    def __init__(self, profile: ModelProfile) -> None:
+    With ``priced`` (the planner's :class:`~planner.costmodel.ModelCost`: segments in
+    calibration-equivalent FLOPs, timed on the planner host) a block costs what the
+    pipeline planner says it does, and a tile that block's cost times its share of the
+    block's counted FLOPs (halo recomputation included); a block with no counted FLOPs
+    (activations, pools) by its share of the output. Without it, counted FLOPs. With
+    ``factors`` (:func:`planner.tilecost.tile_factors`) a tile costs its block's measured
+    tile factor times that.
+    """
+
+    def __init__(self, profile: ModelProfile, priced: Any = None, factors: Any = None) -> None:
         self.profile = profile
         self.n_segments = len(profile.segments)
+        self.priced = priced
+        self.factors = factors  # planner.tilecost: measured tile factors, or None
 
     def tileable(self, start: int, end: int) -> frozenset[str]:
         return tileable(self.profile, start, end)
@@ -244,10 +255,25 @@ class ProfileBlocks:
         return input_box(self.profile, start, end, out_box)
 
     def flops(self, start: int, end: int, out_box: Box) -> float:
-        """A tile's FLOPs; the empty box (a whole block) as profiled."""
+        """A tile's FLOPs; the empty box (a whole block) as profiled (class docstring)."""
+        counted = sum(s.flops for s in self.profile.segments[start:end])
+        whole = counted
+        if self.priced is not None:
+            whole = sum(s.flops for s in self.priced.segments[start:end])
         if not out_box:
-            return sum(s.flops for s in self.profile.segments[start:end])
-        return tile_flops(self.profile, start, end, out_box)
+            return whole
+        shape = self.out_shape(end)
+        if counted > 0:
+            share = tile_flops(self.profile, start, end, out_box) / counted
+        else:
+            share = volume(out_box) / volume(full_box(shape)) if shape else 1.0
+        if self.factors is None or shape is None:
+            return whole * share
+        from edgeslice.planner.tilecost import block_factor, strategy_of
+
+        costs = [s.flops for s in (self.priced or self.profile).segments]
+        factor = block_factor(self.factors, costs, start, end, strategy_of(out_box, shape))
+        return whole * share * factor
 
     def param_bytes(self, start: int, end: int, out_box: Box) -> int:
         if not out_box:

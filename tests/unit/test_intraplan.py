@@ -167,6 +167,57 @@ def test_modes_plan_their_baselines_and_publish_the_dps_prices(tmp_path: Path) -
     assert [s.replica_period_s for s in stages] == tile_compute
 
 
+def test_tiles_are_priced_by_the_planners_timed_segment_costs() -> None:
+    """With the planner's timed costs a block costs what the pipeline planner says; a tile
+    its share of the block's counted FLOPs, or of its output where nothing is counted."""
+    from edgeslice.broker.protocol.boxes import volume
+    from edgeslice.planner.costmodel import ModelCost, Segment
+    from edgeslice.planner.tiling import ProfileBlocks, tile_boxes
+
+    model, inputs = build_tiny_cnn()
+    profile = profile_model(model, inputs, max_segments=8)
+    counted = ProfileBlocks(profile)
+    timed = [2.0 * s.flops + 1e6 for s in profile.segments]  # activations cost time too
+    cost = ModelCost("cnn", profile.input_bytes, tuple(Segment(f, 0, 0, 0) for f in timed))
+    priced = ProfileBlocks(profile, cost)
+    n = len(profile.segments)
+    assert priced.flops(0, n, ()) == pytest.approx(sum(timed))
+    assert counted.flops(0, n, ()) == pytest.approx(profile.total_flops)
+    top, bottom = tile_boxes(profile.segments[0].outputs[0].shape, "inh", [1.0, 1.0])
+    for box in (top, bottom):  # the block's timed cost, shared as the counted FLOPs are
+        share = counted.flops(0, 1, box) / counted.flops(0, 1, ())
+        assert priced.flops(0, 1, box) == pytest.approx(timed[0] * share)
+    free = next(k for k, s in enumerate(profile.segments) if s.flops == 0)  # a ReLU
+    shape = profile.segments[free].outputs[0].shape
+    half = tile_boxes(shape, "inh", [1.0, 1.0])[0]
+    assert counted.flops(free, free + 1, half) == 0
+    assert priced.flops(free, free + 1, half) == pytest.approx(
+        timed[free] * volume(half) / volume(full_box(shape))
+    )
+
+
+def test_tile_factors_are_measured_and_weighted_by_segment_cost() -> None:
+    from edgeslice.planner.tilecost import block_factor, strategy_of, tile_factors
+    from edgeslice.planner.tiling import ProfileBlocks, tile_boxes
+
+    model, inputs = build_tiny_cnn()
+    profile = profile_model(model, inputs, max_segments=8)
+    factors = tile_factors(profile, inputs, 2, ["inh", "outc"], repeats=1)
+    assert factors and all(f > 0 for f in factors.values())
+    assert {s for _k, s in factors} <= {"inh", "outc"}
+    assert tile_factors(profile, inputs, 2, ["inh", "outc"], repeats=1) is factors  # kept
+    fake = {(0, "inh"): 3.0, (1, "inh"): 1.0}
+    assert block_factor(fake, [1.0, 3.0], 0, 2, "inh") == pytest.approx(1.5)
+    assert block_factor(fake, [1.0, 3.0], 0, 2, "grid") == 1.0  # none measured
+    shape = profile.segments[0].outputs[0].shape
+    rows, chans = (tile_boxes(shape, s, [1.0, 1.0])[0] for s in ("inh", "outc"))
+    assert (strategy_of(rows, shape), strategy_of(chans, shape)) == ("inh", "outc")
+    plain = ProfileBlocks(profile)
+    scaled = ProfileBlocks(profile, None, {(0, "inh"): 2.0})
+    assert scaled.flops(0, 1, rows) == pytest.approx(2.0 * plain.flops(0, 1, rows))
+    assert scaled.flops(0, 1, ()) == plain.flops(0, 1, ())  # whole blocks are not tiles
+
+
 @pytest.mark.parametrize("mode", ["auto", "dp"])
 def test_planner_serves_a_tiled_plan_end_to_end(tmp_path: Path, mode: str) -> None:
     model, _ = build_tiny_cnn()
