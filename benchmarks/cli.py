@@ -12,6 +12,7 @@ BENCHMARKS = {
     "dispatch": "dispatch",
     "planner": "planner_bench",
     "strategies": "strategies",
+    "intralayer": "intralayer",
     "scaling": "scaling",
     "simulation": "simulation",
     "emulation": "emulation",

@@ -14,7 +14,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
-    "name", ["planner", "transport", "dispatch", "strategies", "scaling", "simulation", "soak"]
+    "name",
+    [
+        "planner",
+        "transport",
+        "dispatch",
+        "strategies",
+        "scaling",
+        "simulation",
+        "soak",
+        "intralayer",
+    ],
 )
 def test_quick_benchmark_writes_results_with_machine(name: str) -> None:
     proc = subprocess.run(
@@ -55,5 +65,16 @@ def test_quick_benchmark_writes_results_with_machine(name: str) -> None:
         assert result["ratios"][0]["vs_monolithic_throughput"]["n"] == 1
     if name == "scaling":
         assert [s["devices"] for s in result["sizes"]] == [1, 2]
+    if name == "intralayer":  # vgg on 2 paced rpi4s: monolithic, inh only, the DP
+        rows = result["rows"]
+        assert {r["strategy"] for r in rows} == {"monolithic", "inh", "edgeslice-dp"}
+        assert all("measured" in r and r["measured"]["p50_s"] > 0 for r in rows), rows
+        assert all(r["max_abs_error_vs_whole_model"] < 1e-3 for r in rows)
+        assert all(b["all_tiles_timed"] for r in rows for b in r["measured_blocks"])
+        assert all(sum(r["sent_bytes_per_request"].values()) > 0 for r in rows)
+        tiled = next(r for r in rows if r["strategy"] == "inh")
+        assert {b["strategy"] for b in tiled["blocks"]} <= {"inh", "whole"}
+        assert result["runs"] == 1 and "rounds" in result["runs_are"]
+        assert [t["model"] for t in result["targets"]] and result["ratios"][0]["model"] == "vgg"
     if name == "planner":
         assert all(r["min_ms"] <= r["median_ms"] <= r["max_ms"] for r in result["timing"])
