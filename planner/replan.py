@@ -27,10 +27,15 @@ asyncio), so each rule is unit-tested in tests/unit/test_replan.py:
 * :class:`LoadShift`: an agent whose stage worker is busy above ``high`` on average over
   ``hold_s`` while the rest of the fleet is not (a CPU hog beside it) is planned with its
   effective rate; it gets its work back only after averaging below ``low`` over the
-  longer ``recover_s`` (hysteresis: plans do not flap). The signal is busy time, which
-  falls once the agent has less work, so an agent whose hog never stops gets its work
-  back after ``recover_s`` and is derated again after ``hold_s``: a slow cycle, not a
-  flap (a speed signal per interval would tell "idle" from "fast again").
+  longer ``recover_s`` (hysteresis: plans do not flap). "The rest of the fleet" is the
+  agents not derated: the agent that took over a derated agent's work is busy because of
+  the plan, and derating it too gave the work straight back (a flap seen on real load);
+  for the same reason every window starts again when any agent is derated or gets its
+  work back (the peer busy with a recovering agent's work was derated at once).
+  The signal is busy time, which falls once the agent has less work, so an agent whose
+  hog never stops gets its work back after ``recover_s`` and is derated again after
+  ``hold_s``: a slow cycle, not a flap (a speed signal per interval would tell "idle"
+  from "fast again").
 """
 
 from __future__ import annotations
@@ -279,23 +284,33 @@ class LoadShift:
             samples.append((now, load))
             samples[:] = [(t, v) for t, v in samples if t >= now - keep]
         means = {a: self._mean(a, now, c.hold_s) for a in loads}
+        before = set(self.derated)  # every decision reads the fleet as it was planned
         decided = []
         for agent_id in loads:
-            if agent_id in self.derated:
+            if agent_id in before:
                 mean = self._mean(agent_id, now, c.recover_s)
                 if mean is not None and mean < c.low:
                     del self.derated[agent_id]
                     decided.append(agent_id)
                 continue
             mean = means[agent_id]
-            others = [m for a, m in means.items() if a != agent_id and m is not None]
-            rest = statistics.median(others) if others else 0.0
+            # the rest of the fleet is the agents planned at their measured rate: a derated
+            # agent is planned with a made-up one, so the plan gives it too little or too
+            # much and its busy fraction says nothing about the others' (the work taken
+            # from it makes its peer busy: derating that peer too gave the work back)
+            others = [
+                m for a, m in means.items() if a != agent_id and m is not None and a not in before
+            ]
+            if not others:
+                continue  # nobody to compare with: busy is the plan's doing, not a hog's
+            rest = statistics.median(others)
             if mean is not None and mean > c.high and rest <= mean - c.fleet_gap:
                 self.derated[agent_id] = min(c.max_load, mean)
                 decided.append(agent_id)
-        for agent_id in decided:  # the next decision about it needs a full window again
-            self._since[agent_id] = now + 1e-9
-            self._samples[agent_id] = []
+        if decided:  # the next plan moves everyone's work: each window starts again
+            for agent_id in loads:
+                self._since[agent_id] = now + 1e-9
+                self._samples[agent_id] = []
             changed = True
         return changed
 

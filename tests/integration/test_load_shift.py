@@ -46,6 +46,7 @@ pytestmark = pytest.mark.integration
 AGENTS = ("sa", "sb")
 IN_FLIGHT = 4
 SHIFT = ["--busy-hold", "4", "--busy-recover", "20"]  # defaults: busy above 0.8, back below 0.6
+HOG_AFTER_S = 12.0  # the hog runs this long on the derated plan (under --busy-recover)
 
 
 def cpu_cgroup(pid: int) -> Path | None:
@@ -74,12 +75,6 @@ def _segments(plan: PlanMessage, agent_id: str) -> int:
     return sum(s.end_segment - s.start_segment for s in plan.stages if agent_id in s.agents)
 
 
-@pytest.mark.xfail(
-    reason="known bug (2026-11-30): the derated agent can get its work back within seconds "
-    "while the hog still runs (seen 2 of 3 runs on a loaded host: 7 -> 29 segments); the "
-    "load-shift policy's hysteresis does not hold yet",
-    strict=False,
-)
 def test_a_busy_agent_gets_less_work_then_its_work_back(fleet: LocalFleet) -> None:
     for agent in AGENTS:
         extra = ("--calibrate-seconds", "0.5", "--emulate", "--emulate-mode", "quota")
@@ -169,14 +164,17 @@ async def _scenario(fleet: LocalFleet) -> None:
             assert derated is not None
             note(f"plan v{derated.plan_version}: {layout(derated)}")
             done_then = completed
-            await until(lambda: completed >= done_then + 8, 120, "requests on the derated plan")
-            await asyncio.sleep(max(0.0, derated_at + 10 - time.monotonic()))  # hog on 10 s more
-            now_plan = client.plan
-            assert now_plan is not None
-            held = _segments(now_plan, victim)
-            assert held <= _segments(derated, victim), (
-                f"the agent got its work back with the hog still on: {layout(now_plan)}"
-            )
+            # the hog runs on for HOG_AFTER_S: every plan meanwhile keeps the victim's share
+            # down (the flap this caught: the agent that took the work was derated too, and
+            # the next plan gave the victim its work back within seconds, hog still on)
+            while time.monotonic() < derated_at + HOG_AFTER_S or completed < done_then + 8:
+                now_plan = client.plan
+                assert now_plan is not None
+                assert _segments(now_plan, victim) <= _segments(derated, victim), (
+                    f"the agent got its work back with the hog still on: {layout(now_plan)}"
+                )
+                assert time.monotonic() < derated_at + 120, "no requests on the derated plan"
+                await asyncio.sleep(0.2)
             hog.kill()
             hog.wait()
             hog = None

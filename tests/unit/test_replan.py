@@ -121,6 +121,41 @@ def test_load_shift_needs_a_hold_and_recovers_later_with_hysteresis() -> None:
     assert not shift.observe(busy_fleet, 50.0) and not shift.observe(busy_fleet, 70.0)
 
 
+def test_the_agent_that_took_a_derated_agents_work_is_not_derated_for_it() -> None:
+    """The flap tests/integration/test_load_shift.py found: sa (a hog beside it) derated,
+    its work moved to sb, which is then the busy one; judged against sa, sb was derated
+    too and the next plan gave sa its work back with the hog still running."""
+    shift = LoadShift(LoadShiftConfig(high=0.8, low=0.6, hold_s=4.0, recover_s=20.0))
+    for t in range(4):
+        assert not shift.observe({"sa": 1.0, "sb": 0.5}, float(t))
+    assert shift.observe({"sa": 1.0, "sb": 0.5}, 4.0) and shift.derated == {"sa": 0.8}
+    for t in range(5, 24):  # the derated plan: sb busy with sa's work, sa (hogged) idles
+        assert not shift.observe({"sa": 0.4, "sb": 1.0}, float(t)), f"changed at t={t}"
+    assert shift.derated == {"sa": 0.8}
+    # with a third agent the comparison is sb against sc: a second hog is still found
+    shift = LoadShift(LoadShiftConfig(high=0.8, low=0.6, hold_s=4.0, recover_s=20.0))
+    shift.derated["sa"] = 0.8
+    for t in range(4):
+        assert not shift.observe({"sa": 0.4, "sb": 1.0, "sc": 0.95}, float(t))  # both took work
+    assert not shift.observe({"sa": 0.4, "sb": 1.0, "sc": 0.95}, 4.0)
+    changed = [t for t in range(5, 12) if shift.observe({"sa": 0.4, "sb": 1.0, "sc": 0.4}, t)]
+    assert len(changed) == 1 and shift.derated == {"sa": 0.8, "sb": 0.8}
+
+
+def test_the_agent_busy_with_a_recovering_agents_work_is_not_derated_when_it_recovers() -> None:
+    """The victim gets its work back after ``recover_s`` below ``low``; its peer, busy
+    with that work until the next plan, was derated in the same breath (a flip with no
+    hog at all). Every window starts again with the next plan instead."""
+    shift = LoadShift(LoadShiftConfig(high=0.8, low=0.6, hold_s=4.0, recover_s=20.0))
+    for t in range(5):
+        shift.observe({"sa": 0.5, "sb": 1.0}, float(t))
+    assert shift.derated == {"sb": 0.8}
+    changes = [t for t in range(5, 26) if shift.observe({"sa": 1.0, "sb": 0.1}, float(t))]
+    assert changes == [25] and shift.derated == {}  # sb back after 20 s; sa not derated
+    # the plan after: both at work, nobody singled out
+    assert not any(shift.observe({"sa": 0.9, "sb": 0.85}, float(t)) for t in range(26, 60))
+
+
 def test_tracker_resends_off_lost_agents_and_counts_late_duplicates() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
