@@ -36,7 +36,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from edgeslice.broker.client import Will
@@ -110,21 +110,10 @@ class PlannerService:
 
     # -- lifecycle -------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        self.loaded, self.profile, self.cost = await asyncio.to_thread(
-            load_and_price, self.config.model_spec, self.config.max_segments
-        )
-        self.model_name = self.loaded.name
-        if self.config.cost_model:  # the learned estimator where it beat the timed model
-            from edgeslice.planner.calibrate import load_pricing
-
-            self.pricing = await asyncio.to_thread(
-                load_pricing,
-                self.config.cost_model,
-                self.profile,
-                self.loaded.example_inputs,
-                self.config.refit_interval_s,
-            )
-        await self.client.connect()
+        if not await _unless_stopped(self._start_up(), stop):
+            log.info("planner stopped during start-up")
+            await self.client.close()
+            return
         tasks = [asyncio.create_task(self._consume())]
         try:
             adopted = await self._adopt_or_clear()  # the retained view comes via _consume
@@ -142,6 +131,24 @@ class PlannerService:
             # bounded: on 3.11 a wait_for finishing as it is cancelled can eat the cancel
             await asyncio.wait(tasks, timeout=2.0)
             await self._shutdown()
+
+    async def _start_up(self) -> None:
+        """Load and price the model, then connect (a stop signal ends it: run)."""
+        self.loaded, self.profile, self.cost = await asyncio.to_thread(
+            load_and_price, self.config.model_spec, self.config.max_segments
+        )
+        self.model_name = self.loaded.name
+        if self.config.cost_model:  # the learned estimator where it beat the timed model
+            from edgeslice.planner.calibrate import load_pricing
+
+            self.pricing = await asyncio.to_thread(
+                load_pricing,
+                self.config.cost_model,
+                self.profile,
+                self.loaded.example_inputs,
+                self.config.refit_interval_s,
+            )
+        await self.client.connect()
 
     async def _adopt_or_clear(self) -> bool:
         """Serve on a valid plan retained by an earlier planner, else clear it (module doc)."""
@@ -459,3 +466,23 @@ class PlannerService:
         await self._publish_status()
         if self.on_plan is not None:
             self.on_plan(self.plan_message)
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run ``work`` unless ``stop`` is set first: True when it finished (its error raised),
+    False when it was cancelled for the stop. A planner still loading or connecting (10 s
+    of retries when nothing listens yet) must end at SIGTERM, not when that is over: a
+    supervisor waits only so long before it kills. A model load already running in its
+    thread still finishes before the process exits (a thread cannot be cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task})
+        return False
+    task.result()
+    return True

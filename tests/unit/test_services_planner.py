@@ -9,7 +9,7 @@ from pathlib import Path
 
 from memfleet import MLP_SPEC, SETTINGS, eventually, key_file, running
 
-from edgeslice.broker.client import Will
+from edgeslice.broker.client import ConnectHook, Will
 from edgeslice.broker.memory import MemoryBroker, MemoryClient
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.errors import EdgesliceError
@@ -273,6 +273,33 @@ def test_a_broker_restart_keeps_the_plan_while_its_agents_reconnect(tmp_path: Pa
             await restart_broker()  # ... and this time no agent comes back
             gone = await eventually(withdrawn, timeout=15.0, what="the plan withdrawn")
             assert isinstance(gone, list) and gone[0].reason == "no usable agent"
+
+    asyncio.run(scenario())
+
+
+def test_a_stop_while_the_planner_is_still_connecting_ends_it(tmp_path: Path) -> None:
+    """SIGTERM before the broker answers (nothing listens yet: paho retries for 10 s)
+    ends the planner then, not when connecting gives up (a supervisor kills it first)."""
+
+    class NeverAnswers(MemoryClient):
+        async def connect(self, timeout: float = 10.0) -> None:
+            await asyncio.Event().wait()
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+
+        def factory(
+            client_id: str, will: Will | None = None, on_connect: ConnectHook | None = None
+        ) -> MemoryClient:
+            return NeverAnswers(broker, client_id, will=will, on_connect=on_connect)
+
+        planner = PlannerService(_config(tmp_path), transport=factory)
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(planner.run(stop))
+        await eventually(lambda: planner.model_name, what="the model loaded")
+        stop.set()
+        await asyncio.wait_for(task, 10.0)  # without the stop: never (connect never returns)
+        assert broker.retained_payload(T.planner_status()) is None  # it never got online
 
     asyncio.run(scenario())
 
