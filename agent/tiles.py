@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import Tensor
@@ -49,6 +49,7 @@ from edgeslice.broker.protocol.pieces import (
     Gathered,
     PieceBuffer,
     PieceRefused,
+    TileCache,
     cut,
     expected_boxes,
     join,
@@ -56,6 +57,7 @@ from edgeslice.broker.protocol.pieces import (
     tile_boxes,
     want_box,
     wire_box,
+    wire_timings,
 )
 from edgeslice.broker.protocol.tensors import pack_tensors, unpack_tensors
 from edgeslice.broker.protocol.topics import Topics
@@ -128,12 +130,20 @@ def gather_key(client_id: str, header: TransferHeader, env: RequestEnvelope) -> 
 
 @dataclass(frozen=True)
 class PieceData:
-    """One buffered piece: packed bytes from the broker, or tensors from this agent itself."""
+    """One buffered piece: packed bytes from the broker, or tensors from this agent itself.
+
+    ``env`` has its tiles (decoded once per client and plan: :class:`TileCache`) but no
+    timings: those travel as they came on the wire (``timings``, plain maps) and go on
+    merged, never decoded here, so a piece late in a long plan costs no more to handle
+    than an early one (the client decodes them once, with the result). ``tiles`` is the
+    tiles' wire form, forwarded as received."""
 
     env: RequestEnvelope
     first_chunk_at: float
     tensors: list[Tensor] | None = None
     payload: bytes | bytearray | memoryview = b""
+    timings: list[Any] = field(default_factory=list)
+    tiles: Any = None
 
 
 @dataclass(frozen=True)
@@ -188,13 +198,21 @@ def tile_inputs(job: TileJob) -> list[Tensor]:
         ) from None
 
 
-def merged_timings(job: TileJob) -> list[StageTiming]:
-    """The stage timings all pieces carry (each tile of earlier stages once), in order."""
-    seen: dict[tuple[int, str], StageTiming] = {}
+def merged_timings(job: TileJob) -> list[Any]:
+    """The stage timings all pieces carry (each tile of earlier stages once), in order, in
+    their wire form (maps with ``stage`` and ``agent``; anything else is dropped here and
+    a malformed map is refused by the client when it decodes the result)."""
+    seen: dict[tuple[Any, Any], Any] = {}
     for _box, data in job.gathered.pieces:
-        for t in data.env.timings:
-            seen.setdefault((t.stage, t.agent), t)
-    return sorted(seen.values(), key=lambda t: (t.stage, t.agent))
+        for t in data.timings:
+            if isinstance(t, dict):
+                seen.setdefault((t.get("stage"), t.get("agent")), t)
+
+    def order(t: dict[str, Any]) -> tuple[int, str]:
+        stage = t.get("stage")
+        return (stage if isinstance(stage, int) else -1, str(t.get("agent")))
+
+    return sorted(seen.values(), key=order)
 
 
 def destinations(env: RequestEnvelope, tile: TileSpec) -> list[tuple[str, Box]]:
@@ -237,17 +255,20 @@ def tile_outbounds(
         packed = None if dest == agent_id else pack_tensors(part, compression=compression)
         parts.append((dest, box, part, packed))
     sent = sum(memoryview(p[3][1]).nbytes for p in parts if p[3] is not None)
-    timings = [*merged_timings(job), replace(timing, sent_bytes=sent)]
+    timings = [*merged_timings(job), asdict(replace(timing, sent_bytes=sent))]
+    last = job.gathered.pieces[-1][1]
+    tiles_wire = last.tiles if last.tiles is not None else [list(t) for t in env.tiles]
     out: list[Outbound] = []
     base: dict[str, Any] | None = None
     for dest, box, part, packed in parts:
-        forward = replace(env, box=box_to_wire(box), timings=timings, sent_at=now, tensors=[])
+        forward = replace(env, box=box_to_wire(box), timings=[], sent_at=now, tensors=[])
         if base is None:  # the envelope on the wire, once: pieces differ in box and tensors
-            base = codec.to_wire(forward)
+            base = codec.to_wire(replace(forward, tiles=[]))  # tiles and timings as they are
+            base.update(tiles=tiles_wire, timings=timings)
         if packed is None:  # for this agent itself
             meta = dict(base, box=forward.box)  # what an error reply reads timings from
             next_header = replace(header, stage=tile.stage + 1, transfer_id="local", meta=meta)
-            data = PieceData(forward, now, tensors=part)
+            data = PieceData(forward, now, tensors=part, timings=timings, tiles=tiles_wire)
             local = LocalPiece(next_header, data, box, job.client_id)
             out.append(Outbound("", [], header.request_id, local=local))
             continue
@@ -288,6 +309,7 @@ class TileIntake:
         self.agent_id = agent_id
         self.runtime = runtime
         self.buffer = buffer
+        self.tiles = TileCache()
 
     def on_transfer(self, done: Completed, client_id: str, now: float) -> TileJob | Refusal | None:
         """A completed transfer of a tiled request (its client from the inbox topic)."""
@@ -308,7 +330,7 @@ class TileIntake:
     def _on_transfer(self, done: Completed, client_id: str, now: float) -> TileJob | Refusal | None:
         header = done.header
         try:
-            env = codec.from_wire(header.meta, RequestEnvelope)
+            env = self.tiles.envelope(header.meta, client_id, header.plan_id, header.plan_version)
             if env.reply_to != client_id:
                 raise InferenceError(
                     f"request {header.request_id} came from client {client_id!r} but asks "
@@ -317,7 +339,10 @@ class TileIntake:
             box = piece_of(env, header.request_id)
         except EdgesliceError as exc:
             return Refusal(header, exc, client_id)
-        data = PieceData(env, done.first_chunk_at, payload=done.payload)
+        timings, tiles = wire_timings(header.meta), header.meta.get("tiles")
+        data = PieceData(
+            env, done.first_chunk_at, payload=done.payload, timings=timings, tiles=tiles
+        )
         return self._gather(header, env, box, data, client_id, len(done.payload), now)
 
     def _gather(

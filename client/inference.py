@@ -267,7 +267,7 @@ class InferenceClient:
                 plan_version=plan.plan_version,
                 stage=0,
                 deadline=req.deadline,
-                meta=codec.to_wire(piece.envelope),
+                meta=piece.meta if piece.meta is not None else codec.to_wire(piece.envelope),
                 chunk_size=self.chunk_size,
             )
             topic = self.topics.inbox(piece.agent_id, self.client_id)  # ACL: our own segment

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.boxes import (
     Box,
     assemble,
@@ -35,7 +36,7 @@ from edgeslice.broker.protocol.boxes import (
     full_box,
     intersect,
 )
-from edgeslice.broker.protocol.messages import Tile
+from edgeslice.broker.protocol.messages import RequestEnvelope, Tile
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -306,3 +307,45 @@ class PieceBuffer(Generic[V]):
         for k in keys:
             del self._open[k]
         return len(keys)
+
+
+MAX_CACHED_PLANS = 64  # (client, plan, version) whose decoded tiles an agent keeps
+
+
+class TileCache:
+    """Decoded tiles per (client, plan id, plan version): a request's envelope carries
+    every stage's tiles, the same for every request of one plan version, so an agent
+    decodes (and checks) them once and after that only compares the wire form with the one
+    it checked (a plain list comparison). Bounded, least recent out. The key includes the
+    client, so one client's envelopes never decide another's."""
+
+    def __init__(self, size: int = MAX_CACHED_PLANS) -> None:
+        self.size = size
+        # key -> (the tiles' wire form as checked, the decoded tiles)
+        self._tiles: OrderedDict[tuple[str, str, int], tuple[Any, list[list[Any]]]] = OrderedDict()
+
+    def envelope(self, meta: Any, client_id: str, plan_id: str, version: int) -> RequestEnvelope:
+        """The envelope of a transfer's header ``m``: checked like ``codec.from_wire`` but
+        for its timings (left on the wire, :class:`PieceData`), tiles from the cache."""
+        if not isinstance(meta, dict):
+            return codec.from_wire(meta, RequestEnvelope)  # raises the usual DecodeError
+        rest = {k: v for k, v in meta.items() if k not in ("tiles", "timings")}
+        env = codec.from_wire(rest, RequestEnvelope)
+        raw = meta.get("tiles")
+        key = (client_id, plan_id, version)
+        known = self._tiles.get(key)
+        if known is not None and known[0] == raw:  # the same wire form: checked already
+            tiles = known[1]
+        else:
+            tiles = codec.from_wire({**rest, "tiles": raw}, RequestEnvelope).tiles
+            self._tiles[key] = (raw, tiles)
+            while len(self._tiles) > self.size:
+                self._tiles.popitem(last=False)
+        self._tiles.move_to_end(key)
+        return replace(env, tiles=tiles)
+
+
+def wire_timings(meta: Any) -> list[Any]:
+    """A header's timings as they came (a list; anything else counts as none)."""
+    timings = meta.get("timings") if isinstance(meta, dict) else None
+    return timings if isinstance(timings, list) else []

@@ -128,6 +128,29 @@ def test_tiles_and_boxes_are_type_checked_on_decode() -> None:
     assert decoded.stages[0].tiles == [] and decoded.stages[0].tiling == ""
 
 
+def test_tile_cache_checks_tiles_once_per_plan_and_leaves_timings_on_the_wire() -> None:
+    from edgeslice.broker.protocol.errors import DecodeError
+    from edgeslice.broker.protocol.messages import StageTiming
+    from edgeslice.broker.protocol.pieces import TileCache, wire_timings
+
+    tiles = [[Tile("a1", "f" * 64, [[0, 3], [0, 6], [0, W]], [[0, 8], [0, 5], [0, W]])]]
+    timing = StageTiming(0, "a1", compute_s=0.1, sent_bytes=10)
+    env = RequestEnvelope(route=[], reply_to="c", tiles=tiles, timings=[timing])
+    meta = codec.unpackb(codec.packb(codec.to_wire(env)))  # as a header's "m" arrives
+    cache = TileCache(size=2)
+    first = cache.envelope(meta, "c", "p", 1)
+    assert first.tiles == tiles and first.timings == []  # timings are not decoded here
+    assert wire_timings(meta) == meta["timings"] and wire_timings({"timings": 3}) == []
+    again = cache.envelope(dict(meta), "c", "p", 1)
+    assert again.tiles is first.tiles  # looked up, not decoded again
+    bad = dict(meta, tiles=[[["a1", "f" * 64, "rows", [[0, 8], [0, 5], [0, W]]]]])
+    with pytest.raises(DecodeError):  # another wire form under the same key is checked
+        cache.envelope(bad, "c", "p", 1)
+    for version in (2, 3, 4):
+        cache.envelope(meta, "c", "p", version)
+    assert len(cache._tiles) == 2  # bounded
+
+
 # -- a CNN tiled by hand ---------------------------------------------------------------
 class Conv3Rows(nn.Module):
     """Output rows [lo, hi) of a 3x3, padding-1 convolution from input rows with halo."""
