@@ -15,6 +15,7 @@ import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -60,16 +61,24 @@ def test_fleet_across_two_routed_servers(cluster: NatsCluster, tmp_path: Path) -
         on_b.subscribe(t.planner_status())
         on_a.subscribe(t.plan(loaded.name), *(t.status(a) for a in AGENTS))
         planners.start_planner(spec, ["--replan-delay", "1", "--strategy", "even-split"])
+        for agent_id in AGENTS:  # starting while the planner starts (as on one broker)
+            agents.start_agent(AgentSpec(agent_id, "x86-laptop", FAST))
         on_b.first(
             t.planner_status(), 120, lambda p: codec.decode(p, PlannerStatus).state == ONLINE
         )
-        for agent_id in AGENTS:
-            agents.start_agent(AgentSpec(agent_id, "x86-laptop", FAST))
         # server A sees the planner's retained plan become ready, server B the agents
         on_a.first(t.plan(loaded.name), 180, lambda p: codec.decode(p, PlanMessage).ready)
         on_b.subscribe(*(t.status(a) for a in AGENTS))
+
         # the retained copies arrive on subscribe (a live re-publish may come first)
-        got = [*on_b.seen, *on_b.collect(5.0)]
+        def all_retained(out: list[Any]) -> bool:
+            return all(
+                any(m.topic == t.status(a) and m.retain and _online(m.payload) for m in out)
+                for a in AGENTS
+            )
+
+        got = list(on_b.seen)
+        got += on_b.until(lambda out: all_retained(got + out), 10.0)
         for agent_id in AGENTS:
             assert any(
                 m.topic == t.status(agent_id) and m.retain and _online(m.payload) for m in got
@@ -102,5 +111,5 @@ def test_fleet_across_two_routed_servers(cluster: NatsCluster, tmp_path: Path) -
     finally:
         on_a.close()
         on_b.close()
+        planners.close()  # first: a draining agent then has no planner to wait for
         agents.close()
-        planners.close()
