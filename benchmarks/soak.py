@@ -16,7 +16,7 @@ events on the same clock, every process's RSS at start (after warm-up), every wi
 at the end,
 and the machine's load averages (other work on a shared host slows everything; the JSON
 says how loaded it was). Results: results/soak.json (+ soak.png with the ``bench``
-extra); ``--quick`` writes soak-quick.* (CI: ~35 s of load, 4 in flight, 3 agents).
+extra); ``--quick`` writes soak-quick.* (CI: ~24 s of load, 4 in flight, 3 agents).
 
 Model: MobileNetV2 (the built-in, 602 KB input) on paced rpi4/rpi5 agents. Pacing holds
 each stage for the board's time but computes at host speed, so four emulated boards
@@ -60,7 +60,7 @@ class SoakConfig:
 
 FULL = SoakConfig(agents=(("rpi4-4gb", 2), ("rpi5-8gb", 2)), in_flight=16, duration_s=300.0)
 QUICK = SoakConfig(
-    agents=(("rpi4-4gb", 1), ("rpi5-8gb", 2)), in_flight=4, duration_s=36.0, window_s=6.0
+    agents=(("rpi4-4gb", 1), ("rpi5-8gb", 2)), in_flight=4, duration_s=24.0, window_s=4.0
 )
 
 
@@ -245,11 +245,12 @@ def run(cfg: SoakConfig) -> dict[str, Any]:
     bed = Testbed(spec, workdir)
     try:
         bed.up()
-        asyncio.run(wait_for_agents(broker.url, namespace, bed.agents, timeout=120))
         assert bed.fleet is not None
+        # the planner profiles the model while the agents start (--min-agents waits for all)
         bed.fleet.start_planner(
             MODEL, ["--replan-delay", "1", "--min-agents", str(len(bed.agents))]
         )
+        asyncio.run(wait_for_agents(broker.url, namespace, bed.agents, timeout=120))
         tally = asyncio.run(_load(bed, broker, cfg, result))
     except BaseException:
         if bed.fleet is not None:
