@@ -241,31 +241,34 @@ class DataPlane:
     # -- compute ----------------------------------------------------------------
     async def run(self) -> None:
         """The worker loop: one batch at a time on the stage thread; sends overlap compute."""
-        loop = asyncio.get_running_loop()
         while True:
-            jobs = await self.queue.get_batch()
-            self.running = len(jobs)
-            head = jobs[0]
-            try:
-                started = self.clock()
-                if isinstance(head, TileJob):  # never batched (agent/tiles.py)
-                    outbounds = await loop.run_in_executor(
-                        self.executor, self._compute_tile, head, started
-                    )
-                else:
-                    plain = [j for j in jobs if isinstance(j, Job)]
-                    outbounds = await loop.run_in_executor(
-                        self.executor, self._compute_batch, plain, started
-                    )
-            finally:
-                self.running = 0
-            for outbound in outbounds:
-                if isinstance(outbound.local, LocalPiece):  # our own next tile: no broker
-                    self._take(self.tiles.on_local(outbound.local, self.clock()))
-                    continue
-                task = asyncio.create_task(self._send(outbound))
-                self._send_tasks.add(task)
-                task.add_done_callback(self._send_tasks.discard)
+            await self._run_batch(await self.queue.get_batch())
+
+    async def _run_batch(self, jobs: list[Job | TileJob]) -> None:
+        """One batch (its own frame, so its inputs are not held while the next is awaited)."""
+        loop = asyncio.get_running_loop()
+        self.running = len(jobs)
+        head = jobs[0]
+        try:
+            started = self.clock()
+            if isinstance(head, TileJob):  # never batched (agent/tiles.py)
+                outbounds = await loop.run_in_executor(
+                    self.executor, self._compute_tile, head, started
+                )
+            else:
+                plain = [j for j in jobs if isinstance(j, Job)]
+                outbounds = await loop.run_in_executor(
+                    self.executor, self._compute_batch, plain, started
+                )
+        finally:
+            self.running = 0
+        for outbound in outbounds:
+            if isinstance(outbound.local, LocalPiece):  # our own next tile: no broker
+                self._take(self.tiles.on_local(outbound.local, self.clock()))
+                continue
+            task = asyncio.create_task(self._send(outbound))
+            self._send_tasks.add(task)
+            task.add_done_callback(self._send_tasks.discard)
 
     def _compute(self, job: Job, started: float) -> Outbound:
         """Worker thread: one job alone (see :meth:`_compute_batch`)."""

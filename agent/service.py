@@ -35,6 +35,7 @@ from edgeslice.agent.config import AgentConfig
 from edgeslice.agent.dataplane import DataPlane
 from edgeslice.agent.drain import PlanWatch, wait_idle
 from edgeslice.agent.fetch import ArtifactFetcher
+from edgeslice.agent.memtrim import IdleTrim
 from edgeslice.agent.probe import LinkTest, claim_id, decode_presence, here, is_link_probe
 from edgeslice.agent.runtime import ArtifactCache, StageRuntime, set_threads
 from edgeslice.agent.sweep import sweep_command
@@ -101,6 +102,7 @@ class AgentService:
             max_queue=config.max_queue,
             batching=BatchPolicy(config.max_batch, config.max_batch_wait_ms / 1e3),
         )
+        self.memtrim = IdleTrim()  # gives malloc's kept memory back once requests stop
         self.fetcher = ArtifactFetcher(
             config.agent_id, self.client, self.topics, ArtifactCache(config.artifact_dir)
         )
@@ -281,6 +283,7 @@ class AgentService:
             )
             self.client.publish_nowait(topic, codec.encode(msg), qos=0)
             dp.expire()
+            self.memtrim.tick(dp.in_flight, sum(s.requests for s in dp.stats.values()))
             await asyncio.sleep(self.config.telemetry_interval)
 
     # -- messages --------------------------------------------------------------
