@@ -1,5 +1,6 @@
 """What an agent measures and says about itself: calibration GFLOP/s, batch speed-up and
-link figures, and the retained ``info`` message built from them.
+link figures, and the retained ``info`` message built from them. The link is tested at
+start-up, on ``cmd/calibrate``, and again when agent/linkwatch.py sees it slow down.
 
 Calibration runs on the stage worker thread (between requests, like a stage would), so
 the figure is what a stage will get; the link test goes through the broker
@@ -14,12 +15,14 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgeslice.agent.batching import measure_batch_speedup
 from edgeslice.agent.config import AgentConfig
+from edgeslice.agent.linkwatch import LinkWatch
 from edgeslice.agent.probe import LinkTest
 from edgeslice.agent.runtime import measure_gflops
 from edgeslice.agent.telemetry import total_memory_bytes
@@ -47,18 +50,45 @@ async def measure(
     loop = asyncio.get_running_loop()
     gflops = await loop.run_in_executor(executor, measure_gflops, seconds, config.threads)
     speedup = await loop.run_in_executor(executor, measure_batch_speedup, config.max_batch, 0.3)
-    now = replace(before, gflops=gflops, batch_speedup=speedup)
-    try:
-        rtt, bandwidth = await link.run(config.link_test_bytes)
-        now = replace(now, link_rtt_s=rtt, link_bandwidth_bps=bandwidth)
-    except (TimeoutError, EdgesliceError) as exc:
-        log.warning("agent=%s link test failed: %s", config.agent_id, exc)
+    now = await measure_link(replace(before, gflops=gflops, batch_speedup=speedup), link, config)
     log.info(
         "agent=%s gflops=%.2f rtt_ms=%.2f link_MBps=%.1f",
         config.agent_id,
         now.gflops,
         now.link_rtt_s * 1e3,
         now.link_bandwidth_bps / 1e6,
+    )
+    return now
+
+
+async def measure_link(before: Measured, link: LinkTest, config: AgentConfig) -> Measured:
+    """Test the link through the broker; a failed test keeps the previous figures."""
+    try:
+        rtt, bandwidth = await link.run(config.link_test_bytes)
+    except (TimeoutError, EdgesliceError) as exc:
+        log.warning("agent=%s link test failed: %s", config.agent_id, exc)
+        return before
+    return replace(before, link_rtt_s=rtt, link_bandwidth_bps=bandwidth)
+
+
+async def retest_link(
+    watch: LinkWatch,
+    clock: Callable[[], float],
+    before: Measured,
+    link: LinkTest,
+    config: AgentConfig,
+) -> Measured:
+    """Test the link again because ``watch`` saw transfers slow down (both steps logged)."""
+    log.warning(
+        "agent=%s transfers arrive at %.2f MB/s, usually at %.2f: testing the link again",
+        *(config.agent_id, watch.rates[-1] / 1e6, (watch.baseline_bps or 0.0) / 1e6),
+    )
+    now = await measure_link(before, link, config)
+    watch.tested(clock())
+    log.warning(
+        "agent=%s link re-tested: %.2f -> %.2f MB/s, rtt %.1f -> %.1f ms; re-announcing",
+        *(config.agent_id, before.link_bandwidth_bps / 1e6, now.link_bandwidth_bps / 1e6),
+        *(before.link_rtt_s * 1e3, now.link_rtt_s * 1e3),
     )
     return now
 

@@ -144,6 +144,16 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     "A second signal stops at once.",
 )
 @click.option(
+    "--link-watch",
+    type=click.FloatRange(min=0),
+    envvar="EDGESLICE_LINK_WATCH",
+    default=5.0,
+    show_default=True,
+    help="Window (s) over which received transfers' rate is watched: 3 windows in a row at "
+    "under half the usual rate re-test the link and re-announce it (at most every 12 "
+    "windows); 0 = only at start-up and on cmd/calibrate. [env EDGESLICE_LINK_WATCH]",
+)
+@click.option(
     "--calibrate-seconds",
     type=float,
     envvar="EDGESLICE_CALIBRATE_SECONDS",
@@ -194,6 +204,7 @@ def agent_cmd(
     max_batch: int,
     max_batch_wait_ms: float,
     drain_timeout: float,
+    link_watch: float,
     calibrate_seconds: float,
     emulate: bool,
     emulate_mode: str,
@@ -233,6 +244,7 @@ def agent_cmd(
             max_batch_wait_ms=max_batch_wait_ms,
             calibrate_seconds=calibrate_seconds,
             drain_timeout_s=drain_timeout,
+            link_watch_s=link_watch,
             emulate_mode=emulate_mode,
         )
         firmware = load_profile(profile)

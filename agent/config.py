@@ -49,6 +49,9 @@ class AgentConfig:
     emulate: bool = False
     emulate_mode: str = "paced"  # with emulate: "paced" (agent/pacing.py) or "quota"
     link_test_bytes: int = 256 * 1024
+    # test the link again when received transfers slow down for a while (agent/linkwatch.py):
+    # the window in seconds that receive rates are taken over (0: only start-up/calibrate)
+    link_watch_s: float = 5.0
     # on SIGTERM/SIGINT: keep serving at most this long for the planner to publish a plan
     # without this agent, then refuse new requests and finish the ones held (agent/drain.py)
     drain_timeout_s: float = 10.0
@@ -72,6 +75,8 @@ class AgentConfig:
             raise ConfigError("--max-batch-wait-ms must be >= 0")
         if self.emulate_mode not in ("paced", "quota"):
             raise ConfigError(f"--emulate-mode must be paced or quota, got {self.emulate_mode!r}")
+        if self.link_watch_s < 0:
+            raise ConfigError("--link-watch must be >= 0 seconds (0 turns it off)")
         if self.drain_timeout_s < 0:
             raise ConfigError("--drain-timeout must be >= 0 seconds")
 

@@ -118,6 +118,9 @@ class DataPlane:
         self.refusing: EdgesliceError | None = None  # set while draining: refuse new work
         # every stage run (its StageTiming) and error reply, e.g. for agent/metrics.py
         self.on_outcome: Callable[[StageTiming | ErrorReply], None] = lambda _outcome: None
+        # every transfer received in several chunks: (bytes after its first chunk, first
+        # chunk's time, last chunk's time), on ``clock`` (agent/linkwatch.py)
+        self.on_received: Callable[[int, float, float], None] = lambda _n, _first, _last: None
 
     def _batchable(self, key: BatchKey) -> bool:
         loaded = self.runtime.get(key[0])
@@ -169,6 +172,10 @@ class DataPlane:
         if isinstance(result, Refused):
             self._on_refused(result)
             return
+        chunks = result.header.total_chunks
+        if chunks > 1:  # its arrival paced by the link (agent/linkwatch.py)
+            after_first = result.header.total_length * (chunks - 1) // chunks
+            self.on_received(after_first, result.first_chunk_at, now)
         if is_tiled(result.header.meta):  # a piece of a tiled request: gather it first
             self._take(self.tiles.on_transfer(result, client_id, now))
             return

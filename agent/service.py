@@ -28,13 +28,14 @@ import socket
 import time
 from typing import Any
 
-from edgeslice.agent.announce import Measured, build_info, measure
+from edgeslice.agent.announce import Measured, build_info, measure, retest_link
 from edgeslice.agent.assignments import Assignments
 from edgeslice.agent.batching import BatchPolicy
 from edgeslice.agent.config import AgentConfig
 from edgeslice.agent.dataplane import DataPlane
 from edgeslice.agent.drain import PlanWatch, wait_idle
 from edgeslice.agent.fetch import ArtifactFetcher
+from edgeslice.agent.linkwatch import LinkWatch, LinkWatchConfig
 from edgeslice.agent.memtrim import IdleTrim
 from edgeslice.agent.probe import LinkTest, claim_id, decode_presence, here, is_link_probe
 from edgeslice.agent.runtime import ArtifactCache, StageRuntime, set_threads
@@ -103,6 +104,12 @@ class AgentService:
             batching=BatchPolicy(config.max_batch, config.max_batch_wait_ms / 1e3),
         )
         self.memtrim = IdleTrim()  # gives malloc's kept memory back once requests stop
+        self._measuring = asyncio.Lock()  # one calibration or link test at a time
+        self.linkwatch: LinkWatch | None = None  # notices a link that slowed down
+        if config.link_watch_s > 0:
+            watch_config = LinkWatchConfig.scaled(config.link_watch_s)
+            self.linkwatch = LinkWatch(watch_config, self.dataplane.clock())
+            self.dataplane.on_received = self.linkwatch.observe
         self.fetcher = ArtifactFetcher(
             config.agent_id, self.client, self.topics, ArtifactCache(config.artifact_dir)
         )
@@ -237,13 +244,26 @@ class AgentService:
     # -- measurements ----------------------------------------------------------
     async def _measure(self, seconds: float | None = None) -> None:
         """Calibrate GFLOP/s (on the stage thread, between requests) and test the link."""
-        self.measured = await measure(
-            self.measured,
-            self.dataplane.executor,
-            self.link,
-            self.config,
-            seconds if seconds is not None else self.config.calibrate_seconds,
-        )
+        async with self._measuring:
+            self.measured = await measure(
+                self.measured,
+                self.dataplane.executor,
+                self.link,
+                self.config,
+                seconds if seconds is not None else self.config.calibrate_seconds,
+            )
+            if self.linkwatch is not None:
+                self.linkwatch.tested(self.dataplane.clock())
+
+    async def _retest_link(self, watch: LinkWatch) -> None:
+        """Received transfers slowed down (agent/linkwatch.py): test the link, re-announce."""
+        async with self._measuring:
+            clock = self.dataplane.clock
+            self.measured = await retest_link(watch, clock, self.measured, self.link, self.config)
+        try:
+            await self._publish_info()
+        except EdgesliceError as exc:
+            log.warning("agent=%s could not re-announce its link: %s", self.agent_id, exc)
 
     async def _on_probe(self, payload: bytes) -> None:
         """A link-test echo, or someone's presence hello: answer it, this id is ours."""
@@ -284,6 +304,11 @@ class AgentService:
             self.client.publish_nowait(topic, codec.encode(msg), qos=0)
             dp.expire()
             self.memtrim.tick(dp.in_flight, sum(s.requests for s in dp.stats.values()))
+            watch = self.linkwatch
+            if watch is not None and watch.due(dp.clock()) and not self._measuring.locked():
+                task = asyncio.create_task(self._retest_link(watch), name="link-retest")
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             await asyncio.sleep(self.config.telemetry_interval)
 
     # -- messages --------------------------------------------------------------

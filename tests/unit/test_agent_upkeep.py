@@ -1,13 +1,73 @@
-"""The agent's upkeep on telemetry ticks: giving malloc's kept memory back once requests stop."""
+"""The agent's upkeep on telemetry ticks: re-testing a link that slowed down (and
+re-announcing it), and giving malloc's kept memory back once requests stop."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes.util
 import platform
+import time
+from pathlib import Path
 
 import pytest
+from memfleet import agent_config, eventually, running
 
 from edgeslice.agent.memtrim import IdleTrim, rss_bytes
+from edgeslice.agent.service import AgentService
+from edgeslice.broker.memory import MemoryBroker
+from edgeslice.broker.protocol import codec
+from edgeslice.broker.protocol.messages import Info
+from edgeslice.broker.protocol.topics import Topics
+
+T = Topics("unit")
+
+
+def _info(broker: MemoryBroker, agent_id: str) -> Info | None:
+    payload = broker.retained_payload(T.info(agent_id))
+    return None if payload is None else codec.decode(payload, Info)
+
+
+def test_slow_transfers_make_the_agent_retest_its_link_and_announce_it_once(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        config = agent_config("a1", tmp_path, telemetry_interval=0.1, link_watch_s=0.2)
+        service = AgentService(config, transport=broker.factory)
+        slow = asyncio.Event()
+
+        async def transfers() -> None:  # what the data plane would report: 4 per window
+            while True:
+                now = time.time()
+                duration = 0.04 if slow.is_set() else 0.001  # 400 kB at 10 MB/s vs 400 MB/s
+                service.dataplane.on_received(400_000, now - duration, now)
+                await asyncio.sleep(0.05)
+
+        async with running(service.run):
+            first = await eventually(lambda: _info(broker, "a1"), what="info")
+            assert first is not None
+            feeding = asyncio.ensure_future(transfers())
+            watch = service.linkwatch
+            assert watch is not None
+            await eventually(lambda: watch.baseline_bps, what="a baseline")
+            slow.set()
+            again = await eventually(
+                lambda: (i := _info(broker, "a1")) is not None and i.ts > first.ts and i,
+                timeout=10.0,
+                what="info re-announced after the link test",
+            )
+            assert isinstance(again, Info) and again.session == first.session
+            assert watch.tests == 1 and watch.baseline_bps is None  # starts over after the test
+            await asyncio.sleep(1.0)  # still slow: the new baseline is the slow rate
+            assert watch.tests == 1
+            feeding.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_link_watch_off() -> None:
+    config = agent_config("a1", Path("/nonexistent"), link_watch_s=0)
+    assert AgentService(config, transport=MemoryBroker().factory).linkwatch is None
 
 
 def test_idle_trim_trims_once_per_idle_spell_after_work() -> None:

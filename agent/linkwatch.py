@@ -1,0 +1,125 @@
+"""Notices that the agent's link got slower from what it receives, and says when to test it.
+
+An agent measures its link at start-up (agent/probe.py's :class:`LinkTest`) and announces
+the figure in ``info``; the planner prices every hop to and from the agent with it. A link
+that degrades later would only be seen on ``cmd/calibrate``, so the data plane reports each
+transfer it receives in several chunks (:meth:`LinkWatch.observe`: the bytes after its
+first chunk and the time from the first chunk to the last), and the agent asks
+:meth:`LinkWatch.due` on every telemetry tick whether to run the link test again.
+
+* **Rate per window** (``window_s``): the bytes received after each transfer's first
+  chunk, over the time at least one transfer was arriving (the union of their arrival
+  intervals), so transfers arriving together share the link's time instead of each
+  looking slow. A window with fewer than ``min_transfers`` such transfers or
+  ``min_bytes`` is *quiet* and counts neither way (no traffic, no evidence).
+* **Baseline**: the best rate the link sustained lately: the highest median of
+  ``baseline_windows`` consecutive busy windows among the last ``history`` busy windows
+  since the last link test (so one lucky window does not set it, and the slow windows
+  after a drop do not pull it down). Not the announced figure: what a transfer's arrival
+  shows is also bounded by the sender's link and the broker, so only a change against
+  what this agent itself saw says something about its own link. A link that slows down
+  before two of the first three busy windows after a test saw its usual rate gives no
+  baseline above the slow rate, and is not noticed until the next test.
+* **Degraded**: ``hold_windows`` busy windows in a row below ``ratio`` x the baseline
+  (one busy window at or above it starts the count again), and at least ``cooldown_s``
+  since the last link test: then :meth:`due` says yes once. The agent tests its link,
+  re-announces, and calls :meth:`tested`, which starts a new baseline, so a link that is
+  slow for good is tested once, not every window (no flapping), and a sender that got
+  slower costs one test that finds nothing and a new baseline.
+
+Pure and clock-driven (times are the caller's clock, e.g. the data plane's); the agent
+service does the test and the announcement.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LinkWatchConfig:
+    window_s: float = 5.0
+    baseline_windows: int = 3
+    history: int = 20  # busy windows the baseline looks back over
+    hold_windows: int = 3
+    ratio: float = 0.5  # a busy window below ratio x baseline counts as slow
+    cooldown_s: float = 60.0  # least time between two link tests
+    min_transfers: int = 1
+    min_bytes: int = 128 * 1024
+
+    @classmethod
+    def scaled(cls, window_s: float) -> LinkWatchConfig:
+        """The defaults with every time scaled to ``window_s`` (cooldown: 12 windows)."""
+        return cls(window_s=window_s, cooldown_s=12 * window_s)
+
+
+class LinkWatch:
+    """Receive rates per window against a baseline (see the module docstring)."""
+
+    def __init__(self, config: LinkWatchConfig, now: float) -> None:
+        self.config = config
+        self.rates: list[float] = []  # busy windows' rates since the last test, newest last
+        self.slow = 0  # busy windows in a row below ratio x baseline
+        self.tests = 0  # link tests this watch asked for
+        self._spans: list[tuple[float, float]] = []
+        self._bytes = 0
+        self._window_start = now
+        self._tested_at = now
+
+    def observe(self, nbytes: int, first_at: float, last_at: float) -> None:
+        """A transfer received: ``nbytes`` after its first chunk, arriving from ``first_at``
+        (its first chunk) to ``last_at`` (its last)."""
+        if nbytes <= 0 or last_at <= first_at:
+            return
+        self._spans.append((first_at, last_at))
+        self._bytes += nbytes
+
+    def due(self, now: float) -> bool:
+        """Close the windows that ended by ``now``; True once the link should be tested."""
+        cfg = self.config
+        if now - self._window_start >= cfg.window_s:  # ticks close windows: a few s apart
+            self._close_window()
+            self._window_start = now
+        if self.slow >= cfg.hold_windows and now - self._tested_at >= cfg.cooldown_s:
+            self.slow = 0
+            self.tests += 1
+            self._tested_at = now  # the cooldown holds even if no test follows
+            return True
+        return False
+
+    def tested(self, now: float) -> None:
+        """The link was tested (by this watch's request or a ``cmd/calibrate``): start over."""
+        self._tested_at = now
+        self.slow = 0
+        self.rates = []
+
+    @property
+    def baseline_bps(self) -> float | None:
+        """The best rate sustained lately (module docstring); None before enough windows."""
+        k = self.config.baseline_windows
+        runs = [self.rates[i : i + k] for i in range(len(self.rates) - k + 1)]
+        return max((statistics.median(run) for run in runs), default=None)
+
+    def _close_window(self) -> None:
+        spans, nbytes = self._spans, self._bytes
+        self._spans, self._bytes = [], 0
+        cfg = self.config
+        if len(spans) < cfg.min_transfers or nbytes < cfg.min_bytes:
+            return  # quiet: neither evidence of a slow link nor of a good one
+        rate = nbytes / busy_time(spans)
+        baseline = self.baseline_bps
+        self.rates = [*self.rates[1 - cfg.history :], rate]
+        if baseline is not None:
+            self.slow = self.slow + 1 if rate < cfg.ratio * baseline else 0
+
+
+def busy_time(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of the intervals ``spans`` (each start < end)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
