@@ -71,14 +71,22 @@ class Router:
         )
 
     def learn(self, timings: Sequence[StageTiming]) -> None:
-        """Fold a finished request's measured stage times into the EWMAs routing uses."""
+        """Fold a finished request's measured stage times into the EWMAs routing uses.
+
+        A batched run reports the whole batch's compute time; one request's share of it
+        (``compute_s / batch``) is what the replica costs per request. Folding the batch's
+        time in as one request's made a fast replica that batched during a burst look
+        slower than an idle slow one, and requests sent one at a time afterwards went to
+        the slow one, whose EWMA then stayed the lowest (the fast one was never tried again).
+        """
         for t in timings:
             st = self.measured.setdefault(t.agent, Measured())
+            per_request = t.compute_s / max(1, t.batch)
             prev = st.recent.get(t.stage)
-            value = t.compute_s + t.queue_s
+            value = per_request + t.queue_s
             st.recent[t.stage] = value if prev is None else 0.7 * prev + 0.3 * value
             last = st.compute.get(t.stage)
-            st.compute[t.stage] = t.compute_s if last is None else 0.7 * last + 0.3 * t.compute_s
+            st.compute[t.stage] = per_request if last is None else 0.7 * last + 0.3 * per_request
 
     def track(self, old: Sequence[str], new: Sequence[str]) -> None:
         """A request moved from route ``old`` to ``new`` (either may be empty)."""
