@@ -71,26 +71,35 @@ async def measure_link(before: Measured, link: LinkTest, config: AgentConfig) ->
     return replace(before, link_rtt_s=rtt, link_bandwidth_bps=bandwidth)
 
 
+CONFIRMED = 1.5  # a re-test re-announces a link this much slower (the planner's threshold)
+
+
 async def retest_link(
     watch: LinkWatch,
     clock: Callable[[], float],
     before: Measured,
     link: LinkTest,
     config: AgentConfig,
-) -> Measured:
-    """Test the link again because ``watch`` saw transfers slow down (both steps logged)."""
+) -> Measured | None:
+    """Test the link again because ``watch`` saw transfers slow down; the new figures when
+    the test confirms it (bandwidth down or round trip up by :data:`CONFIRMED`), None when
+    the link tests as announced (the slowdown was elsewhere: a slower sender, a busy host)
+    and nothing should change. Both steps are logged."""
     log.warning(
         "agent=%s transfers arrive at %.2f MB/s, usually at %.2f: testing the link again",
         *(config.agent_id, watch.rates[-1] / 1e6, (watch.baseline_bps or 0.0) / 1e6),
     )
     now = await measure_link(before, link, config)
     watch.tested(clock())
+    slower = now.link_bandwidth_bps * CONFIRMED < before.link_bandwidth_bps
+    confirmed = slower or now.link_rtt_s > CONFIRMED * before.link_rtt_s
     log.warning(
-        "agent=%s link re-tested: %.2f -> %.2f MB/s, rtt %.1f -> %.1f ms; re-announcing",
+        "agent=%s link re-tested: %.2f -> %.2f MB/s, rtt %.1f -> %.1f ms; %s",
         *(config.agent_id, before.link_bandwidth_bps / 1e6, now.link_bandwidth_bps / 1e6),
         *(before.link_rtt_s * 1e3, now.link_rtt_s * 1e3),
+        "re-announcing" if confirmed else "no worse than announced: not re-announced",
     )
-    return now
+    return now if confirmed else None
 
 
 def versions() -> dict[str, str]:

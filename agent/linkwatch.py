@@ -22,10 +22,12 @@ first chunk and the time from the first chunk to the last), and the agent asks
   baseline above the slow rate, and is not noticed until the next test.
 * **Degraded**: ``hold_windows`` busy windows in a row below ``ratio`` x the baseline
   (one busy window at or above it starts the count again), and at least ``cooldown_s``
-  since the last link test: then :meth:`due` says yes once. The agent tests its link,
-  re-announces, and calls :meth:`tested`, which starts a new baseline, so a link that is
-  slow for good is tested once, not every window (no flapping), and a sender that got
-  slower costs one test that finds nothing and a new baseline.
+  since the last link test: then :meth:`due` says yes once. The agent tests its link
+  and calls :meth:`tested`, which starts a new baseline, so a link that is slow for good
+  is tested once, not every window (no flapping). It re-announces only what the test
+  confirms (agent/announce.py's ``retest_link``: bandwidth down or round trip up 1.5x): a
+  sender that got slower, or a host too busy to read its socket, costs one test that
+  finds the link as announced, changes nothing, and starts a new baseline.
 
 Pure and clock-driven (times are the caller's clock, e.g. the data plane's); the agent
 service does the test and the announcement.

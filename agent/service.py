@@ -259,7 +259,10 @@ class AgentService:
         """Received transfers slowed down (agent/linkwatch.py): test the link, re-announce."""
         async with self._measuring:
             clock = self.dataplane.clock
-            self.measured = await retest_link(watch, clock, self.measured, self.link, self.config)
+            worse = await retest_link(watch, clock, self.measured, self.link, self.config)
+            if worse is None:
+                return
+            self.measured = worse
         try:
             await self._publish_info()
         except EdgesliceError as exc:

@@ -1,8 +1,12 @@
-"""agent/linkwatch.py: receive rates per window against a baseline, with hold and cooldown."""
+"""agent/linkwatch.py: receive rates per window against a baseline, with hold and cooldown;
+and the link test it asks for (agent/probe.py) on a busy link."""
 
 from __future__ import annotations
 
+import asyncio
+
 from edgeslice.agent.linkwatch import LinkWatch, LinkWatchConfig, busy_time
+from edgeslice.agent.probe import LinkTest
 
 CFG = LinkWatchConfig(window_s=5.0, baseline_windows=3, hold_windows=3, cooldown_s=60.0)
 MB = 1_000_000
@@ -108,3 +112,29 @@ def test_the_baseline_is_the_best_sustained_rate_over_the_recent_windows() -> No
     assert watch.baseline_bps is not None and abs(watch.baseline_bps - 10 * MB) < 1
     t, _ = feed(watch, t, 4 * MB, 25)  # slow for longer than the history (test held back)
     assert watch.baseline_bps is not None and abs(watch.baseline_bps - 4 * MB) < 1
+
+
+class _EchoLink:
+    """A broker that echoes probe payloads back: small ones late (queued behind traffic),
+    large ones soon."""
+
+    def __init__(self) -> None:
+        self.test: LinkTest | None = None
+
+    async def publish(self, topic: str, payload: bytes, **_: object) -> None:
+        assert self.test is not None
+        delay = 0.05 if len(payload) <= 8 else 0.005
+        asyncio.get_running_loop().call_later(delay, self.test.on_probe, payload)
+
+
+def test_a_link_test_whose_probes_queued_longer_than_its_bulk_part_stays_sane() -> None:
+    async def scenario() -> tuple[float, float]:
+        echo = _EchoLink()
+        test = LinkTest(echo, "probe")  # type: ignore[arg-type]
+        echo.test = test
+        return await test.run(256 * 1024)
+
+    rtt, bps = asyncio.run(scenario())
+    assert 0.04 < rtt < 0.5
+    # the bulk part took ~5 ms, less than a small probe: at most 2 x size / its time
+    assert bps <= 2 * 256 * 1024 / 0.005, bps
