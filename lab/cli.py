@@ -79,6 +79,19 @@ class LazyGroup(click.Group):
             raise TypeError(f"{entry[0]} is not a click command")
         return command
 
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        """``edgeslice agent install-service ...`` is ``edgeslice agent-service install ...``
+        (``agent`` itself runs the agent and takes no subcommand)."""
+        if args[:2] == ["agent", "install-service"]:
+            group = self.get_command(ctx, "agent-service")
+            if isinstance(group, click.Group):
+                install = group.get_command(ctx, "install")
+                if install is not None:
+                    return "agent install-service", install, args[2:]
+        return super().resolve_command(ctx, args)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):

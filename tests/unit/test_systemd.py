@@ -195,3 +195,16 @@ def test_an_unwritable_target_is_a_one_line_error(tmp_path: Path) -> None:
     )
     assert result.exit_code == 1
     assert "cannot write" in result.output and "--dry-run" in result.output
+
+
+def test_agent_install_service_is_the_same_command(tmp_path: Path) -> None:
+    """The issue's spelling, ``edgeslice agent install-service``, reaches the installer."""
+    args = ["--dry-run", "--broker", "mqtt://127.0.0.1:1883", "--id", "pi1"]
+    args += ["--profile", "rpi4-4gb", "--prefix", str(tmp_path)]
+    spelled = CliRunner().invoke(cli, ["agent", "install-service", *args])
+    grouped = CliRunner().invoke(cli, ["agent-service", "install", *args])
+    assert spelled.exit_code == 0, spelled.output
+    assert "[Unit]" in spelled.output and spelled.output == grouped.output
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+    plain = CliRunner().invoke(cli, ["agent", "--help"])
+    assert plain.exit_code == 0 and "--profile" in plain.output  # `agent` still runs agents
