@@ -1,4 +1,4 @@
-"""Notices that the agent's link got slower from what it receives, and says when to test it.
+"""Notices that the agent's link changed from what it receives, and says when to test it.
 
 An agent measures its link at start-up (agent/probe.py's :class:`LinkTest`) and announces
 the figure in ``info``; the planner prices every hop to and from the agent with it. A link
@@ -20,14 +20,20 @@ first chunk and the time from the first chunk to the last), and the agent asks
   what this agent itself saw says something about its own link. A link that slows down
   before two of the first three busy windows after a test saw its usual rate gives no
   baseline above the slow rate, and is not noticed until the next test.
-* **Degraded**: ``hold_windows`` busy windows in a row below ``ratio`` x the baseline
-  (one busy window at or above it starts the count again), and at least ``cooldown_s``
-  since the last link test: then :meth:`due` says yes once. The agent tests its link
-  and calls :meth:`tested`, which starts a new baseline, so a link that is slow for good
-  is tested once, not every window (no flapping). It re-announces only what the test
-  confirms (agent/announce.py's ``retest_link``: bandwidth down or round trip up 1.5x): a
-  sender that got slower, or a host too busy to read its socket, costs one test that
-  finds the link as announced, changes nothing, and starts a new baseline.
+* **Slower**: ``hold_windows`` busy windows in a row below ``ratio`` x the baseline (one
+  busy window at or above it starts the count again).
+* **Faster**: the *reference* is the first baseline after a test (the median of its
+  first ``baseline_windows`` busy windows); ``hold_windows`` busy windows in a row above
+  reference / ``ratio``. So a link announced slower (or tested slower on a host too busy
+  at that moment) is tested, and announced faster, again once transfers show it.
+* Either, and at least ``cooldown_s`` since the last link test: :meth:`due` says yes
+  once. The agent tests its link and calls :meth:`tested`, which starts a new baseline,
+  so a link that is slow for good is tested once, not every window (no flapping). It
+  re-announces only a link the test finds changed as much as the planner cares about
+  (agent/announce.py's ``retest_link``: bandwidth or round trip 1.5x either way, the
+  better of two tests): a sender that got slower, or a host too busy to read its socket
+  for a while, costs a test that finds the link as announced, changes nothing, and
+  starts a new baseline.
 
 Pure and clock-driven (times are the caller's clock, e.g. the data plane's); the agent
 service does the test and the announcement.
@@ -63,6 +69,9 @@ class LinkWatch:
         self.config = config
         self.rates: list[float] = []  # busy windows' rates since the last test, newest last
         self.slow = 0  # busy windows in a row below ratio x baseline
+        self.fast = 0  # busy windows in a row above reference / ratio
+        self.reference_bps: float | None = None  # the first baseline since the last test
+        self.suspect = ""  # why the last test was asked for: "slower" or "faster"
         self.tests = 0  # link tests this watch asked for
         self._spans: list[tuple[float, float]] = []
         self._bytes = 0
@@ -83,8 +92,10 @@ class LinkWatch:
         if now - self._window_start >= cfg.window_s:  # ticks close windows: a few s apart
             self._close_window()
             self._window_start = now
-        if self.slow >= cfg.hold_windows and now - self._tested_at >= cfg.cooldown_s:
-            self.slow = 0
+        held = max(self.slow, self.fast) >= cfg.hold_windows
+        if held and now - self._tested_at >= cfg.cooldown_s:
+            self.suspect = "slower" if self.slow >= self.fast else "faster"
+            self.slow = self.fast = 0
             self.tests += 1
             self._tested_at = now  # the cooldown holds even if no test follows
             return True
@@ -93,8 +104,9 @@ class LinkWatch:
     def tested(self, now: float) -> None:
         """The link was tested (by this watch's request or a ``cmd/calibrate``): start over."""
         self._tested_at = now
-        self.slow = 0
+        self.slow = self.fast = 0
         self.rates = []
+        self.reference_bps = None
 
     @property
     def baseline_bps(self) -> float | None:
@@ -114,6 +126,10 @@ class LinkWatch:
         self.rates = [*self.rates[1 - cfg.history :], rate]
         if baseline is not None:
             self.slow = self.slow + 1 if rate < cfg.ratio * baseline else 0
+        if self.reference_bps is not None:
+            self.fast = self.fast + 1 if rate * cfg.ratio > self.reference_bps else 0
+        elif len(self.rates) >= cfg.baseline_windows:
+            self.reference_bps = self.baseline_bps
 
 
 def busy_time(spans: list[tuple[float, float]]) -> float:

@@ -256,13 +256,13 @@ class AgentService:
                 self.linkwatch.tested(self.dataplane.clock())
 
     async def _retest_link(self, watch: LinkWatch) -> None:
-        """Received transfers slowed down (agent/linkwatch.py): test the link, re-announce."""
+        """Received transfers changed pace (agent/linkwatch.py): test the link, re-announce."""
         async with self._measuring:
             clock = self.dataplane.clock
-            worse = await retest_link(watch, clock, self.measured, self.link, self.config)
-            if worse is None:
+            moved = await retest_link(watch, clock, self.measured, self.link, self.config)
+            if moved is None:
                 return
-            self.measured = worse
+            self.measured = moved
         try:
             await self._publish_info()
         except EdgesliceError as exc:

@@ -18,13 +18,13 @@ republishes ``info``; the planner re-plans when a link figure moved by more than
 the new plan moves that agent off stage 0 and sends it fewer bytes, and no request is
 lost, failed or answered twice. The planner runs with ``--busy-hold 3600`` so that load
 shift (a busy agent derated) cannot move the plan first. The timeline is printed.
-Measured on a 2-core host at load ~2.4: 8 s after lb's link dropped, its transfers
-arrived at 0.59 MB/s against a usual 32.2 MB/s; its link test (2 s) found 0.15 MB/s and it
-re-announced; the planner re-planned at once and plan v2 (lb on the last 10 segments,
-31 KB per request instead of 602 KB) was ready 31 s later, most of it lb fetching its new
-stage over 4 Mbit/s; 75 sent, 75 completed. la, which receives lb's activations, saw them
-slow down too; its test found its own link as announced (21 vs 29 MB/s) and it announced
-nothing.
+Measured on a 2-core host at load ~4: 5 s after la's link dropped, its transfers
+arrived at 0.60 MB/s against a usual 31.0 MB/s; its two link tests (7 s on the congested
+link) found at best 0.15 MB/s and it re-announced; the planner re-planned at once and plan
+v2 (la on the last 24 segments, 50 KB per request instead of 602 KB) was ready 33 s
+later, most of it la fetching its new stage over 4 Mbit/s; 81 sent, 81 completed. lb,
+which receives la's activations, saw them slow down too; its tests found its own link as
+announced (37 vs 30 MB/s) and it announced nothing.
 """
 
 from __future__ import annotations

@@ -114,6 +114,22 @@ def test_the_baseline_is_the_best_sustained_rate_over_the_recent_windows() -> No
     assert watch.baseline_bps is not None and abs(watch.baseline_bps - 4 * MB) < 1
 
 
+def test_a_link_that_got_faster_again_is_tested_again() -> None:
+    watch = LinkWatch(CFG, now=0.0)
+    t, _ = feed(watch, 0.0, 20 * MB, 3)
+    t, due = feed(watch, t, 1 * MB, 12)
+    assert True in due and watch.suspect == "slower"
+    watch.tested(t)
+    t, due = feed(watch, t, 1 * MB, 12)  # the reference after the test: 1 MB/s
+    assert not any(due) and watch.reference_bps is not None
+    assert abs(watch.reference_bps - 1 * MB) < 1
+    t, due = feed(watch, t, 20 * MB, 3)  # cooldown over (60 s): 3 windows above 2 MB/s
+    assert due == [False, False, True] and watch.suspect == "faster" and watch.tests == 2
+    watch.tested(t)
+    t, due = feed(watch, t, 20 * MB, 30)  # fast for good: the new reference, no more tests
+    assert not any(due) and watch.tests == 2
+
+
 class _EchoLink:
     """A broker that echoes probe payloads back: small ones late (queued behind traffic),
     large ones soon."""
