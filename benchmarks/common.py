@@ -67,14 +67,17 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def write_result(name: str, result: dict[str, Any], out_dir: Path | None = None) -> Path:
-    """Write ``{"benchmark", "machine", ...result}`` to results/NAME.json; returns the path."""
+def write_result(
+    name: str, result: dict[str, Any], out_dir: Path | None = None, indent: int | None = 2
+) -> Path:
+    """Write ``{"benchmark", "machine", ...result}`` to results/NAME.json; returns the path.
+    ``indent=None``: one line (a result with thousands of tile boxes stays small)."""
     directory = out_dir or results_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
     rest = {k: v for k, v in result.items() if k not in ("benchmark", "machine")}
     body = {"benchmark": name, "machine": machine(), **rest}
-    path.write_text(json.dumps(body, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(body, indent=indent, sort_keys=False) + "\n", encoding="utf-8")
     return path
 
 

@@ -118,6 +118,26 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def compact(
+    rows: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Rows without what the rounds of one plan and the rows of one testbed share: the
+    plans' blocks once per ``plan_id`` (``plans``) and the devices once per ``fleet/model``
+    (``devices``: each model gets a fresh testbed). Lossless: a row's blocks are
+    ``plans[row["plan_id"]]``, its devices ``devices[f"{fleet}/{model}"]``."""
+    plans: dict[str, Any] = {}
+    devices: dict[str, Any] = {}
+    out = []
+    for r in rows:
+        r = dict(r)
+        if "blocks" in r:
+            plans.setdefault(r["plan_id"], r.pop("blocks"))
+        if "devices" in r:
+            devices.setdefault(f"{r['fleet']}/{r['model']}", r.pop("devices"))
+        out.append(r)
+    return out, plans, devices
+
+
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (fleet, model): the DP's p50 / monolithic's and the best other strategy's p50 /
     the DP's (its speed-up), computed within each run, then median and min-max."""

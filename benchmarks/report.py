@@ -2,7 +2,8 @@
 
 ``python -m edgeslice.benchmarks.report`` rewrites every block of README.md between
 ``<!-- results:NAME:start -->`` and ``<!-- results:NAME:end -->`` from results/NAME.json
-(NAME: planner, strategies, simulation, scaling); ``--check`` rewrites nothing and exits 1
+(NAME: planner, strategies, simulation, scaling, intralayer -- that one's renderer is
+benchmarks/intrareport.py); ``--check`` rewrites nothing and exits 1
 when README.md differs from what the JSON gives (a hand-edited figure fails CI). The text
 is a pure function of the JSON: the same files give the same bytes. Each block says when
 and on what the figures were measured (the JSON's machine description and load average),
@@ -250,11 +251,18 @@ def render_simulation(data: dict[str, Any]) -> str:
     return text + " Computed " + machine_line(data).removeprefix("Measured ")
 
 
+def render_intralayer(data: dict[str, Any]) -> str:
+    from edgeslice.benchmarks.intrareport import render
+
+    return render(data)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "planner": render_planner,
     "strategies": render_strategies,
     "simulation": render_simulation,
     "scaling": render_scaling,
+    "intralayer": render_intralayer,
 }
 
 

@@ -73,7 +73,8 @@ def test_quick_benchmark_writes_results_with_machine(name: str) -> None:
         assert all(b["all_tiles_timed"] for r in rows for b in r["measured_blocks"])
         assert all(sum(r["sent_bytes_per_request"].values()) > 0 for r in rows)
         tiled = next(r for r in rows if r["strategy"] == "inh")
-        assert {b["strategy"] for b in tiled["blocks"]} <= {"inh", "whole"}
+        assert {b["strategy"] for b in result["plans"][tiled["plan_id"]]} <= {"inh", "whole"}
+        assert all(len(b["tiles"]) == 2 for b in result["plans"][tiled["plan_id"]][:-1])
         assert result["runs"] == 1 and "rounds" in result["runs_are"]
         assert [t["model"] for t in result["targets"]] and result["ratios"][0]["model"] == "vgg"
     if name == "planner":

@@ -111,6 +111,72 @@ def test_a_quick_run_is_labelled_as_one_run() -> None:
     assert "4.00 (1 run)" in text
 
 
+def _intralayer_result() -> dict[str, object]:
+    def row(strategy: str, p50: list[float], layout: str) -> dict[str, object]:
+        return {
+            "fleet": "homogeneous",
+            "model": "resnet18",
+            "strategy": strategy,
+            "runs": 3,
+            "failed": [],
+            "layouts": [layout],
+            "p50_s": spread(p50),
+            "p95_s": spread([x * 1.1 for x in p50]),
+            "predicted_latency_s": spread([0.3] * 3),
+            "time": {
+                "compute_s": spread([0.2] * 3),
+                "queue_s": spread([0.001] * 3),
+                "exchange_s": spread([0.05] * 3),
+            },
+            "sent_bytes_per_request": {"a": spread([4000.0] * 3), "b": spread([2e5] * 3)},
+        }
+
+    return {
+        "machine": {"date": "2026-11-30T12:00:00+00:00", "cpu_model": "Test CPU",
+                    "cpu_count": 2, "python": "3.11.7"},
+        "runs": 3,
+        "runs_are": "back-to-back rounds within one plan",
+        "load": {"warmup": 2, "latency_requests": 8},
+        "all_models": False,
+        "models": ["resnet18"],
+        "summary": [
+            row("monolithic", [0.44, 0.45, 0.43], "whole 0-23"),
+            row("edgeslice-dp", [0.36, 0.37, 0.35], "grid 0-8, grid 8-13, whole 13-23"),
+        ],
+        "ratios": [
+            {"fleet": "homogeneous", "model": "resnet18", "best_others": ["monolithic"],
+             "dp_vs_monolithic": spread([0.82, 0.8, 0.84]),
+             "speedup_vs_best_other": spread([1.2, 1.19, 1.25])},
+        ],
+        "targets": [
+            {"fleet": "homogeneous", "model": "resnet18", "target": "DP p50 <= 0.5 x "
+             "monolithic's", "threshold": 0.5, "rule": "<=", "median": 0.82, "min": 0.8,
+             "max": 0.84, "n": 3, "met": False, "missed_by": 0.32, "missed_by_pct": 64.0},
+            {"fleet": "homogeneous", "model": "resnet18", "target": "DP p50 below "
+             "monolithic's", "threshold": 1.0, "rule": "<", "median": 0.82, "min": 0.8,
+             "max": 0.84, "n": 3, "met": True},
+        ],
+    }  # fmt: skip
+
+
+def test_intralayer_block_gives_plans_medians_ratios_and_misses() -> None:
+    text = report.render_intralayer(_intralayer_result())
+    assert text.startswith("Measured 2026-11-30 12:00:00 UTC, on Test CPU, 2 cores")
+    assert "measured as back-to-back rounds within one plan" in text
+    assert "**Partial run: only resnet18 measured so far.**" in text
+    assert (
+        "| homogeneous | resnet18 | edgeslice-dp | 3 blocks: grid \u00d72, whole \u00d71 | "
+        "360 (350\u2013370) | 396 (385\u2013407) | 300 (300\u2013300) | 200 / 1 / 50 | "
+        "200 (200\u2013200) |" in text
+    )
+    assert "| homogeneous | resnet18 | 0.82 (0.80\u20130.84) | 1.20 (1.19\u20131.25) |" in text
+    assert (
+        "DP p50 <= 0.5 x monolithic's (at most 0.5): **0.82** (0.80\u20130.84) \u2013 "
+        "MISSED by 0.32 (64 % of the target)" in text
+    )
+    assert "DP p50 below monolithic's (below 1): **0.82** (0.80\u20130.84) \u2013 met" in text
+
+
 def test_replace_blocks_touches_only_what_is_between_the_markers() -> None:
     readme = (
         "intro\n<!-- results:scaling:start -->\nold table\n<!-- results:scaling:end -->\nafter\n"
