@@ -12,8 +12,8 @@ requests are sent and the ones in flight get ``drain_s`` to finish.
 Counts: sent, completed, failed (an ``infer`` that raised) and lost (sent, neither
 completed nor failed by the end of the drain). Both must be 0: the process exits 1
 otherwise, saying which. Latency p50/p95/p99 per window of completions (10 s), the
-events on the same clock, every process's RSS at start (after warm-up), every window and
-at the end,
+events on the same clock, every process's RSS at start (after warm-up), every window, at
+the end and after ``idle_s`` without requests (agents trim malloc's kept memory when idle),
 and the machine's load averages (other work on a shared host slows everything; the JSON
 says how loaded it was). Results: results/soak.json (+ soak.png with the ``bench``
 extra); ``--quick`` writes soak-quick.* (CI: ~24 s of load, 4 in flight, 3 agents).
@@ -56,12 +56,14 @@ class SoakConfig:
     broker_down_s: float = 1.0
     drain_s: float = 120.0
     request_timeout_s: float = 180.0
+    idle_s: float = 4.0  # after the drain: RSS again once agents have been idle this long
 
 
 FULL = SoakConfig(agents=(("rpi4-4gb", 2), ("rpi5-8gb", 2)), in_flight=16, duration_s=300.0)
 QUICK = SoakConfig(
-    agents=(("rpi4-4gb", 1), ("rpi5-8gb", 2)), in_flight=4, duration_s=24.0, window_s=4.0
-)
+    agents=(("rpi4-4gb", 1), ("rpi5-8gb", 2)), in_flight=4, duration_s=24.0, window_s=4.0,
+    idle_s=0.0,  # CI's time: no idle sample (it equals the end's)
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -213,6 +215,9 @@ async def _load(
             "stale_errors": client.requests.stale_errors,
         }
         result["rss_end_bytes"] = await asyncio.to_thread(rss, _pids(bed, broker))
+        if cfg.idle_s:
+            await asyncio.sleep(cfg.idle_s)  # agents give malloc's kept memory back when idle
+        result["rss_idle_bytes"] = await asyncio.to_thread(rss, _pids(bed, broker))
         return tally
 
 
@@ -331,9 +336,10 @@ def main(quick: bool = False) -> None:
     for who in sorted(result["rss_end_bytes"]):
         start = result["rss_start_bytes"].get(who)
         end = result["rss_end_bytes"][who]
+        idle = result["rss_idle_bytes"].get(who)
         print(
             f"  RSS {who:>18}: {start / mib if start else 0:7.1f} MiB -> "
-            f"{end / mib if end else 0:7.1f} MiB"
+            f"{end / mib if end else 0:7.1f} MiB, idle {idle / mib if idle else 0:7.1f} MiB"
         )
     lat = result["latency_s"]
     print(
