@@ -44,6 +44,7 @@ from edgeslice.broker.protocol.errors import (
     NoPlanError,
     RemoteStageError,
     RequestTimeout,
+    StageUnavailableError,
 )
 from edgeslice.broker.protocol.messages import (
     ErrorReply,
@@ -80,6 +81,8 @@ __all__ = ["InferenceClient", "InferenceResult"]  # what infer() returns: part o
 log = logging.getLogger(__name__)
 
 RESEND_AFTER_RECONNECT_S = 3.0  # second re-send pass after a reconnect (paho retries in 1-2 s)
+STALE_RESENDS = 8  # re-sends after "the plan changed" errors, not counted as retries
+STALE_WAIT_S = 20.0  # ... each after waiting at most this long for a newer ready plan
 
 
 class InferenceClient:
@@ -177,8 +180,9 @@ class InferenceClient:
         self.requests.add(req)
         start = time.perf_counter()
         last: EdgesliceError | None = None
+        tries_left, stale_left = retries + 1, STALE_RESENDS
         try:
-            for _attempt in range(retries + 1):
+            while tries_left > 0:
                 remaining = deadline - time.time()
                 if remaining <= 0:
                     break
@@ -214,6 +218,16 @@ class InferenceClient:
                     "client=%s req=%s retrying after: %s", self.client_id, req.request_id, last
                 )
                 req.future = loop.create_future()
+                if last.code == StageUnavailableError.code and stale_left > 0:
+                    # the agent no longer holds this plan's stage: the plan changed under the
+                    # request, so wait for a newer ready plan (a re-send on the same one
+                    # fails the same way while the new one loads); not counted as a retry
+                    stale_left -= 1
+                    await self.watch.wait_newer_ready(
+                        plan, min(STALE_WAIT_S, max(0.0, deadline - time.time()))
+                    )
+                    continue
+                tries_left -= 1
                 await self.watch.wait_change(plan, min(5.0, max(0.0, deadline - time.time())))
         finally:
             self._release(req)

@@ -124,6 +124,23 @@ class PlanWatch:
             "`edgeslice planner` running with enough agents?"
         )
 
+    async def wait_newer_ready(self, used: PlanMessage, timeout: float) -> None:
+        """After an agent said ``used`` is stale: wait (at most ``timeout``) until a newer
+        plan than ``used`` can route, or the plan is withdrawn (wait_ready then says why)."""
+
+        def newer() -> bool:
+            if self.no_plan_reason():
+                return True
+            u = self.usable_plan()
+            return u is not None and (u.plan_id, u.plan_version) != (
+                used.plan_id,
+                used.plan_version,
+            )
+
+        async with self.changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait_for(newer), timeout)
+
     async def wait_change(self, used: PlanMessage, timeout: float) -> None:
         """After a retryable error: give the planner a moment to publish what changed."""
 

@@ -85,6 +85,18 @@ def test_one_stage_request_returns_the_result_and_a_stale_plan_an_error(tmp_path
                     # a short deadline: the client waits for a newer plan until then
                     await client.infer(inputs[0], timeout=0.5, retries=0)
                 assert caught.value.retryable and "a1" in str(caught.value), repr(caught.value)
+                # the same stale plan, but a ready newer plan follows while the request waits:
+                # "the plan changed" is not a retry used up; the request waits for the new
+                # plan and completes there (a load-shift run lost 4 requests that way)
+                pending = asyncio.ensure_future(client.infer(inputs[0], timeout=10.0, retries=0))
+                await asyncio.sleep(0.3)
+                assert not pending.done()
+                fresh = dataclasses.replace(plan, plan_version=3)
+                await planner.publish(T.plan("mlp"), codec.encode(fresh), qos=1, retain=True)
+                late = await asyncio.wait_for(pending, 10.0)
+                assert late.plan_version == 3 and late.attempts >= 2
+                with torch.no_grad():
+                    assert torch.allclose(late.outputs[0], model(*inputs), atol=1e-6)
 
     asyncio.run(scenario())
 
