@@ -59,6 +59,7 @@ from edgeslice.firmware_profiles import load_profile
 log = logging.getLogger(__name__)
 
 FINISH_TIMEOUT_S = 60.0  # draining: the longest wait for held requests (= a send's timeout)
+LINK_TEST_MAX_BUSY = 0.8  # no link test while the stage worker was busier than this
 
 
 class AgentService:
@@ -308,7 +309,16 @@ class AgentService:
             dp.expire()
             self.memtrim.tick(dp.in_flight, sum(s.requests for s in dp.stats.values()))
             watch = self.linkwatch
-            if watch is not None and watch.due(dp.clock()) and not self._measuring.locked():
+            # a stage worker busy most of the interval bounds what this agent receives and
+            # what a link test measures by its CPU, not its link: test once it has room
+            # (a load-shift run re-announced a CPU-throttled agent's link at 2.6 MB/s)
+            cpu_bound = msg.busy >= LINK_TEST_MAX_BUSY
+            if (
+                watch is not None
+                and not cpu_bound
+                and not self._measuring.locked()
+                and watch.due(dp.clock())
+            ):
                 task = asyncio.create_task(self._retest_link(watch), name="link-retest")
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
