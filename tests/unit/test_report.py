@@ -17,7 +17,8 @@ README = ROOT / "README.md"
 
 def test_readme_results_blocks_match_the_committed_json() -> None:
     current, fresh = report.regenerate(README, RESULTS)
-    assert report.marked_names(current) == ["planner", "strategies", "simulation", "scaling", "intralayer"]
+    names = ["planner", "strategies", "simulation", "scaling", "intralayer"]
+    assert report.marked_names(current) == names
     assert current == fresh, (
         "README.md results blocks differ from benchmarks/results/*.json: do not edit them by "
         "hand; run `python -m edgeslice.benchmarks.report`"
