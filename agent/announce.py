@@ -71,7 +71,7 @@ async def measure_link(before: Measured, link: LinkTest, config: AgentConfig) ->
     return replace(before, link_rtt_s=rtt, link_bandwidth_bps=bandwidth)
 
 
-CONFIRMED = 1.5  # a re-test re-announces figures that moved this much (the planner's factor)
+CONFIRMED = 1.5  # a re-test re-announces a link that moved this much (the planner's factor)
 
 
 async def retest_link(
@@ -81,27 +81,29 @@ async def retest_link(
     link: LinkTest,
     config: AgentConfig,
 ) -> Measured | None:
-    """Test the link again because ``watch`` saw transfers slow down or speed up: the
-    better of two tests (a busy moment must spoil both), returned when its bandwidth or
-    round trip moved by :data:`CONFIRMED` either way, None when the link tests as
+    """Test the link again because ``watch`` saw transfers slow down or speed up. A test
+    that finds the link moved that way by :data:`CONFIRMED` (bandwidth or round trip) is
+    repeated, and the figure of the two nearer the old one kept: both must show it (a
+    busy moment spoils a test; a test that finds the link faster while transfers say
+    slower is noise). The new figures when they moved, None when the link tests as
     announced (a slower sender, a busy host) and nothing should change. Logged."""
     usual = watch.baseline_bps if watch.suspect == "slower" else watch.reference_bps
     log.warning(
         "agent=%s transfers arrive at %.2f MB/s, usually at %.2f: link %s? testing it again",
         *(config.agent_id, watch.rates[-1] / 1e6, (usual or 0.0) / 1e6, watch.suspect),
     )
-    tests = [await measure_link(before, link, config) for _ in range(2)]
+    slower = watch.suspect == "slower"
+    now = await measure_link(before, link, config)
+    if moved := _moved(before, now, slower):  # a second test only to confirm a move
+        again = await measure_link(before, link, config)
+        least, most = (max, min) if slower else (min, max)  # the figure nearer "as before"
+        now = replace(
+            now,
+            link_rtt_s=most(now.link_rtt_s, again.link_rtt_s),
+            link_bandwidth_bps=least(now.link_bandwidth_bps, again.link_bandwidth_bps),
+        )
+        moved = _moved(before, now, slower)
     watch.tested(clock())
-    now = replace(
-        before,
-        link_rtt_s=min(t.link_rtt_s for t in tests),
-        link_bandwidth_bps=max(t.link_bandwidth_bps for t in tests),
-    )
-    pairs = (
-        (before.link_bandwidth_bps, now.link_bandwidth_bps),
-        (before.link_rtt_s, now.link_rtt_s),
-    )
-    moved = any(a > 0 and b > 0 and max(a / b, b / a) > CONFIRMED for a, b in pairs)
     log.warning(
         "agent=%s link re-tested: %.2f -> %.2f MB/s, rtt %.1f -> %.1f ms; %s",
         *(config.agent_id, before.link_bandwidth_bps / 1e6, now.link_bandwidth_bps / 1e6),
@@ -109,6 +111,18 @@ async def retest_link(
         "re-announcing" if moved else "as announced: not re-announced",
     )
     return now if moved else None
+
+
+def _moved(before: Measured, now: Measured, slower: bool) -> bool:
+    """The link moved by :data:`CONFIRMED` the way suspected: bandwidth down or round trip
+    up (``slower``), else bandwidth up or round trip down. No earlier figure: any."""
+    if before.link_bandwidth_bps <= 0 or before.link_rtt_s <= 0:
+        return now.link_bandwidth_bps > 0
+    bandwidth = now.link_bandwidth_bps / before.link_bandwidth_bps
+    rtt = now.link_rtt_s / before.link_rtt_s
+    if slower:
+        return bandwidth * CONFIRMED < 1 or rtt > CONFIRMED
+    return bandwidth > CONFIRMED or rtt * CONFIRMED < 1
 
 
 def versions() -> dict[str, str]:

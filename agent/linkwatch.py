@@ -30,10 +30,10 @@ first chunk and the time from the first chunk to the last), and the agent asks
   once. The agent tests its link and calls :meth:`tested`, which starts a new baseline,
   so a link that is slow for good is tested once, not every window (no flapping). It
   re-announces only a link the test finds changed as much as the planner cares about
-  (agent/announce.py's ``retest_link``: bandwidth or round trip 1.5x either way, the
-  better of two tests): a sender that got slower, or a host too busy to read its socket
-  for a while, costs a test that finds the link as announced, changes nothing, and
-  starts a new baseline.
+  (agent/announce.py's ``retest_link``: bandwidth or round trip 1.5x the way the
+  transfers said, in two tests): a sender that got slower, or a host too busy to read
+  its socket for a while, costs a test that finds the link as announced, changes
+  nothing, and starts a new baseline.
 
 Pure and clock-driven (times are the caller's clock, e.g. the data plane's); the agent
 service does the test and the announcement.

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from memfleet import agent_config, eventually, running
 
+from edgeslice.agent.announce import Measured, retest_link
+from edgeslice.agent.linkwatch import LinkWatch, LinkWatchConfig
 from edgeslice.agent.memtrim import IdleTrim, rss_bytes
 from edgeslice.agent.probe import LinkTest
 from edgeslice.agent.service import AgentService
@@ -83,9 +85,13 @@ def test_slow_transfers_make_the_agent_retest_its_link_and_announce_it_once(
     assert last.link_bandwidth_bps == 0.01 * first.link_bandwidth_bps
 
 
-def test_a_link_that_tests_as_announced_is_not_announced_again(tmp_path: Path) -> None:
-    # the transfers slowed down elsewhere (a slower sender, a busy host): nothing changes
-    service, first, last = asyncio.run(_slow_down(tmp_path, tested=1.3))
+@pytest.mark.parametrize("tested", [1.3, 3.0])
+def test_a_link_that_does_not_test_slower_is_not_announced_again(
+    tmp_path: Path, tested: float
+) -> None:
+    # the transfers slowed down elsewhere (a slower sender, a busy host), or the test
+    # says faster while the transfers say slower (noise): nothing changes
+    service, first, last = asyncio.run(_slow_down(tmp_path, tested=tested))
     assert last == first and service.measured.link_bandwidth_bps == first.link_bandwidth_bps
 
 
@@ -125,3 +131,30 @@ def test_idle_trim_gives_freed_heap_memory_back_on_glibc() -> None:
     released = trim.tick(holding=0, done=1)
     assert released is not None and released > 100 * 2**20, released
     assert rss_bytes() > 0 and len(kept) == 188
+
+
+@pytest.mark.parametrize(
+    ("suspect", "bandwidth", "rtt", "announced"),
+    [
+        ("slower", 0.5, 1.0, True),
+        ("slower", 1.0, 2.0, True),  # round trip up
+        ("slower", 3.0, 1.0, False),  # faster while transfers said slower: noise
+        ("faster", 3.0, 1.0, True),
+        ("faster", 1.0, 0.5, True),  # round trip down
+        ("faster", 0.5, 1.0, False),
+        ("faster", 1.2, 1.0, False),  # within the planner's 1.5x
+    ],
+)
+def test_a_retest_announces_only_a_move_the_way_the_transfers_said(
+    suspect: str, bandwidth: float, rtt: float, announced: bool
+) -> None:
+    before = Measured(gflops=5.0, link_rtt_s=0.01, link_bandwidth_bps=10e6)
+    watch = LinkWatch(LinkWatchConfig(), now=0.0)
+    watch.rates, watch.suspect = [1e6], suspect
+    stub = StubLink(LinkTest(None, "probe"), bandwidth * 10e6, rtt * 0.01)  # type: ignore[arg-type]
+    config = agent_config("a1", Path("/nonexistent"))
+    now = asyncio.run(retest_link(watch, time.time, before, stub, config))
+    assert (now is not None) == announced
+    if now is not None:
+        assert (now.link_bandwidth_bps, now.link_rtt_s) == (bandwidth * 10e6, rtt * 0.01)
+        assert now.gflops == 5.0
