@@ -86,14 +86,17 @@ class LinkWatch:
         self._spans.append((first_at, last_at))
         self._bytes += nbytes
 
-    def due(self, now: float) -> bool:
-        """Close the windows that ended by ``now``; True once the link should be tested."""
+    def due(self, now: float, may_test: bool = True) -> bool:
+        """Close the window if it ended by ``now`` (call on every tick, so what it holds
+        stays one window's worth); True once the link should be tested. ``may_test``
+        False (the caller cannot test now: e.g. its CPU is the bottleneck) holds a due
+        test back until a tick that may."""
         cfg = self.config
         if now - self._window_start >= cfg.window_s:  # ticks close windows: a few s apart
             self._close_window()
             self._window_start = now
         held = max(self.slow, self.fast) >= cfg.hold_windows
-        if held and now - self._tested_at >= cfg.cooldown_s:
+        if may_test and held and now - self._tested_at >= cfg.cooldown_s:
             self.suspect = "slower" if self.slow >= self.fast else "faster"
             self.slow = self.fast = 0
             self.tests += 1

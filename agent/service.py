@@ -312,13 +312,8 @@ class AgentService:
             # a stage worker busy most of the interval bounds what this agent receives and
             # what a link test measures by its CPU, not its link: test once it has room
             # (a load-shift run re-announced a CPU-throttled agent's link at 2.6 MB/s)
-            cpu_bound = msg.busy >= LINK_TEST_MAX_BUSY
-            if (
-                watch is not None
-                and not cpu_bound
-                and not self._measuring.locked()
-                and watch.due(dp.clock())
-            ):
+            may_test = msg.busy < LINK_TEST_MAX_BUSY and not self._measuring.locked()
+            if watch is not None and watch.due(dp.clock(), may_test):  # windows close anyway
                 task = asyncio.create_task(self._retest_link(watch), name="link-retest")
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)

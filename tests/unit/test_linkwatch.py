@@ -130,6 +130,18 @@ def test_a_link_that_got_faster_again_is_tested_again() -> None:
     assert not any(due) and watch.tests == 2
 
 
+def test_a_test_held_back_comes_once_it_may_and_windows_close_meanwhile() -> None:
+    watch = LinkWatch(CFG, now=0.0)
+    t, _ = feed(watch, 0.0, 20 * MB, 12)
+    for _ in range(6):  # slow, but the caller may not test (its CPU is the bottleneck)
+        watch.observe(400_000, t + 1.0, t + 1.4)
+        t += CFG.window_s
+        assert not watch.due(t, may_test=False)
+        assert len(watch._spans) == 0  # each window closed: nothing piles up
+    assert watch.slow == 6
+    assert watch.due(t + 0.1)  # the first tick that may test
+
+
 class _EchoLink:
     """A broker that echoes probe payloads back: small ones late (queued behind traffic),
     large ones soon."""
