@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
@@ -348,7 +349,11 @@ def _emulate_paced(config: Any, firmware: Any, scale: float) -> tuple[Any, dict[
     """--emulate-mode paced: install the pacer (agent/pacing.py), limit memory with a cgroup."""
     from edgeslice.agent import pacing
 
-    applied, limits, pacer = pacing.emulate_paced(config.agent_id, firmware, scale)
+    try:
+        window = pacing.window_from_env(os.environ.get(pacing.WINDOW_ENV))
+    except ValueError as exc:
+        raise click.ClickException(f"agent {config.agent_id}: {exc}") from None
+    applied, limits, pacer = pacing.emulate_paced(config.agent_id, firmware, scale, window=window)
     pacing.install(pacer)
     memory = f"memory {pacer.plan.memory_bytes >> 20} MiB" if applied else "memory UNLIMITED"
     click.echo(

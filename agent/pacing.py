@@ -30,6 +30,18 @@ delays the stage's wall time, not its CPU time, so the emulated board does not s
 because the host is busy, unless the host is too busy to finish within the device time
 (then there is nothing to hold; :attr:`Pacer.late` counts those stages).
 
+Steady CPU time. CPU time still grows when emulated agents share a small host: four
+agents on two cores evict each other's caches and share memory bandwidth, so the same
+program's CPU time varies run to run by 1.3-3x (measured on tiles of a few ms), and
+times the pace factor (~15 for an rpi4 on this host) that becomes tens of ms of device
+time that no real board, alone on its own cores, would spend. The pacer therefore
+charges each run the *lowest* CPU time of the same program on inputs of the same shapes
+over its last :data:`STEADY_WINDOW` runs (this run included): a program's steady cost on
+this host, the cost a board that does not share its cores pays every time. The first run
+of a program (cold caches, lazy initialisation) is charged in full. Set
+``EDGESLICE_PACE_WINDOW=1`` to charge every run its own CPU time (the earlier behaviour);
+:attr:`Pacer.uncharged_cpu_s` says how much host CPU time was not charged.
+
 The calibration the agent announces (``info.gflops``, and the ``calibrate`` command) goes
 through the same :meth:`Pacer.run`: :meth:`Pacer.measure_gflops` runs the calibration
 kernel for ``seconds / factor`` of host time (at least :data:`MIN_HOST_SECONDS`) and
@@ -49,7 +61,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,6 +74,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIN_HOST_SECONDS = 0.1  # a paced calibration runs the kernel at least this long on the host
+STEADY_WINDOW = 16  # runs of one program whose lowest CPU time is charged (1: each its own)
+WINDOW_ENV = "EDGESLICE_PACE_WINDOW"
 
 
 # -- arithmetic (pure) ----------------------------------------------------------------------
@@ -104,6 +119,35 @@ def paced_rate(host_rate: float, host_wall_s: float, paced_wall_s: float) -> flo
     if paced_wall_s <= 0:
         return host_rate
     return host_rate * host_wall_s / max(paced_wall_s, host_wall_s)
+
+
+def steady_cpu_seconds(recent: deque[float], cpu_s: float) -> float:
+    """Record ``cpu_s`` in ``recent`` (a bounded deque) and return the lowest CPU time in it:
+    the program's steady cost (module docstring)."""
+    recent.append(max(0.0, cpu_s))
+    return min(recent)
+
+
+def program_key(artifact: str, args: Sequence[Any]) -> Hashable:
+    """Which runs count as the same work: one stage artifact (its sha256) on inputs of the
+    same shapes and dtypes (a batch of 4 is other work than a batch of 1)."""
+    return (
+        artifact,
+        tuple((tuple(a.shape), str(a.dtype)) if hasattr(a, "shape") else repr(a) for a in args),
+    )
+
+
+def window_from_env(value: str | None) -> int:
+    """``EDGESLICE_PACE_WINDOW`` as a window length (unset: :data:`STEADY_WINDOW`)."""
+    if value is None or not value.strip():
+        return STEADY_WINDOW
+    try:
+        window = int(value)
+    except ValueError:
+        raise ValueError(f"{WINDOW_ENV} must be a whole number >= 1, got {value!r}") from None
+    if window < 1:
+        raise ValueError(f"{WINDOW_ENV} must be >= 1 (1: charge every run), got {window}")
+    return window
 
 
 def calibration_host_seconds(seconds: float, factor: float) -> float:
@@ -150,8 +194,10 @@ class Pacer:
         clock: Callable[[], float] = time.perf_counter,
         cpu_clock: Callable[[], float] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        window: int = STEADY_WINDOW,
     ) -> None:
         self.plan = plan
+        self.window = max(1, window)
         self.factor = plan.factor
         self.clock = clock
         # one thread: the worker's own CPU time; more: torch's pool too (the whole process)
@@ -161,22 +207,39 @@ class Pacer:
         self.late = 0  # runs whose host wall time already exceeded the device time
         self.held_s = 0.0
         self.host_cpu_s = 0.0
+        self.uncharged_cpu_s = 0.0  # host CPU time above a program's steady cost
+        self._recent: dict[Hashable, deque[float]] = {}
 
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)``, returned once the device would have finished it."""
+    def run(self, fn: Callable[..., T], *args: Any, key: Hashable | None = None) -> T:
+        """``fn(*args)``, returned once the device would have finished it. Runs with the
+        same ``key`` (:func:`program_key`) are charged their steady CPU time; without a key
+        (calibration) a run is charged its own."""
         started, cpu0 = self.clock(), self.cpu_clock()
         try:
             return fn(*args)
         finally:
             cpu_s = self.cpu_clock() - cpu0
-            hold = hold_seconds(started, self.clock(), cpu_s, self.factor)
+            charged = max(0.0, cpu_s) if key is None else self._charge(key, cpu_s)
+            hold = hold_seconds(started, self.clock(), charged, self.factor)
             self.calls += 1
             self.host_cpu_s += cpu_s
+            self.uncharged_cpu_s += cpu_s - charged
             if hold > 0:
                 self.held_s += hold
                 self.sleep(hold)
             elif cpu_s > 0:
                 self.late += 1
+
+    def _charge(self, key: Hashable, cpu_s: float) -> float:
+        """The CPU time to charge this run: its program's steady cost (module docstring)."""
+        if self.window == 1:
+            return max(0.0, cpu_s)
+        recent = self._recent.get(key)
+        if recent is None:
+            if len(self._recent) >= 4096:  # plans come and go: forget the oldest programs
+                self._recent.pop(next(iter(self._recent)))
+            recent = self._recent[key] = deque(maxlen=self.window)
+        return steady_cpu_seconds(recent, cpu_s)
 
     def measure_gflops(self, seconds: float, threads: int | None = None) -> float:
         """The calibration kernel's rate as the emulated device shows it (paced like a stage)."""
@@ -206,6 +269,7 @@ class Pacer:
             "threads": self.plan.threads,
             "memory_bytes": self.plan.memory_bytes,
             "scale": self.plan.scale,
+            "steady_window": self.window,
         }
 
 
@@ -230,6 +294,7 @@ def emulate_paced(
     scale: float = 1.0,
     root: Path | None = None,
     proc_cgroup: Path | None = None,
+    window: int = STEADY_WINDOW,
 ) -> tuple[Any, dict[str, Any], Pacer]:
     """Measure the host core, limit memory with a cgroup, and return (limits or None, the
     ``info.limits`` dict, the pacer); the caller installs the pacer. Never raises for a
@@ -241,7 +306,7 @@ def emulate_paced(
 
     root = root or DEFAULT_ROOT
     plan = plan_pacing(profile, host_core_gflops(), scale)
-    pacer = Pacer(plan)
+    pacer = Pacer(plan, window=window)
     info = pacer.to_info()
     cpus = os.cpu_count() or 1
     memory_only = EmulationPlan(

@@ -139,7 +139,13 @@ class LoadedStage:
         self.check_inputs(inputs)
         pacer = pacing.current()  # emulating a slower device: hold until it would be done
         with torch.inference_mode():
-            result = self._program(*inputs) if pacer is None else pacer.run(self._program, *inputs)
+            result = (
+                self._program(*inputs)
+                if pacer is None
+                else pacer.run(
+                    self._program, *inputs, key=pacing.program_key(self.info.sha256, inputs)
+                )
+            )
         return self._check_outputs(result)
 
     def run_batch(self, requests: Sequence[Sequence[Tensor]]) -> list[list[Tensor]]:
@@ -155,7 +161,11 @@ class LoadedStage:
         pacer = pacing.current()
         with torch.inference_mode():
             result = (
-                self._program(*stacked) if pacer is None else pacer.run(self._program, *stacked)
+                self._program(*stacked)
+                if pacer is None
+                else pacer.run(
+                    self._program, *stacked, key=pacing.program_key(self.info.sha256, stacked)
+                )
             )
         outputs = self._check_outputs(result)
         rows = [spec.shape[0] for spec in self.info.outputs]

@@ -224,3 +224,67 @@ def test_fleet_files_choose_the_mode_per_fleet_or_agent() -> None:
     assert [a.emulate_mode for a in mixed] == ["quota", "paced"]
     with pytest.raises(ConfigError, match="emulate_mode"):
         parse_fleet({"agents": [{"profile": "rpi3b", "emulate_mode": "fast"}]})
+
+
+# -- steady CPU time ---------------------------------------------------------------------------
+def test_a_program_is_charged_its_steady_cpu_time() -> None:
+    clocks = FakeClocks()
+    pacer = _pacer(10.0, clocks)
+    key = pacing.program_key("a" * 64, [torch.zeros(1, 3)])
+    start = clocks.wall
+    pacer.run(clocks.work, 0.002, 0.002, key=key)  # first run: charged in full
+    assert clocks.wall - start == pytest.approx(0.020)
+    start = clocks.wall
+    pacer.run(clocks.work, 0.005, 0.005, key=key)  # contended: 2.5x the CPU time
+    assert clocks.wall - start == pytest.approx(0.020)  # charged the steady 2 ms, not 5
+    assert pacer.uncharged_cpu_s == pytest.approx(0.003)
+    start = clocks.wall
+    pacer.run(clocks.work, 0.005, 0.005)  # no key (calibration): charged its own time
+    assert clocks.wall - start == pytest.approx(0.050)
+
+
+def test_steady_time_is_kept_per_artifact_and_shape() -> None:
+    clocks = FakeClocks()
+    pacer = _pacer(10.0, clocks)
+    pacer.run(clocks.work, 0.001, 0.001, key=pacing.program_key("a" * 64, [torch.zeros(1, 3)]))
+    start = clocks.wall
+    # a batch of 4 is other work: not charged the single request's 1 ms
+    pacer.run(clocks.work, 0.003, 0.003, key=pacing.program_key("a" * 64, [torch.zeros(4, 3)]))
+    assert clocks.wall - start == pytest.approx(0.030)
+    start = clocks.wall
+    pacer.run(clocks.work, 0.004, 0.004, key=pacing.program_key("b" * 64, [torch.zeros(1, 3)]))
+    assert clocks.wall - start == pytest.approx(0.040)
+
+
+def test_the_window_forgets_old_runs_and_one_charges_every_run() -> None:
+    clocks = FakeClocks()
+    plan = PacePlan(device_gflops=10.0, host_core_gflops=100.0, threads=1, memory_bytes=0)
+    pacer = Pacer(plan, lambda: clocks.wall, lambda: clocks.cpu, clocks.sleep, window=2)
+    key = pacing.program_key("a" * 64, [torch.zeros(1)])
+    for cpu in (0.001, 0.004, 0.004):
+        start = clocks.wall
+        pacer.run(clocks.work, cpu, cpu, key=key)
+    assert clocks.wall - start == pytest.approx(0.040)  # the 1 ms run left the window
+    every = Pacer(plan, lambda: clocks.wall, lambda: clocks.cpu, clocks.sleep, window=1)
+    every.run(clocks.work, 0.001, 0.001, key=key)
+    start = clocks.wall
+    every.run(clocks.work, 0.004, 0.004, key=key)
+    assert clocks.wall - start == pytest.approx(0.040)
+
+
+def test_window_from_env() -> None:
+    assert pacing.window_from_env(None) == pacing.STEADY_WINDOW
+    assert pacing.window_from_env("1") == 1
+    with pytest.raises(ValueError, match="EDGESLICE_PACE_WINDOW"):
+        pacing.window_from_env("0")
+    with pytest.raises(ValueError, match="whole number"):
+        pacing.window_from_env("many")
+
+
+def test_stage_runs_are_charged_their_steady_time(installed: Pacer) -> None:
+    spec = TensorSpec((1, 4), "float32", "x")
+    info = StageInfo("0" * 64, "m", 0, 0, 1, (spec,), (spec,), 0, torch.__version__)
+    stage = LoadedStage(info, lambda x: x + 1)
+    for _ in range(3):
+        stage.run([torch.zeros(1, 4)])
+    assert installed.calls == 3 and len(installed._recent) == 1  # one program, one history
