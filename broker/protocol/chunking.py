@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +53,7 @@ from typing import Any
 import msgpack
 
 from edgeslice.broker.protocol import PROTOCOL_MAJOR, PROTOCOL_MINOR
+from edgeslice.broker.protocol.chunkparse import crc32
 from edgeslice.broker.protocol.errors import ProtocolError, TransferError
 from edgeslice.broker.protocol.reassembly import (
     MAX_ID_LEN,
@@ -181,11 +181,11 @@ def stream_transfer(
 
     def generate() -> Iterator[bytes]:
         head = view[:first]  # packed as bin by hand: msgpack would copy it twice
-        packed = msgpack.packb({**fields, "x": zlib.crc32(head), "d": b""})[:-2]  # d: c4 00
+        packed = msgpack.packb({**fields, "x": crc32(head), "d": b""})[:-2]  # d: c4 00
         yield b"".join((packed, _bin_header(first), head))
         for seq, offset in enumerate(range(first, total, cap), start=1):
             piece = view[offset : offset + cap]
-            crc = b"\xa1x\xce" + zlib.crc32(piece).to_bytes(4, "big")
+            crc = b"\xa1x\xce" + crc32(piece).to_bytes(4, "big")
             yield b"".join(
                 (prefix, msgpack.packb(seq), crc, b"\xa1d", _bin_header(len(piece)), piece)
             )

@@ -1,5 +1,5 @@
-"""Parsing received chunks: bounded msgpack, a copy-free fast path for data chunks, and the
-:class:`TransferHeader` / :class:`Refused` values the parse produces.
+"""Parsing received chunks: bounded msgpack, a copy-free fast path for data chunks, the
+:class:`TransferHeader` / :class:`Refused` values the parse produces, and the chunks' crc32.
 
 Split off :mod:`broker.protocol.reassembly` (which owns the state of open transfers and
 re-exports these names) so each module keeps one responsibility. Pure: bytes in, values out;
@@ -14,6 +14,16 @@ from typing import Any
 import msgpack
 
 from edgeslice.broker.protocol import PROTOCOL_MAJOR
+
+try:  # ISA-L's crc32: bit-identical to zlib.crc32, ~15x faster (1 MiB: 20 us vs 280-600 us)
+    from isal.isal_zlib import crc32
+except ImportError:  # no isal wheel for this platform (e.g. 32-bit ARM): zlib's, same values
+    from zlib import crc32
+
+__all__ = [
+    "MAX_ID_LEN", "MAX_SEQ", "NON_ERROR_REASONS", "PART_COST", "Completed", "Parsed", "Piece",
+    "Refused", "TransferHeader", "crc32", "parse_chunk", "parse_data_chunk",
+]  # fmt: skip
 
 NON_ERROR_REASONS = frozenset({"duplicate", "ignored"})
 PART_COST = 128  # bytes of bookkeeping charged per buffered chunk

@@ -21,7 +21,6 @@ once a flood stops.
 from __future__ import annotations
 
 import logging
-import zlib
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 
@@ -34,6 +33,7 @@ from edgeslice.broker.protocol.chunkparse import (
     Piece,
     Refused,
     TransferHeader,
+    crc32,
     parse_chunk,
     parse_data_chunk,
 )
@@ -89,7 +89,7 @@ class _Open:
         with memoryview(payload) as view:
             while self.crc_next in self.seen:  # in order: just this piece, while it is hot
                 start, end = self.slot(self.crc_next, len(view))
-                self.crc = zlib.crc32(view[start:end], self.crc)
+                self.crc = crc32(view[start:end], self.crc)
                 self.crc_next += 1
         return None
 
@@ -190,7 +190,7 @@ class Reassembler:
             return Refused(tid, "duplicate", f"chunk {seq} already received", entry.header, sender)
         if crc is None:
             entry.unchecked += 1
-        elif (actual := zlib.crc32(piece)) != crc:
+        elif (actual := crc32(piece)) != crc:
             detail = f"chunk {seq} of transfer {tid}: crc32 {actual:#010x} != {crc:#010x}, "
             return self._drop(tid, "checksum", detail + "corrupted in transit; resend", now, header)
         if header is not None and (refusal := self._admit(tid, entry, header, len(piece), now)):
@@ -347,7 +347,7 @@ class Reassembler:
         payload, crc = entry.payload, entry.crc  # placed as they came; crc ran alongside
         if payload is None:  # no layout: join now (a bytearray: unpack_tensors wraps it)
             payload = bytearray().join(entry.parts[seq] for seq in range(header.total_chunks))
-            crc = zlib.crc32(payload) if header.checksum is not None else 0
+            crc = crc32(payload) if header.checksum is not None else 0
         if header.checksum is None and entry.unchecked:
             detail = f"{entry.unchecked} chunks carry no crc32 (x) and the header none (c)"
             return self._drop(tid, "malformed", detail, now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import zlib
 
 import msgpack
 import pytest
@@ -19,6 +20,7 @@ from edgeslice.broker.protocol.chunking import (
     encode_transfer,
     split_payload,
 )
+from edgeslice.broker.protocol.chunkparse import crc32
 from edgeslice.broker.protocol.errors import ProtocolError, TransferError
 
 KNOWN_REASONS = {
@@ -107,6 +109,17 @@ def test_chunks_rewritten_by_another_msgpack_writer_still_reassemble():
     rewritten = [msgpack.packb(dict(reversed(msgpack.unpackb(c).items()))) for c in chunks]
     (done,) = _completed(_feed_all(Reassembler(), rewritten))
     assert done.payload == payload
+
+
+def test_chunk_checksums_are_zlib_crc32_whichever_library_computes_them():
+    """x is zlib's crc32 of the chunk's data (the wire format) also where ISA-L computes it,
+    so peers with and without isal installed read each other's chunks."""
+    payload = os.urandom(5000)
+    for chunk in _encode(payload, chunk_size=1024):
+        fields = msgpack.unpackb(chunk)
+        assert fields["x"] == zlib.crc32(fields["d"])
+    view = memoryview(payload)[7:]
+    assert crc32(view) == zlib.crc32(view) and crc32(view, 12345) == zlib.crc32(view, 12345)
 
 
 def test_a_missing_chunk_never_completes_and_then_times_out():
