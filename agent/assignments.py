@@ -211,6 +211,12 @@ class Assignments:
                         f"assignment says stage {stage.stage}"
                     )
                 keep.add(stage.artifact)
+            limits = self.dataplane.queue.stage_limits  # the planner's word on batching a stage
+            for stage in desired.stages:
+                if stage.max_batch is None:
+                    limits.pop(stage.artifact, None)
+                else:
+                    limits[stage.artifact] = stage.max_batch
             self._unload_old(keep)
             self.dataplane.reassembler.set_min_plan_version(desired.plan_id, 0)
             await self._report(desired, "ready", stages, "", time.perf_counter() - started)

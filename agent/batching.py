@@ -13,6 +13,9 @@ holds a lone request for at most ``max_wait_s``.
 Only stages whose artifact says ``batchable`` (exported with a dynamic dim 0, see
 planner/batchdim.py) are batched; the others run one request at a time, as does a
 request whose key cannot be read (its error is reported by the data plane as before).
+A stage's assignment may lower the limit (``StageAssignment.max_batch``: the planner
+measured that batching slows that stage down, planner/batchcost.py): the queue takes
+``min(max_batch, the stage's limit)`` (``stage_limits``, set by agent/assignments.py).
 
 :func:`measure_batch_speedup` is the start-up measurement agents announce in ``info``:
 the calibration kernel (broker/calibration.py: a 256x256 matmul and a 64-channel 3x3
@@ -128,6 +131,8 @@ class BatchQueue(Generic[J]):
         self.policy = policy
         self.batchable = batchable
         self.expected_s = expected_s
+        # artifact sha256 -> the stage's own limit (its assignment's max_batch)
+        self.stage_limits: dict[str, int] = {}
         self.clock = clock
         self.pending: deque[J] = deque()
         self._arrived = asyncio.Event()
@@ -156,8 +161,10 @@ class BatchQueue(Generic[J]):
         """The oldest job and what may run with it (see the module docstring)."""
         head = await self.get()
         key = self.key_of(head)
-        limit = self.policy.max_batch
-        if key is None or limit == 1 or not self.batchable(key):
+        if key is None:
+            return [head]
+        limit = self.limit(key)
+        if limit == 1 or not self.batchable(key):
             return [head]
         batch = [head, *take_matching(self.pending, self.key_of, key, limit - 1)]
         while len(batch) < limit:
@@ -167,6 +174,11 @@ class BatchQueue(Generic[J]):
                 break
             batch += take_matching(self.pending, self.key_of, key, limit - len(batch))
         return batch
+
+    def limit(self, key: BatchKey) -> int:
+        """The most requests of ``key`` one run takes: the policy's, lowered by the stage's."""
+        stage = self.stage_limits.get(key[0])
+        return self.policy.max_batch if stage is None else max(1, min(stage, self.policy.max_batch))
 
     async def _wait(self, timeout: float | None) -> bool:
         """Wait for the next arrival; False when ``timeout`` passed first."""

@@ -28,10 +28,11 @@ while its stage thread computes, but the hop CPU work competes with compute for
 the same cores. The client is one more device on the path (``None`` here): it
 packs every input and unpacks every output over its own link, so a plan's period
 is never below :func:`client_period_s`, however many replicas serve stage 0.
-An agent that batches requests (agent/batching.py) divides a stage's *compute* by the
-speed-up it measured at calibration once its queue is full, not its hop costs:
-:func:`batched_period_s` is that saturated period; latency and the fitted correction
-stay at batch 1.
+An agent that batches requests (agent/batching.py) divides a stage's *compute*, not its
+hop costs, by a batch speed-up once its queue is full. :func:`batched_period_s` prices that
+with the calibration kernel's speed-up; the plan search uses the speed-up measured per
+segment of the model itself (``Segment.batch_gain``, :mod:`planner.batchcost`). Latency
+and the fitted correction stay at batch 1.
 
 Where the hop constants come from: :func:`hop_constants` fits them to the
 transport benchmark's chunked and raw transfers (``benchmarks/results/transport.json``
@@ -65,6 +66,7 @@ class Segment:
     param_bytes: int  # parameter + buffer bytes it holds
     out_bytes: int  # bytes of the activation(s) crossing the cut after this piece
     act_bytes: int  # peak activation working memory while running it
+    batch_gain: float = 1.0  # measured B·t(1)/t(B) at ModelCost.batch_size (planner/timing.py)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class ModelCost:
     name: str
     input_bytes: int
     segments: tuple[Segment, ...]
+    batch_size: int = 1  # the batch B each segment's batch_gain was measured at (1: none)
 
     @property
     def output_bytes(self) -> int:
@@ -92,6 +95,7 @@ class Device:
     rtt_s: float  # measured round trip device <-> broker
     load: float = 0.0  # 0..1 live CPU load; compute slows by 1/(1-load), capped
     batch_speedup: float = 1.0  # compute throughput gain when it batches (info, at max batch)
+    max_batch: int = 1  # the most requests it runs at once (info.max_batch; 1: no batching)
 
 
 @dataclass(frozen=True)

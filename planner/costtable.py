@@ -11,6 +11,16 @@ device ``d``:
 * ``latency = lhead[d][j] + loff[d][i]``: the stage's CPU, both its link halves,
   the broker round of its incoming hop and its RTT, which makes a pipeline's
   latency separable by stage: ``client_s + sum(latency(stage))``.
+
+With ``batched=True`` (the throughput objective) a device whose agent batches
+(``batching[d]``) has a second, saturated CPU ``bhead[d][j] + boffset[d][i]``: compute over
+the batch gains measured per segment (prefix sums ``bflops[d]`` of ``flops_k / gain_k``,
+:func:`~planner.batchcost.device_gains`), and its CPU in the period is the smaller of the
+two, since a stage that batching slows down is told not to batch
+(:func:`~planner.batchcost.saturated_period_s`, which the period then equals outside a
+stage gain of 0.95-1). The minimum of two separable costs keeps the DPs exact: the
+stages under a bound are the union of those under each. Latency stays at batch 1.
+``least_flops`` is a prefix sum of work no device's CPU goes below (capacity bounds).
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import accumulate
 
+from edgeslice.planner.batchcost import device_gains
 from edgeslice.planner.costmodel import (
     DEFAULT_PARAMS,
     CostParams,
@@ -41,7 +52,11 @@ class CostTable:
     """
 
     def __init__(
-        self, model: ModelCost, devices: Sequence[Device], params: CostParams = DEFAULT_PARAMS
+        self,
+        model: ModelCost,
+        devices: Sequence[Device],
+        params: CostParams = DEFAULT_PARAMS,
+        batched: bool = False,
     ) -> None:
         segs = model.segments
         self.n = n = len(segs)
@@ -102,17 +117,36 @@ class CostTable:
             [o + w + params.broker_round_s + rtt for o, w in zip(off, down, strict=True)]
             for off, down, rtt in zip(self.offset, self.down, self.rtt, strict=True)
         ]
-        # drop[d][j]: the last j' < j with head[d][j'] < head[d][j] (-1 if none). Scanning
-        # for the furthest end under a bound may jump there: everything between is no lower.
-        self.drop: list[list[int]] = []
-        for head in self.head:
-            drop, stack = [-1] * (n + 1), list[int]()
-            for j, value in enumerate(head):
-                while stack and head[stack[-1]] >= value:
-                    stack.pop()
-                drop[j] = stack[-1] if stack else -1
-                stack.append(j)
-            self.drop.append(drop)
+        self.drop = [_drops(head) for head in self.head]
+        # The saturated CPU of devices whose agents batch (module docstring).
+        gains = [device_gains(model, d) if batched else [1.0] * n for d in devices]
+        self.batching = [any(g != 1.0 for g in gs) for gs in gains]
+        self.bflops = [
+            [0.0, *accumulate(s.flops / g for s, g in zip(segs, gs, strict=True))]
+            if on
+            else self.flops
+            for gs, on in zip(gains, self.batching, strict=True)
+        ]
+        best = [max(1.0, *(gs[k] for gs in gains)) for k in range(n)]
+        self.least_flops = [0.0, *accumulate(s.flops / g for s, g in zip(segs, best, strict=True))]
+        self.bhead = [
+            [spf * (f + c) + self.min_compute for f, c in zip(bf, out_cpu, strict=True)]
+            if on
+            else head
+            for spf, bf, on, head in zip(
+                self.spf, self.bflops, self.batching, self.head, strict=True
+            )
+        ]
+        self.boffset = [
+            [spf * (in_cpu[i] - bf[i]) for i in range(n)] if on else off
+            for spf, bf, on, off in zip(
+                self.spf, self.bflops, self.batching, self.offset, strict=True
+            )
+        ]
+        self.bdrop = [
+            _drops(bh) if on else drop
+            for bh, on, drop in zip(self.bhead, self.batching, self.drop, strict=True)
+        ]
         self.suffix_mem = [0.0] * (n + 1)  # largest one-segment memory from segment k on
         for k in range(n - 1, -1, -1):
             self.suffix_mem[k] = max(self.suffix_mem[k + 1], self.mem[k][0])
@@ -123,12 +157,13 @@ class CostTable:
         ]
 
     def cpu(self, i: int, j: int, d: int) -> float:
-        """CPU time per request of stage ``[i, j)`` on device ``d`` (hop sides + compute)."""
-        return self.head[d][j] + self.offset[d][i]
+        """CPU time per request of stage ``[i, j)`` on device ``d`` (hop sides + compute;
+        the saturated one where ``d`` batches, see the module docstring)."""
+        return min(self.head[d][j] + self.offset[d][i], self.bhead[d][j] + self.boffset[d][i])
 
     def period(self, i: int, j: int, d: int) -> float:
         """Steady-state time per request of stage ``[i, j)`` on ``d``: max(CPU, links)."""
-        return max(self.head[d][j] + self.offset[d][i], self.up[d][j], self.down[d][i])
+        return max(self.cpu(i, j, d), self.up[d][j], self.down[d][i])
 
     def latency(self, i: int, j: int, d: int) -> float:
         """This stage's share of one request's latency (see the module docstring)."""
@@ -137,3 +172,15 @@ class CostTable:
     def fits(self, i: int, j: int, d: int) -> bool:
         """Whether stage ``[i, j)`` fits device ``d``."""
         return j <= self.reach[d][i]
+
+
+def _drops(head: Sequence[float]) -> list[int]:
+    """Per end ``j``: the last ``j' < j`` with ``head[j'] < head[j]`` (-1 if none). Scanning
+    for the furthest end under a bound may jump there: everything between is no lower."""
+    drop, stack = [-1] * len(head), list[int]()
+    for j, value in enumerate(head):
+        while stack and head[stack[-1]] >= value:
+            stack.pop()
+        drop[j] = stack[-1] if stack else -1
+        stack.append(j)
+    return drop

@@ -26,14 +26,31 @@ def _reach(t: CostTable, i: int, d: int, limit_s: float) -> int:
 
     Starts below both the memory limit and the compute-only bound, then walks
     down: ``drop`` links skip ends whose CPU cannot be lower, single steps skip
-    ends whose uplink is too slow for the bound.
+    ends whose uplink is too slow for the bound. A batching device's CPU is the
+    smaller of two (planner/costtable.py): the furthest end under either.
     """
     if t.down[d][i] > limit_s:
         return i
-    theta = limit_s - t.offset[d][i]  # CPU(i, j) <= limit_s  <=>  head[j] <= theta
+    j = _walk_down(t, i, d, limit_s, t.flops, t.head[d], t.offset[d], t.drop[d])
+    if t.batching[d]:
+        j = max(j, _walk_down(t, i, d, limit_s, t.bflops[d], t.bhead[d], t.boffset[d], t.bdrop[d]))
+    return j
+
+
+def _walk_down(
+    t: CostTable,
+    i: int,
+    d: int,
+    limit_s: float,
+    flops: list[float],
+    head: list[float],
+    offset: list[float],
+    drop: list[int],
+) -> int:
+    theta = limit_s - offset[i]  # CPU(i, j) <= limit_s  <=>  head[j] <= theta
     flops_bound = (theta - t.min_compute) / t.spf[d]  # head[j] >= spf * flops[j] + min_compute
-    j = min(t.reach[d][i], bisect_right(t.flops, flops_bound) - 1)
-    head, drop, up = t.head[d], t.drop[d], t.up[d]
+    j = min(t.reach[d][i], bisect_right(flops, flops_bound) - 1)
+    up = t.up[d]
     while j > i and (head[j] > theta or up[j] > limit_s):
         j = drop[j] if head[j] > theta else j - 1
     return max(j, i)
@@ -48,7 +65,7 @@ def _room_left(t: CostTable, r: int, left: list[int], stages_left: int, limit_s:
     return (
         t.suffix_mem[r] <= max(budgets)
         and t.weights[t.n] - t.weights[r] <= sum(budgets)
-        and t.flops[t.n] - t.flops[r] <= capacity
+        and t.least_flops[t.n] - t.least_flops[r] <= capacity
     )
 
 
@@ -213,7 +230,7 @@ def best_order(t: CostTable, limit: int, thorough: bool = True) -> tuple[float, 
     without bisecting and searches from it alone with 300 probes. Orders list
     every device, so a move can bring a spare in.
     """
-    lo = t.flops[t.n] / sum(1.0 / spf for spf in t.spf)  # even a perfect split needs this
+    lo = t.least_flops[t.n] / sum(1.0 / spf for spf in t.spf)  # even a perfect split needs this
     if thorough:
         best, found = _bisect_period(lambda x: greedy(t, x, limit), t, lo, inf)
     else:

@@ -67,7 +67,11 @@ stages does better on the objective under the cost model.
 A stage's period is ``max(CPU, downlink, uplink)`` with the CPU counting both
 sides of its hops (:mod:`planner.costmodel`), and a plan's period is never below
 the client's own (:func:`~planner.costmodel.client_period_s`); the broker's
-capacity is not modelled as a bottleneck.
+capacity is not modelled as a bottleneck. For ``throughput`` the period searched is the
+saturated one: on devices whose agents batch, a stage's compute is divided by the batch
+gains measured per segment (:mod:`planner.batchcost`); the plan still *reports* its
+batch-1 period (:class:`~planner.plans.Plan`), the one measured with few requests in
+flight, and its saturated period beside it.
 
 Plans are priced in :mod:`planner.plans`; baselines for benchmarks (same
 :class:`Plan`, same cost model) are in :mod:`planner.baselines` (:data:`STRATEGIES`);
@@ -147,7 +151,7 @@ def plan_partition(
     if objective not in ("latency", "throughput"):
         raise PlanningError(f"unknown objective {objective!r}; use 'latency' or 'throughput'")
     devs = validated(model, devices, params, max_stages)
-    t = CostTable(model, devs, params)
+    t = CostTable(model, devs, params, batched=objective == "throughput")
     limit = min(len(devs), t.n, max_stages or len(devs))
     classes = device_classes(devs, params)
     groups, proven = plan_groups(t, classes, objective, limit, exact, replicas, margin)
@@ -186,7 +190,7 @@ def baseline_plan(
     if not baseline:
         return None
     devs = validated(model, devices, params, max_stages)
-    t = CostTable(model, devs, params)
+    t = CostTable(model, devs, params, batched=objective == "throughput")
     kept = _baseline_groups(t, devs, baseline, replicas, max_stages)
     if kept is None:
         return None

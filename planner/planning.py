@@ -161,6 +161,7 @@ def plan_message(
         else [s.to_wire() for s in proposal.artifacts[0].input_specs],
         predicted_latency_s=plan.latency_s,
         predicted_period_s=plan.period_s,
+        predicted_saturated_period_s=plan.saturated_period_s,
         compression=config.compression or "",
         ready=False,
         ts=time.time(),

@@ -62,6 +62,7 @@ class Registry:
                     rtt_s=rtt,
                     load=self.load(view.agent_id, now) if use_load else 0.0,
                     batch_speedup=speedup_at(info.batch_speedup, info.max_batch),
+                    max_batch=max(1, info.max_batch),  # 0: an agent older than batching
                 )
             )
         return out

@@ -136,6 +136,7 @@ def desired_assignments(plan: Plan, artifacts: Sequence[Any]) -> dict[str, list[
                     end_segment=stage.end,
                     input_specs=[s.to_wire() for s in art.input_specs],
                     output_specs=[s.to_wire() for s in art.output_specs],
+                    max_batch=stage.max_batch,
                 )
             )
     return wanted
@@ -164,6 +165,7 @@ def plan_stages(
                 stage_period_s(cost, s.start, s.end, by_id[a], params) for a in s.agents
             ],
             param_bytes=art.param_bytes,
+            max_batch=s.max_batch,
         )
         for s, art in zip(plan.stages, artifacts, strict=True)
     ]

@@ -35,6 +35,8 @@ def _extend(
     """
     n, flops, spf, base = t.n, t.flops, t.spf[d], t.min_compute
     head, b, reach = t.head[d], t.offset[d], t.reach[d]  # CPU of (i, j) = head[j] + b[i]
+    # a batching device: CPU = min(head[j] + b[i], bhead[j] + bb[i]) (planner/costtable.py)
+    batching, bflops, bhead, bb = t.batching[d], t.bflops[d], t.bhead[d], t.boffset[d]
     up, down, lhead, lb = t.up[d], t.down[d], t.lhead[d], t.loff[d]  # latency = lhead + lb
     vals, args = [_INF] * (n + 1), [-1] * (n + 1)
     starts = [i for i in range(n) if prev[i] < _INF]
@@ -45,8 +47,13 @@ def _extend(
     for j in range(1, n + 1):
         while lo < j and reach[lo] < j:  # memory: [i, j) must fit
             lo += 1
-        a = head[j]
-        first = lo if cap == _INF else max(lo, bisect_left(flops, flops[j] - (cap - base) / spf))
+        a, ab = head[j], bhead[j]
+        first = lo
+        if cap < _INF:  # the first start whose CPU may be under the cap, either way
+            first = bisect_left(flops, flops[j] - (cap - base) / spf)
+            if batching:
+                first = min(first, bisect_left(bflops, bflops[j] - (cap - base) / spf))
+            first = max(lo, first)
         if mode == "sum" and cap == _INF:
             while nxt < j:  # admit start j-1 into the deque
                 if prev[nxt] < _INF:
@@ -65,7 +72,7 @@ def _extend(
         if up[j] > cap:
             continue
         for i in starts[bisect_left(starts, first) : bisect_left(starts, j)]:
-            h = max(a + b[i], down[i])
+            h = max(min(a + b[i], ab + bb[i]) if batching else a + b[i], down[i])
             if h > cap:
                 continue
             v = prev[i] + lhead[j] + lb[i] if mode == "sum" else max(prev[i], h, up[j])
@@ -77,9 +84,9 @@ def _extend(
 
 def device_classes(devices: Sequence[Device], params: CostParams) -> list[list[int]]:
     """Indices of devices grouped by identical cost numbers (interchangeable in a plan)."""
-    groups: dict[tuple[float, int, float, float], list[int]] = {}
+    groups: dict[tuple[float, int, float, float, int], list[int]] = {}
     for k, d in enumerate(devices):
-        key = (seconds_per_flop(d, params), d.memory_bytes, d.bandwidth_bps, d.rtt_s)
+        key = (seconds_per_flop(d, params), d.memory_bytes, d.bandwidth_bps, d.rtt_s, d.max_batch)
         groups.setdefault(key, []).append(k)
     return list(groups.values())
 

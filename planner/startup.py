@@ -104,7 +104,7 @@ def load_and_price(model_spec: str, max_segments: int) -> tuple[Any, Any, Any]:
     loaded = load_model(model_spec)
     profile = profile_model(loaded.module, loaded.example_inputs, max_segments, loaded.name)
     # price segments by their measured time, not raw FLOPs (see planner/timing.py)
-    cost, reference = timed_cost(profile, loaded.example_inputs)
+    cost, reference = timed_cost(profile, loaded.example_inputs, module=loaded.module)
     log.info(
         "planner model=%s segments=%d profiled and timed in %.1fs (%.2f GFLOP "
         "calibration-equivalent at %.1f GFLOP/s here; %.2f GFLOP counted)",

@@ -141,6 +141,10 @@ class StageAssignment:
     # a tile of a tiled stage (protocol 1.4, informative: requests carry their boxes)
     in_box: list[list[int]] = field(default_factory=list)
     out_box: list[list[int]] = field(default_factory=list)
+    # the most requests the agent may run at once for this stage (newer than 1.4, like
+    # Info.max_batch): None = the agent's own --max-batch; 1 where the planner measured that
+    # batching slows the stage down. An older agent ignores it and batches as before
+    max_batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,9 @@ class PlanStage:
     # split: outc | inh | inw | grid ("" when the tiles are not a split, e.g. one whole tile)
     tiles: list[Tile] = field(default_factory=list)
     tiling: str = ""
+    # what the stage's agents are told in their StageAssignment.max_batch (newer than 1.4,
+    # informative here): None = their own --max-batch, 1 = do not batch this stage
+    max_batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -245,7 +252,7 @@ class PlanMessage(Message):
     stages: list[PlanStage]
     input_specs: list[dict[str, Any]] = field(default_factory=list)
     predicted_latency_s: float = 0.0
-    predicted_period_s: float = 0.0
+    predicted_period_s: float = 0.0  # batch 1: what a few requests in flight measure
     compression: str = ""
     ready: bool = False  # every agent reported the assignment as ready
     ts: float = 0.0
@@ -253,6 +260,9 @@ class PlanMessage(Message):
     # is withdrawn and clients fail at once with this reason instead of waiting (an older
     # client ignores the field and sees a plan that never becomes ready)
     reason: str = ""
+    # period with every agent's queue full, stages batching where they gain (planner/
+    # batchcost.py; newer than 1.4, 0 = not said)
+    predicted_saturated_period_s: float = 0.0
 
 
 class RouteHop(NamedTuple):

@@ -1,0 +1,259 @@
+"""Per-segment batch gains in planning: measured gains change the throughput plan, a stage
+whose gain is below 1 is told not to batch, and the agent's batch queue obeys
+(planner/batchcost.py, planner/timing.py, agent/batching.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+from memfleet import agent_config, build_mlp, eventually, key_file, running
+from torch import nn
+
+from edgeslice.agent.service import AgentService
+from edgeslice.broker.fleetkey import load_signing_key
+from edgeslice.broker.memory import MemoryBroker
+from edgeslice.broker.protocol import codec
+from edgeslice.broker.protocol.messages import (
+    AssignmentDesired,
+    AssignmentReported,
+    StageAssignment,
+)
+from edgeslice.broker.protocol.topics import Topics
+from edgeslice.planner.batchcost import (
+    gain_at,
+    saturated_period_s,
+    stage_gain,
+    stage_max_batch,
+)
+from edgeslice.planner.costmodel import (
+    DEFAULT_PARAMS,
+    Device,
+    ModelCost,
+    Segment,
+    stage_period_s,
+)
+from edgeslice.planner.costtable import CostTable
+from edgeslice.planner.partition import plan_partition
+from edgeslice.planner.profile import profile_model
+from edgeslice.planner.retained import desired_assignments, plan_stages
+from edgeslice.planner.stages import build_stages
+from edgeslice.planner.timing import timed_cost
+
+T = Topics("unit")
+
+
+def _model(gains: list[float], batch_size: int = 8) -> ModelCost:
+    """Segments of 10 GFLOP each (0.1 s on a 100 GFLOP/s device), tiny activations."""
+    segs = tuple(Segment(1e10, 1000, 1000, 1000, batch_gain=g) for g in gains)
+    return ModelCost("m", input_bytes=1000, segments=segs, batch_size=batch_size)
+
+
+def _devices(max_batch: int, count: int = 2) -> list[Device]:
+    return [Device(f"d{k}", 100.0, 1 << 30, 1e9, 0.0005, max_batch=max_batch) for k in range(count)]
+
+
+def _cuts(plan: Any) -> list[int]:
+    return [s.start for s in plan.stages[1:]]
+
+
+def test_large_segment_gains_move_the_throughput_cut() -> None:
+    """Segments 0-3 batch 4x: with batching agents the first stage takes more of the
+    model (cut at 5 or 6, saturated period ~0.3 s); without, the even cut at 4 stays."""
+    model = _model([4.0] * 4 + [1.0] * 4)
+    plain = plan_partition(model, _devices(1), "throughput", replicas=False)
+    assert _cuts(plain) == [4]
+    assert plain.saturated_period_s == pytest.approx(plain.period_s)
+    batched = plan_partition(model, _devices(8), "throughput", replicas=False)
+    assert _cuts(batched) in ([5], [6])
+    assert batched.saturated_period_s == pytest.approx(0.3, rel=0.05)
+    # the reported period stays the batch-1 one (what few requests in flight measure)
+    assert batched.period_s == pytest.approx(0.6, rel=0.05)
+    assert batched.saturated_period_s < batched.period_s
+    assert all(s.max_batch is None for s in batched.stages)
+
+
+def test_latency_plans_ignore_batch_gains() -> None:
+    model = _model([4.0] * 4 + [1.0] * 4)
+    a = plan_partition(model, _devices(1), "latency", replicas=False)
+    b = plan_partition(model, _devices(8), "latency", replicas=False)
+    assert _cuts(a) == _cuts(b)
+    assert a.latency_s == pytest.approx(b.latency_s)
+
+
+def test_a_stage_that_batching_slows_down_is_told_not_to_batch() -> None:
+    slow = _model([0.7] * 6)
+    assert stage_gain(slow, 0, 6) == pytest.approx(0.7)
+    assert stage_max_batch(slow, 0, 6) == 1
+    assert stage_max_batch(_model([1.5] * 6), 0, 6) is None
+    assert stage_max_batch(_model([0.7] * 6, batch_size=1), 0, 6) is None  # not measured
+    plan = plan_partition(slow, _devices(8), "throughput", replicas=False)
+    assert [s.max_batch for s in plan.stages] == [1] * len(plan.stages)
+    # told not to batch, it is priced at batch 1, not slower
+    assert plan.saturated_period_s == pytest.approx(plan.period_s)
+    # mixed: the stage holding the losing segments is told not to batch, the other batches
+    mixed = _model([0.5, 0.5, 0.5, 2.0, 2.0, 2.0])
+    plan = plan_partition(mixed, _devices(8), "throughput", max_stages=2, replicas=False)
+    assert [(s.start, s.end, s.max_batch) for s in plan.stages] == [(0, 3, 1), (3, 6, None)]
+
+
+@dataclasses.dataclass
+class _Artifact:
+    sha256: str
+    size: int = 10
+    param_bytes: int = 0
+    input_specs: tuple[Any, ...] = ()
+    output_specs: tuple[Any, ...] = ()
+
+
+def test_the_no_batch_word_reaches_plan_stages_and_assignments_on_the_wire() -> None:
+    model = _model([0.5, 0.5, 0.5, 2.0, 2.0, 2.0])
+    devices = _devices(8)
+    plan = plan_partition(model, devices, "throughput", max_stages=2, replicas=False)
+    arts = [_Artifact("a" * 64), _Artifact("b" * 64)]
+    stages = plan_stages(plan, arts, model, devices, DEFAULT_PARAMS)
+    assert [s.max_batch for s in stages] == [1, None]
+    wanted = desired_assignments(plan, arts)
+    desired = AssignmentDesired("x", "p", 1, stages=[wanted[plan.stages[0].agents[0]][0]])
+    raw = msgpack.unpackb(codec.encode(desired))
+    assert raw["stages"][0]["max_batch"] == 1
+    assert codec.decode(msgpack.packb(raw), AssignmentDesired).stages[0].max_batch == 1
+    # an older planner's assignment (no max_batch on the wire): the agent's own setting
+    del raw["stages"][0]["max_batch"]
+    assert codec.decode(msgpack.packb(raw), AssignmentDesired).stages[0].max_batch is None
+
+
+def test_the_search_table_prices_the_saturated_period_of_the_reference() -> None:
+    model = _model([1.0, 3.0, 1.5, 6.0, 1.0, 2.5])
+    devices = [
+        Device("fast", 20.0, 1 << 30, 1e8, 0.001, max_batch=8),
+        Device("half", 5.0, 1 << 30, 1e8, 0.001, max_batch=4),
+        Device("off", 10.0, 1 << 30, 1e8, 0.001, max_batch=1),
+    ]
+    plain, table = CostTable(model, devices), CostTable(model, devices, batched=True)
+    for i in range(6):
+        for j in range(i + 1, 7):
+            for d, dev in enumerate(devices):
+                want = saturated_period_s(model, i, j, dev)
+                assert table.period(i, j, d) == pytest.approx(want, rel=1e-9)
+                assert plain.period(i, j, d) == pytest.approx(stage_period_s(model, i, j, dev))
+                assert table.latency(i, j, d) == pytest.approx(plain.latency(i, j, d), rel=1e-12)
+    # a device batching 4 gets the gain interpolated between 1 (batch 1) and the gain at 8
+    assert gain_at(model.segments[3], 8, 4) == pytest.approx(1 + 5.0 * 3 / 7)
+    assert gain_at(model.segments[3], 8, 32) == pytest.approx(6.0)  # never extrapolated
+
+
+def test_timed_cost_measures_a_gain_per_segment_of_a_batchable_model() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64)).eval()
+    inputs = (torch.randn(1, 64),)
+    profile = profile_model(model, inputs)
+    cost, _ = timed_cost(profile, inputs, repeats=2, calibrate_seconds=0.05, module=model)
+    assert cost.batch_size == 8
+    assert all(0.1 <= s.batch_gain <= 8.0 for s in cost.segments)
+    assert any(s.batch_gain != 1.0 for s in cost.segments)
+    unmeasured, _ = timed_cost(profile, inputs, repeats=1, calibrate_seconds=0.05)
+    assert unmeasured.batch_size == 1
+    assert all(s.batch_gain == 1.0 for s in unmeasured.segments)
+
+
+@dataclasses.dataclass
+class _Header:
+    meta: dict[str, Any]
+    stage: int = 0
+    plan_id: str = "p1"
+    plan_version: int = 1
+    deadline: float = 0.0
+
+
+@dataclasses.dataclass
+class _Job:
+    header: _Header
+    received_at: float = 0.0
+
+
+def test_an_agent_told_not_to_batch_a_stage_runs_its_requests_one_at_a_time(
+    tmp_path: Path,
+) -> None:
+    model, inputs = build_mlp()
+    profile = profile_model(model, inputs)
+    key = load_signing_key(key_file(tmp_path))
+    (art,) = build_stages(model, inputs, profile, [0, len(profile.segments)], key)
+    assert art.batchable
+
+    async def scenario(max_batch: int | None) -> int:
+        broker = MemoryBroker()
+        service = AgentService(agent_config("a1", tmp_path), transport=broker.factory)
+        service.fetcher.cache.put(art.sha256, art.data)
+        planner = broker.client("planner")
+        await planner.connect()
+        async with running(service.run):
+            await eventually(lambda: broker.retained_payload(T.info("a1")), what="info")
+            stage = StageAssignment(0, art.sha256, size=art.size, max_batch=max_batch)
+            desired = AssignmentDesired("a1", "p1", 1, model="mlp", stages=[stage])
+            await planner.publish(
+                T.assignment_desired("a1"), codec.encode(desired), qos=1, retain=True
+            )
+
+            def ready() -> bool:
+                topic = T.assignment_reported("a1")
+                payload = broker.retained_payload(topic)
+                return bool(payload) and codec.decode(payload, AssignmentReported).state == "ready"
+
+            await eventually(ready, what="ready")
+            queue = service.dataplane.queue
+            for _ in range(3):  # three requests of the stage, queued at once
+                queue.put_nowait(_Job(_Header({"route": [["a1", art.sha256]]})))  # type: ignore[arg-type]
+            return len(await queue.get_batch())
+
+    assert asyncio.run(scenario(None)) == 3  # the agent's own --max-batch (8)
+    assert asyncio.run(scenario(1)) == 1
+
+
+def test_the_exact_search_finds_the_least_saturated_period_with_mixed_gains() -> None:
+    """Brute force over every pipeline, priced by the batched table (CPU = the smaller of
+    batch 1 and batched where a device batches): the exact DP finds its optimum, the
+    heuristics a feasible plan no better than it."""
+    rng = random.Random(7)
+    for _ in range(12):
+        gains = [rng.choice([0.5, 0.8, 1.0, 1.5, 3.0, 6.0]) for _ in range(6)]
+        segs = tuple(
+            Segment(rng.uniform(1e9, 2e10), 1000, rng.choice([1000, 10**6]), 1000, batch_gain=g)
+            for g in gains
+        )
+        model = ModelCost("m", 1000, segs, batch_size=8)
+        devices = [
+            Device("a", 100.0, 1 << 30, 1e7, 0.001, max_batch=8),
+            Device("b", 40.0, 1 << 30, 1e8, 0.001, max_batch=2),
+            Device("c", 70.0, 1 << 30, 1e8, 0.001, max_batch=1),
+        ]
+        t = CostTable(model, devices, batched=True)
+        best = math.inf
+        for k in range(1, 4):
+            for cuts in itertools.combinations(range(1, 6), k - 1):
+                bounds = (0, *cuts, 6)
+                for order in itertools.permutations(range(3), k):
+                    period = max(
+                        t.period(a, b, d)
+                        for (a, b), d in zip(itertools.pairwise(bounds), order, strict=True)
+                    )
+                    best = min(best, max(period, t.client_period))
+        for exact in (True, False):
+            plan = plan_partition(model, devices, "throughput", replicas=False, exact=exact)
+            index = {d.agent_id: k for k, d in enumerate(devices)}
+            got = max(
+                [t.client_period]
+                + [t.period(s.start, s.end, index[s.agents[0]]) for s in plan.stages]
+            )
+            if exact:
+                assert got == pytest.approx(best, rel=1e-9), gains
+            else:
+                assert got >= best * (1 - 1e-9)
