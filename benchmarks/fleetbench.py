@@ -150,6 +150,11 @@ async def measure_plan(
         "stages": [[s.start_segment, s.end_segment, list(s.agents)] for s in plan.stages],
         "predicted_latency_s": plan.predicted_latency_s,
         "predicted_throughput_rps": 1.0 / plan.predicted_period_s if plan.predicted_period_s else 0,
+        # with every queue full and stages batching where they gain (planner/batchcost.py);
+        # the figure above (batch 1) is the one a couple of requests per device measure
+        "predicted_saturated_rps": (
+            1.0 / plan.predicted_saturated_period_s if plan.predicted_saturated_period_s else 0
+        ),
         "measured": {
             "p50_s": statistics.median(lat),
             "p95_s": _pct(lat, 0.95),

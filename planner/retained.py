@@ -87,10 +87,14 @@ def describe_plan(plan: PlanMessage) -> str:
         f"[{s.start_segment}-{s.end_segment - 1} on {','.join(s.agents)}]" for s in plan.stages
     )
     count = len(plan.stages)
+    saturated = plan.predicted_saturated_period_s
+    full = f" ({saturated * 1e3:.1f} batched)" if 0 < saturated < plan.predicted_period_s else ""
+    no_batch = [str(s.stage) for s in plan.stages if s.max_batch == 1]
     return (
         f"plan v{plan.plan_version} for {plan.model}: {count} stage{'s' * (count != 1)} "
-        f"{stages}; predicted {plan.predicted_period_s * 1e3:.1f} ms/req, "
+        f"{stages}; predicted {plan.predicted_period_s * 1e3:.1f} ms/req{full}, "
         f"{plan.predicted_latency_s * 1e3:.1f} ms latency ({plan.objective})"
+        + (f"; stages {','.join(no_batch)} not batched (it slows them)" if no_batch else "")
     )
 
 

@@ -23,9 +23,14 @@ from edgeslice.broker.fleetkey import load_signing_key
 from edgeslice.broker.memory import MemoryBroker
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.messages import (
+    ONLINE,
     AssignmentDesired,
     AssignmentReported,
+    Info,
+    PlanMessage,
+    PlanStage,
     StageAssignment,
+    Status,
 )
 from edgeslice.broker.protocol.topics import Topics
 from edgeslice.planner.batchcost import (
@@ -44,7 +49,8 @@ from edgeslice.planner.costmodel import (
 from edgeslice.planner.costtable import CostTable
 from edgeslice.planner.partition import plan_partition
 from edgeslice.planner.profile import profile_model
-from edgeslice.planner.retained import desired_assignments, plan_stages
+from edgeslice.planner.registry import Registry
+from edgeslice.planner.retained import describe_plan, desired_assignments, plan_stages
 from edgeslice.planner.stages import build_stages
 from edgeslice.planner.timing import timed_cost
 
@@ -257,3 +263,35 @@ def test_the_exact_search_finds_the_least_saturated_period_with_mixed_gains() ->
                 assert got == pytest.approx(best, rel=1e-9), gains
             else:
                 assert got >= best * (1 - 1e-9)
+
+
+def test_the_plan_line_names_the_batched_period_and_the_stages_not_batched() -> None:
+    plan = PlanMessage(
+        model="m",
+        plan_id="p",
+        plan_version=2,
+        objective="throughput",
+        strategy="edgeslice",
+        stages=[PlanStage(0, 0, 3, ["a"], max_batch=1), PlanStage(1, 3, 6, ["b"])],
+        predicted_latency_s=0.05,
+        predicted_period_s=0.02,
+        predicted_saturated_period_s=0.012,
+    )
+    assert describe_plan(plan) == (
+        "plan v2 for m: 2 stages [0-2 on a] [3-5 on b]; predicted 20.0 ms/req (12.0 batched), "
+        "50.0 ms latency (throughput); stages 0 not batched (it slows them)"
+    )
+
+
+def test_registry_devices_carry_the_agents_max_batch() -> None:
+    registry = Registry(T)
+    for agent_id, max_batch in (("old", 0), ("off", 1), ("on", 8)):
+        registry.apply(T.status(agent_id), codec.encode(Status(agent_id, ONLINE, 1)), 0.0)
+        info = Info(agent_id, "p", gflops=2.0, memory_budget_bytes=1 << 20, session=1)
+        info = dataclasses.replace(info, max_batch=max_batch)
+        registry.apply(T.info(agent_id), codec.encode(info), 0.0)
+    assert {d.agent_id: d.max_batch for d in registry.devices(0.0)} == {
+        "off": 1,
+        "old": 1,
+        "on": 8,
+    }
