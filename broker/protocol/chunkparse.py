@@ -118,14 +118,49 @@ def parse_data_chunk(buf: bytes) -> Parsed | None:
     return tid, seq, memoryview(buf)[pos:], crc, None
 
 
+def _unpack(buf: bytes) -> Any:
+    """Bounded msgpack; raises on malformed input."""
+    return msgpack.unpackb(
+        buf, raw=False, strict_map_key=True, max_ext_len=0, max_map_len=10_000,
+        max_array_len=100_000, max_str_len=_MiB,
+    )  # fmt: skip
+
+
+def unpack_header(buf: bytes) -> dict[str, Any] | None:
+    """A header chunk as senders write it (a fixmap whose last key is d, a bin running to the
+    end) unpacked without copying d: msgpack would copy chunk 0's data (up to a whole chunk)
+    only for the reassembler to copy it again. The map before d is unpacked on its own and must
+    be exactly the other keys, so the result equals msgpack's; None for any other layout."""
+    if len(buf) > 3 and 0x81 <= buf[0] <= 0x8F:  # fixmap
+        count, keys = buf[0] - 0x80, 1
+        prefix = bytes((0x7F + count,))
+    elif len(buf) > 3 and buf[0] == 0xDE:  # map 16 (a newer minor with more keys)
+        count, keys = int.from_bytes(buf[1:3], "big"), 3
+        prefix = b"\xde" + (count - 1).to_bytes(2, "big") if count else b""
+    else:
+        return None
+    pos = buf.find(b"\xa1d", keys) if count else -1
+    while pos >= 0:  # the first "d" key whose bin length reaches exactly to the end
+        width = _BIN.get(buf[pos + 2], 0) if pos + 2 < len(buf) else 0
+        start = pos + 3 + width
+        if width and int.from_bytes(buf[pos + 3 : start], "big") == len(buf) - start:
+            try:
+                obj = _unpack(prefix + buf[keys:pos])  # the other count - 1 keys
+            except Exception:
+                return None
+            if not isinstance(obj, dict) or "d" in obj:
+                return None
+            obj["d"] = memoryview(buf)[start:]
+            return obj
+        pos = buf.find(b"\xa1d", pos + 1)
+    return None
+
+
 def parse_chunk(buf: bytes) -> Parsed | Refused:
     """Any chunk, through bounded msgpack: (transfer id, seq, data, its crc32 if it carries
     one, header if seq 0)."""
     try:
-        obj = msgpack.unpackb(
-            buf, raw=False, strict_map_key=True, max_ext_len=0, max_map_len=10_000,
-            max_array_len=100_000, max_str_len=_MiB,
-        )  # fmt: skip
+        obj = unpack_header(buf) or _unpack(buf)
     except Exception as exc:  # msgpack raises ValueError, TypeError, StackError, ...
         return Refused("", "malformed", f"chunk is not msgpack: {type(exc).__name__}: {exc}")
     if not isinstance(obj, dict):
@@ -133,7 +168,7 @@ def parse_chunk(buf: bytes) -> Parsed | Refused:
     tid, seq, data = obj.get("t"), obj.get("s"), obj.get("d")
     if type(tid) is not str or not 0 < len(tid) <= MAX_ID_LEN:
         return Refused("", "malformed", f"chunk field t (transfer id) is bad: {tid!r:.80}")
-    if type(seq) is not int or not 0 <= seq <= MAX_SEQ or not isinstance(data, bytes):
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ or not isinstance(data, bytes | memoryview):
         return Refused(tid, "malformed", "chunk fields s (int seq) and d (bin data) are required")
     crc = obj.get("x")
     if crc is not None and (type(crc) is not int or not 0 <= crc <= 0xFFFFFFFF):

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeslice.broker.protocol.chunking import Completed, Reassembler, Refused, split_payload
+from edgeslice.broker.protocol.chunkparse import unpack_header
 
 
 def _chunks(payload: bytes, chunk_size: int = 1024) -> list[bytes]:
@@ -134,3 +135,34 @@ def test_a_1_3_header_with_chunks_that_carry_no_crc_is_malformed():
     refused = [r for r in results if isinstance(r, Refused)]
     assert [r.reason for r in refused] == ["malformed"] and "crc32" in refused[0].detail
     assert not [r for r in results if isinstance(r, Completed)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    size=st.integers(0, 5000),
+    meta=st.dictionaries(st.sampled_from("abcdx"), st.text("d\xa1", max_size=3)),
+)
+def test_header_chunks_unpack_as_msgpack_would_without_copying_their_data(size, meta):
+    """unpack_header (the receiver's copy-free path for chunk 0) gives msgpack's own result,
+    with d as a view into the chunk; meta strings that look like the d key change nothing."""
+    payload = os.urandom(size)
+    header = split_payload(
+        payload, request_id="r", kind="activation", meta={"m": meta, "d": "d"}, chunk_size=1024
+    )[0]
+    fast = unpack_header(header)
+    assert fast is not None and isinstance(fast["d"], memoryview) and fast["d"].obj is header
+    assert fast | {"d": bytes(fast["d"])} == msgpack.unpackb(header, raw=False)
+
+
+def test_header_layouts_other_than_the_senders_take_the_msgpack_path():
+    payload = os.urandom(3000)
+    header, *data = _chunks(payload)
+    fields = msgpack.unpackb(header, raw=False)
+    rest = {k: v for k, v in fields.items() if k != "d"}
+    d_first = msgpack.packb({"d": fields["d"]} | rest)
+    wide = msgpack.packb(rest | {f"extra{i}": i for i in range(3)} | {"d": fields["d"]})  # map 16
+    for chunk in (d_first, header[:-1], header + b"\x00", b"\x81\xa1d\xc4\x05ab"):
+        assert unpack_header(chunk) is None
+    assert unpack_header(wide) == msgpack.unpackb(wide, raw=False)
+    done = _feed(Reassembler(), [d_first, *data])
+    assert isinstance(done[-1], Completed) and done[-1].payload == payload
