@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import click
 
+from edgeslice.agent import pacing
 from edgeslice.broker.lifecycle import run_until_signalled
 from edgeslice.broker.metrics import MetricsEndpoint, metrics_options
 from edgeslice.broker.protocol.errors import EdgesliceError
@@ -259,6 +260,7 @@ def agent_cmd(
             applied, limits, threads = _emulate_paced(config, firmware, emulate_scale)
             config = dataclasses.replace(config, emulate=True, threads=threads)
         elif emulate:
+            _emulation_env(config.agent_id)
             applied, limits = _emulate(config, firmware, emulate_scale)
         if applied is not None and emulate_mode == "quota":
             config = dataclasses.replace(
@@ -345,14 +347,17 @@ def _stop_promptly(
     return bounded
 
 
+def _emulation_env(agent_id: str) -> int:
+    """The pace window (agent/pacing.py:env_window), or a one-line refusal of the env."""
+    try:
+        return pacing.env_window(os.environ)
+    except ValueError as exc:
+        raise click.ClickException(f"agent {agent_id}: {exc}") from None
+
+
 def _emulate_paced(config: Any, firmware: Any, scale: float) -> tuple[Any, dict[str, Any], int]:
     """--emulate-mode paced: install the pacer (agent/pacing.py), limit memory with a cgroup."""
-    from edgeslice.agent import pacing
-
-    try:
-        window = pacing.window_from_env(os.environ.get(pacing.WINDOW_ENV))
-    except ValueError as exc:
-        raise click.ClickException(f"agent {config.agent_id}: {exc}") from None
+    window = _emulation_env(config.agent_id)
     applied, limits, pacer = pacing.emulate_paced(config.agent_id, firmware, scale, window=window)
     pacing.install(pacer)
     memory = f"memory {pacer.plan.memory_bytes >> 20} MiB" if applied else "memory UNLIMITED"

@@ -62,7 +62,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -148,6 +148,15 @@ def window_from_env(value: str | None) -> int:
     if window < 1:
         raise ValueError(f"{WINDOW_ENV} must be >= 1 (1: charge every run), got {window}")
     return window
+
+
+def env_window(environ: Mapping[str, str]) -> int:
+    """Check the emulation's environment before anything runs: ``EDGESLICE_HOST_CORE_GFLOPS``
+    (agent/quota.py) and ``EDGESLICE_PACE_WINDOW``; returns the window. ValueError."""
+    from edgeslice.agent.quota import HOST_RATE_ENV, host_rate_from_env
+
+    host_rate_from_env(environ.get(HOST_RATE_ENV))
+    return window_from_env(environ.get(WINDOW_ENV))
 
 
 def calibration_host_seconds(seconds: float, factor: float) -> float:

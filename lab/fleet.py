@@ -53,6 +53,7 @@ class LocalFleet:
         self.on_start = on_start  # called as soon as a process is started (testbed state)
         self.procs: dict[str, Supervised] = {}
         self.agent_ids: list[str] = []  # every agent started, for the cgroup clean-up
+        self.extra_env: dict[str, str] = {}  # set for every process started after it is set
 
     @property
     def public_key_file(self) -> str:
@@ -76,6 +77,7 @@ class LocalFleet:
         env["EDGESLICE_FLEET_KEY_FILE"] = self.public_key_file  # the planner gets its flag
         env.pop("EDGESLICE_FLEET_KEY", None)
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         return env
 
     def log_path(self, name: str) -> Path:

@@ -189,6 +189,7 @@ class Testbed:
         )
         try:
             self.fleet.ensure_key()
+            self.share_host_rate()
             self.record()
             if port is not None:
                 args = ["broker", "--port", str(port)]
@@ -199,6 +200,19 @@ class Testbed:
             self.abort()
             raise
         return self
+
+    def share_host_rate(self) -> None:
+        """Measure this host's core once, before any agent starts, and give every emulated
+        agent that figure (``EDGESLICE_HOST_CORE_GFLOPS``): agents that calibrate it
+        themselves while the others start see different caches and so different pace
+        factors -- equal profiles would run at unequal speeds."""
+        assert self.fleet is not None
+        if not any(a.emulate for a in self.spec.agents):
+            return
+        from edgeslice.agent.quota import HOST_RATE_ENV, host_core_gflops
+
+        rate = host_core_gflops(seconds=1.0, rounds=5)  # the env's figure when one is set
+        self.fleet.extra_env[HOST_RATE_ENV] = f"{rate:.3f}"
 
     def add_agent(self, agent: TestbedAgent) -> None:
         """Start one agent (behind its own shaped link when it has one)."""

@@ -288,3 +288,22 @@ def test_stage_runs_are_charged_their_steady_time(installed: Pacer) -> None:
     for _ in range(3):
         stage.run([torch.zeros(1, 4)])
     assert installed.calls == 3 and len(installed._recent) == 1  # one program, one history
+
+
+def test_env_window_checks_the_host_rate_too() -> None:
+    assert pacing.env_window({}) == pacing.STEADY_WINDOW
+    assert (
+        pacing.env_window({"EDGESLICE_HOST_CORE_GFLOPS": "120.5", "EDGESLICE_PACE_WINDOW": "4"})
+        == 4
+    )
+    with pytest.raises(ValueError, match="EDGESLICE_HOST_CORE_GFLOPS"):
+        pacing.env_window({"EDGESLICE_HOST_CORE_GFLOPS": "fast"})
+
+
+def test_a_shared_host_rate_is_used_instead_of_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeslice.agent import quota
+
+    monkeypatch.setenv(quota.HOST_RATE_ENV, "123.0")
+    assert quota.host_core_gflops() == 123.0
+    monkeypatch.delenv(quota.HOST_RATE_ENV)
+    assert quota.host_core_gflops(seconds=0.03, rounds=2) > 0
