@@ -125,7 +125,11 @@ def batched_segment_seconds(
     ):
         log.info("planner model=%s: its graph changes at batch %d", profile.name, batch)
         return None
-    seconds = _node_times(twin, big, repeats, 1)
+    try:
+        seconds = _node_times(twin, big, repeats, 1)
+    except Exception as exc:  # e.g. out of memory at batch B: plan without gains
+        log.warning("planner model=%s fails at batch %d: %s", profile.name, batch, exc)
+        return None
     return _per_segment(profile, twin.order, seconds)
 
 
