@@ -95,7 +95,7 @@ from edgeslice.planner.baselines import (
 )
 from edgeslice.planner.costmodel import DEFAULT_PARAMS, CostParams, Device, ModelCost, fits
 from edgeslice.planner.costtable import CostTable
-from edgeslice.planner.margin import DEFAULT_MARGIN, worth_switching
+from edgeslice.planner.margin import DEFAULT_MARGIN, gain, worth_switching
 from edgeslice.planner.plans import Plan, StagePlan, build_plan, pipeline_cost, validated
 from edgeslice.planner.search import (
     EXACT_BUDGET_US,
@@ -155,6 +155,10 @@ def plan_partition(
     limit = min(len(devs), t.n, max_stages or len(devs))
     classes = device_classes(devs, params)
     groups, proven = plan_groups(t, classes, objective, limit, exact, replicas, margin)
+    if any(t.batching):
+        t1 = CostTable(model, devs, params, batched=False)
+        plain = plan_groups(t1, classes, objective, limit, exact, replicas, margin)
+        groups, proven = _batch_guard(t, t1, (groups, proven), plain, margin)
     kept = _baseline_groups(t, devs, baseline or [], replicas, max_stages)
     if kept is not None and groups:
         pick = 0 if objective == "throughput" else 1
@@ -173,6 +177,28 @@ def plan_partition(
     return build_plan(
         model, devs, named, objective=objective, strategy="edgeslice", params=params, exact=proven
     )
+
+
+def _batch_guard(
+    t: CostTable,
+    t1: CostTable,
+    batched: tuple[list[Group], bool],
+    plain: tuple[list[Group], bool],
+    margin: float,
+) -> tuple[list[Group], bool]:
+    """The plan priced with batch gains only when it earns it; else the batch-1 plan.
+
+    Batch gains price a *saturated* stage; below saturation (a few requests in flight per
+    agent) batches are small and a plan chosen for its saturated period can be slower.
+    So the batched plan (priced on ``t``) replaces the batch-1 plan (priced on ``t1``)
+    only when its saturated period is better by more than ``margin`` (the planner's own
+    prediction error) and its batch-1 period is not worse by more than ``margin``.
+    """
+    if not plain[0] or not batched[0] or plain[0] == batched[0]:
+        return batched if batched[0] else plain
+    saturated = worth_switching(group_cost(t, batched[0])[0], group_cost(t, plain[0])[0], margin)
+    light = gain(group_cost(t1, batched[0])[0], group_cost(t1, plain[0])[0]) >= -margin
+    return batched if saturated and light else plain
 
 
 def baseline_plan(
