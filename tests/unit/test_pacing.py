@@ -166,7 +166,7 @@ def test_stage_runs_go_through_the_installed_pacer(installed: Pacer) -> None:
 def test_calibration_goes_through_the_same_pacer(installed: Pacer) -> None:
     before = installed.calls
     rate = measure_gflops(0.05, 1)  # the runtime's entry point, as the agent service calls it
-    assert installed.calls == before + 1
+    assert installed.calls == before + pacing.CALIBRATION_ROUNDS  # the best round counts
     assert rate > 0
 
 
@@ -307,3 +307,14 @@ def test_a_shared_host_rate_is_used_instead_of_measuring(monkeypatch: pytest.Mon
     assert quota.host_core_gflops() == 123.0
     monkeypatch.delenv(quota.HOST_RATE_ENV)
     assert quota.host_core_gflops(seconds=0.03, rounds=2) > 0
+
+
+def test_a_paced_calibration_reports_about_the_device_rate() -> None:
+    from edgeslice.agent.quota import host_core_gflops
+
+    host = host_core_gflops(seconds=0.1, rounds=3)
+    plan = PacePlan(device_gflops=host / 3, host_core_gflops=host, threads=1, memory_bytes=0)
+    pacer = Pacer(plan)
+    rate = pacer.measure_gflops(0.3, 1)  # 3 rounds, each held to 3x its CPU time
+    assert pacer.calls == pacing.CALIBRATION_ROUNDS
+    assert 0.6 * host / 3 < rate < 1.4 * host / 3, (rate, host)
