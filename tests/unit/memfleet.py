@@ -1,4 +1,5 @@
-"""Helpers for the service tests: a tiny model, configs, and services run on a MemoryBroker.
+"""Helpers for the service tests: a tiny model, configs, services run on a MemoryBroker, and
+stand-ins for queued jobs.
 
 Not a test module (no ``test_`` prefix); the service tests import it by name.
 """
@@ -7,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,3 +88,20 @@ async def eventually(check: Callable[[], object], timeout: float = 10.0, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or check}")
         await asyncio.sleep(0.01)
+
+
+# -- stand-ins for the data plane's jobs, as agent/batching.py's queue reads them --------
+@dataclasses.dataclass
+class FakeHeader:
+    meta: dict[str, Any]
+    stage: int = 0
+    plan_id: str = "p"
+    plan_version: int = 1
+    deadline: float = 0.0
+
+
+@dataclasses.dataclass
+class FakeJob:
+    header: Any
+    received_at: float = 100.0
+    name: str = ""

@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import pytest
 import torch
-from memfleet import agent_config, build_mlp, eventually, key_file, running
+from memfleet import FakeHeader, FakeJob, agent_config, build_mlp, eventually, key_file, running
 from torch import nn
 
 from edgeslice.agent.service import AgentService
@@ -192,21 +192,6 @@ def test_timed_cost_measures_a_gain_per_segment_of_a_batchable_model() -> None:
     assert all(s.batch_gain == 1.0 for s in unmeasured.segments)
 
 
-@dataclasses.dataclass
-class _Header:
-    meta: dict[str, Any]
-    stage: int = 0
-    plan_id: str = "p1"
-    plan_version: int = 1
-    deadline: float = 0.0
-
-
-@dataclasses.dataclass
-class _Job:
-    header: _Header
-    received_at: float = 0.0
-
-
 def test_an_agent_told_not_to_batch_a_stage_runs_its_requests_one_at_a_time(
     tmp_path: Path,
 ) -> None:
@@ -238,7 +223,11 @@ def test_an_agent_told_not_to_batch_a_stage_runs_its_requests_one_at_a_time(
             await eventually(ready, what="ready")
             queue = service.dataplane.queue
             for _ in range(3):  # three requests of the stage, queued at once
-                queue.put_nowait(_Job(_Header({"route": [["a1", art.sha256]]})))  # type: ignore[arg-type]
+                queue.put_nowait(
+                    FakeJob(
+                        FakeHeader({"route": [["a1", art.sha256]]}, plan_id="p1"), received_at=0.0
+                    )
+                )  # type: ignore[arg-type]
             return len(await queue.get_batch())
 
     assert asyncio.run(scenario(None)) == 3  # the agent's own --max-batch (8)

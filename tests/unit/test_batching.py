@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from memfleet import FakeHeader, FakeJob
 from torch import nn
 
 from edgeslice.agent.batching import (
@@ -139,22 +140,6 @@ def test_a_stage_that_bakes_the_batch_in_is_not_batchable_and_runs_one_by_one() 
 
 
 # -- the queue: what runs together ----------------------------------------------------------
-
-
-@dataclasses.dataclass
-class FakeHeader:
-    meta: dict[str, Any]
-    stage: int = 0
-    plan_id: str = "p"
-    plan_version: int = 1
-    deadline: float = 0.0
-
-
-@dataclasses.dataclass
-class FakeJob:
-    header: Any
-    received_at: float = 100.0
-    name: str = ""
 
 
 def _job(name: str, artifact: str = "a", version: int = 1, **kw: Any) -> FakeJob:
