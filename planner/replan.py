@@ -268,8 +268,16 @@ class LoadShift:
             self._since[agent_id] = now
             self._samples[agent_id] = []
 
-    def observe(self, loads: Mapping[str, float], now: float) -> bool:
-        """Fold the agents' current busy fractions in; True when the derated set changed."""
+    def observe(self, loads: Mapping[str, float], now: float, serving: bool = True) -> bool:
+        """Fold the agents' current busy fractions in; True when the derated set changed.
+
+        ``serving`` False: the planned plan is not ready yet (agents still loading its
+        stages) -- nothing is kept or decided: an agent idle while a peer loads is not an
+        agent whose load went away (measured: a derated agent got its work back before
+        the derating plan had served a request, as loading took 19 s on a slow board).
+        """
+        if not serving:
+            return False
         c = self.config
         keep = max(c.hold_s, c.recover_s)
         changed = False

@@ -305,7 +305,9 @@ class PlannerService:
             return
         self._load_checked = now
         loads = {a: self.registry.load(a, now) for a in self.registry.usable_ids()}
-        if self.loadshift.observe(loads, now):
+        plan = self.plan_message
+        serving = plan is not None and plan.ready  # windows restart when it is (below)
+        if self.loadshift.observe(loads, now, serving):
             log.info("planner load shift: derated agents now %s", self.loadshift.derated or "none")
             self._request(JOIN)
 

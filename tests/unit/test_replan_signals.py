@@ -45,6 +45,22 @@ def test_a_noisy_busy_signal_is_averaged_over_the_hold() -> None:
     assert shift.observe({"a": 0.3, "b": 0.6}, 41.0) and not shift.derated
 
 
+def test_no_load_decision_while_the_next_plan_is_loading() -> None:
+    """Derated, then idle while the derating plan loads: that is not the hog gone. The
+    recovery window counts from the plan being ready (``restart``), not from the decision."""
+    shift = LoadShift(LoadShiftConfig(high=0.8, low=0.6, hold_s=4.0, recover_s=20.0))
+    for t in range(5):
+        shift.observe({"a": 1.0, "b": 0.2}, float(t))
+    assert "a" in shift.derated
+    for t in range(5, 40):  # the new plan loads for 35 s: the agents are idle meanwhile
+        assert not shift.observe({"a": 0.0, "b": 0.0}, float(t), serving=False)
+    assert "a" in shift.derated
+    shift.restart(40.0)
+    for t in range(40, 60):
+        assert not shift.observe({"a": 0.3, "b": 0.5}, float(t))
+    assert shift.observe({"a": 0.3, "b": 0.5}, 60.0) and not shift.derated
+
+
 def test_load_shift_thresholds_are_planner_options() -> None:
     fast = LoadShiftConfig(high=0.8, low=0.5, hold_s=2.0, recover_s=5.0)
     shift = LoadShift(fast)
