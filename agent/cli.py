@@ -358,7 +358,9 @@ def _emulation_env(agent_id: str) -> int:
 def _emulate_paced(config: Any, firmware: Any, scale: float) -> tuple[Any, dict[str, Any], int]:
     """--emulate-mode paced: install the pacer (agent/pacing.py), limit memory with a cgroup."""
     window = _emulation_env(config.agent_id)
-    applied, limits, pacer = pacing.emulate_paced(config.agent_id, firmware, scale, window=window)
+    applied, limits, pacer = pacing.emulate_paced(
+        config.agent_id, firmware, scale, window=window, namespace=config.broker.namespace
+    )
     pacing.install(pacer)
     memory = f"memory {pacer.plan.memory_bytes >> 20} MiB" if applied else "memory UNLIMITED"
     click.echo(
@@ -374,7 +376,9 @@ def _emulate(config: Any, firmware: Any, scale: float) -> tuple[Any, dict[str, A
     """Apply --emulate before the service starts (so its calibration runs under the limits)."""
     from edgeslice.agent.limits import emulate_profile
 
-    applied, limits = emulate_profile(config.agent_id, firmware, scale)
+    applied, limits = emulate_profile(
+        config.agent_id, firmware, scale, namespace=config.broker.namespace
+    )
     if applied is None:
         click.echo(
             f"WARNING: --emulate: agent {config.agent_id} runs UNLIMITED at this host's full "

@@ -13,7 +13,10 @@ benchmarks and the testbed see realistic, *uneven* devices. How:
   ``memory.limit_in_bytes``, v2 ``memory.max``): a stage that would not fit
   the board gets the board's fate (OOM). Pages charged before the move stay
   with the old group (v1 tries ``memory.move_charge_at_immigrate``).
-* **Where.** ``<base>/edgeslice/<agent_id>`` per controller, where ``<base>``
+* **Where.** ``<base>/edgeslice/<namespace>@<agent_id>`` per controller (:func:`group_name`:
+  agent ids are unique within a topic namespace only, so two fleets on one host -- a
+  benchmark beside a test run -- may both have an ``rpi4-4gb-1``; named by id alone they
+  shared one group and one fleet's clean-up found the other's agent in it), where ``<base>``
   is the cgroup the process already sits in (so limits set on it by a
   container or sandbox keep applying) or, when no child can be made there, its
   nearest ancestor that allows it (cgroup v2 forbids controllers below a group
@@ -136,8 +139,14 @@ def _enable_controllers(group: Path) -> None:
         _write(group / "cgroup.subtree_control", " ".join(f"+{c}" for c in CONTROLLERS))
 
 
+def group_name(namespace: str, agent_id: str) -> str:
+    """The cgroup directory of agent ``agent_id`` of topic namespace ``namespace`` (neither
+    may hold ``@``: broker/settings.py and broker/protocol/topics.py allow no ``@``)."""
+    return f"{namespace}@{agent_id}"
+
+
 def _make_group(layout: CgroupLayout, key: str, agent_id: str) -> tuple[Path, Path]:
-    """Create ``edgeslice/<agent_id>`` under the first usable base; (group, base)."""
+    """Create ``edgeslice/<name>`` under the first usable base; (group, base)."""
     problems = []
     for base in _bases(layout.mounts[key], layout.own[key]):
         group = base / PREFIX / agent_id
@@ -321,11 +330,13 @@ def emulate_profile(
     scale: float = 1.0,
     root: Path = DEFAULT_ROOT,
     proc_cgroup: Path | None = None,
+    namespace: str | None = None,
 ) -> tuple[AppliedLimits | None, dict[str, Any]]:
     """Limit this process to ``profile``: (limits in force or None, the ``info.limits`` dict).
 
     Measures the host's single-core rate first (agent.runtime, torch). Never raises for a
     machine without cgroups: logs a WARNING, returns ``(None, {"mode": "unlimited", ...})``.
+    The group is :func:`group_name` of ``namespace`` and the agent (the id alone: None).
     """
     from edgeslice.agent.runtime import measure_gflops
 
@@ -337,7 +348,8 @@ def emulate_profile(
         extra["host_core_gflops"] = round(host, 3)
         plan = plan_emulation(profile, host, scale)
         with _stop_signals_held():  # so a SIGTERM cannot land between the writes and `applied`
-            applied = apply_limits(agent_id, plan, os.getpid(), root, proc_cgroup)
+            group = agent_id if namespace is None else group_name(namespace, agent_id)
+            applied = apply_limits(group, plan, os.getpid(), root, proc_cgroup)
         measured = measure_gflops(plan.min_calibrate_seconds / 2, plan.threads)
         try:
             applied = applied.retune(corrected_plan(plan, measured))

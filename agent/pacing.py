@@ -312,11 +312,14 @@ def emulate_paced(
     root: Path | None = None,
     proc_cgroup: Path | None = None,
     window: int = STEADY_WINDOW,
+    namespace: str | None = None,
 ) -> tuple[Any, dict[str, Any], Pacer]:
     """Measure the host core, limit memory with a cgroup, and return (limits or None, the
     ``info.limits`` dict, the pacer); the caller installs the pacer. Never raises for a
-    machine without cgroups: compute is still paced, memory is not limited (a WARNING)."""
-    from edgeslice.agent.limits import DEFAULT_ROOT, apply_limits
+    machine without cgroups: compute is still paced, memory is not limited (a WARNING).
+    The memory group is agent/limits.py's ``group_name(namespace, agent_id)`` (the id
+    alone: None)."""
+    from edgeslice.agent.limits import DEFAULT_ROOT, apply_limits, group_name
     from edgeslice.agent.limits import _stop_signals_held as stop_signals_held
     from edgeslice.agent.quota import PERIOD_US, EmulationPlan, host_core_gflops
     from edgeslice.broker.protocol.errors import CgroupUnavailable
@@ -332,7 +335,8 @@ def emulate_paced(
     applied = None
     try:
         with stop_signals_held():  # so a SIGTERM cannot land between the writes and `applied`
-            applied = apply_limits(agent_id, memory_only, os.getpid(), root, proc_cgroup)
+            group = agent_id if namespace is None else group_name(namespace, agent_id)
+            applied = apply_limits(group, memory_only, os.getpid(), root, proc_cgroup)
     except CgroupUnavailable as exc:
         log.warning(
             "agent=%s paces its compute as %s but its memory is NOT limited: %s",

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeslice.agent.limits import remove_agent_cgroups
+from edgeslice.agent.limits import group_name, remove_agent_cgroups
 from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.lab.supervisor import Ready, Supervised, stop_all
 
@@ -169,7 +169,7 @@ class LocalFleet:
         # an agent that was killed (kill -9 in a fault test, or SIGKILL after the grace)
         # could not remove its emulation cgroups itself; empty ones go now
         for agent_id in self.agent_ids:
-            remove_agent_cgroups(agent_id)
+            remove_agent_cgroups(group_name(self.namespace, agent_id))
 
     def __enter__(self) -> LocalFleet:
         return self

@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeslice.agent.limits import remove_agent_cgroups
+from edgeslice.agent.limits import group_name, remove_agent_cgroups
 from edgeslice.broker.protocol.errors import ConfigError, EdgesliceError
+from edgeslice.broker.settings import DEFAULT_NAMESPACE
 from edgeslice.firmware_profiles import load_profile, profile_to_dict
 from edgeslice.lab.fleet import AgentSpec, LocalFleet
 from edgeslice.lab.linkshape import LinkSpec, write_shape_file
@@ -268,7 +269,7 @@ class Testbed:
         """Stop every process, remove the agents' cgroups and the state file; what is left."""
         if self.fleet is not None:
             self.fleet.close()
-        left = remove_cgroups(self.agents)
+        left = remove_cgroups(self.spec.namespace, self.agents)
         if self.state_file is not None:
             Path(self.state_file).unlink(missing_ok=True)
         return left
@@ -286,15 +287,20 @@ class Testbed:
                 signal.signal(sig, handler)
 
 
-def remove_cgroups(agent_ids: list[str], wait: float = 15.0) -> list[str]:
-    """Remove these agents' cgroups; what could not be removed. Other fleets' are left alone.
+def remove_cgroups(namespace: str, agent_ids: list[str], wait: float = 15.0) -> list[str]:
+    """Remove these agents' cgroups (``namespace@agent``: agent/limits.py:group_name); what
+    could not be removed. Other fleets' are left alone, even with the same agent ids.
 
     A stopped agent's cgroup can still list it for a moment (the kernel empties the group
     after the process is gone; slower on a loaded machine), so this retries for ``wait`` s.
     """
     deadline = time.monotonic() + wait
     while True:
-        left = [problem for agent_id in agent_ids for problem in remove_agent_cgroups(agent_id)]
+        left = [
+            problem
+            for agent_id in agent_ids
+            for problem in remove_agent_cgroups(group_name(namespace, agent_id))
+        ]
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.1)
@@ -318,7 +324,8 @@ def down_from_state(path: str, timeout: float = 15.0) -> list[str]:
     left: list[str] = []
     for tier in (others, links, broker):  # agents first, so they can say goodbye
         left += [f"process group {pgid}" for pgid in stop_groups(tier, timeout)]
-    left += remove_cgroups([str(a) for a in state.get("agents", [])])
+    namespace = str(state.get("namespace", DEFAULT_NAMESPACE))
+    left += remove_cgroups(namespace, [str(a) for a in state.get("agents", [])])
     Path(path).unlink(missing_ok=True)
     return left
 

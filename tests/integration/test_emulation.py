@@ -82,7 +82,8 @@ def test_emulated_agents_measure_rates_in_the_ratio_of_their_profiles(
 
 
 def _groups_of(agent_id: str) -> list[str]:
-    return glob.glob(f"/sys/fs/cgroup/**/edgeslice/{agent_id}/", recursive=True)
+    """The agent's emulation cgroups (``<namespace>@<agent>``, agent/limits.py:group_name)."""
+    return glob.glob(f"/sys/fs/cgroup/**/edgeslice/*@{agent_id}/", recursive=True)
 
 
 @pytest.mark.parametrize("moment", ["trial run under the quota", "service start-up"])

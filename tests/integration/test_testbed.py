@@ -43,9 +43,10 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _edgeslice_cgroups() -> list[str]:
-    """Every edgeslice/<agent> cgroup on the machine (v1 or v2, at any depth)."""
-    return glob.glob("/sys/fs/cgroup/**/edgeslice/*/", recursive=True)
+def _edgeslice_cgroups(namespace: str) -> list[str]:
+    """Every edgeslice/<namespace>@<agent> cgroup of ``namespace`` on the machine (v1 or v2,
+    at any depth); other fleets' (a benchmark running beside the tests) are not ours."""
+    return glob.glob(f"/sys/fs/cgroup/**/edgeslice/{namespace}@*/", recursive=True)
 
 
 def test_testbed_up_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -78,7 +79,7 @@ def test_testbed_up_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
     assert "no process or cgroup left" in down.stdout
     assert not any(pid_alive(pid) for pid in pids)
     assert not state.exists()
-    assert not [c for c in _edgeslice_cgroups() if "rpi4-4gb-1" in c or "rpi5-8gb-2" in c]
+    assert not [c for c in _edgeslice_cgroups("tb-test") if "rpi4-4gb-1" in c or "rpi5-8gb-2" in c]
 
 
 def test_bad_fleet_file_names_the_file_and_entry(tmp_path: Path) -> None:
@@ -170,4 +171,4 @@ def test_ctrl_c_during_up_stops_and_removes_everything(tmp_path: Path) -> None:
     port = int(broker.rsplit(":", 1)[1])
     assert not port_open("127.0.0.1", port)  # the broker (and its mosquitto) are gone
     assert not state.exists()
-    assert not [c for c in _edgeslice_cgroups() if "rpi4-4gb-" in c]
+    assert not [c for c in _edgeslice_cgroups("tb-sigint") if "rpi4-4gb-" in c]

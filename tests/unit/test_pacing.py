@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from edgeslice.agent import pacing
+from edgeslice.agent.limits import group_name, remove_agent_cgroups
 from edgeslice.agent.pacing import (
     MIN_HOST_SECONDS,
     PacePlan,
@@ -200,6 +201,24 @@ def test_paced_emulation_limits_memory_only(tmp_path: Path, fast_host: None) -> 
     assert info["mode"] == "paced" and info["cgroup"] == "cgroup-v2"
     assert info["device_gflops"] == 10.0 and info["pace_factor"] == pytest.approx(10.0)
     assert pacer.factor == pytest.approx(10.0) and pacing.current() is None  # caller installs
+
+
+def test_two_fleets_with_the_same_agent_id_get_their_own_groups(
+    tmp_path: Path, fast_host: None
+) -> None:
+    """Agent ids are unique within a namespace only: a benchmark's rpi4-4gb-1 beside a test
+    fleet's rpi4-4gb-1 must not share (or clean up) one group."""
+    root, proc = _fake_v2(tmp_path)
+    profile = load_profile("rpi4-4gb")
+    a, _, _ = emulate_paced("rpi4-4gb-1", profile, 1.0, root, proc, namespace="bench")
+    b, _, _ = emulate_paced("rpi4-4gb-1", profile, 1.0, root, proc, namespace="tests")
+    assert a is not None and b is not None
+    assert a.groups == (root / "edgeslice" / "bench@rpi4-4gb-1",)
+    assert b.groups == (root / "edgeslice" / "tests@rpi4-4gb-1",)
+    # clean-up of one fleet looks at its own group only (here: still holding a process)
+    left = remove_agent_cgroups(group_name("tests", "rpi4-4gb-1"), root)
+    assert len(left) == 1 and "tests@rpi4-4gb-1: 1 live process" in left[0]
+    assert a.groups[0].is_dir()
 
 
 def test_paced_emulation_without_cgroups_still_paces(
