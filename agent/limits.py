@@ -139,10 +139,11 @@ def _enable_controllers(group: Path) -> None:
         _write(group / "cgroup.subtree_control", " ".join(f"+{c}" for c in CONTROLLERS))
 
 
-def group_name(namespace: str, agent_id: str) -> str:
+def group_name(namespace: str | None, agent_id: str) -> str:
     """The cgroup directory of agent ``agent_id`` of topic namespace ``namespace`` (neither
-    may hold ``@``: broker/settings.py and broker/protocol/topics.py allow no ``@``)."""
-    return f"{namespace}@{agent_id}"
+    may hold ``@``: broker/settings.py and broker/protocol/topics.py allow no ``@``); the
+    id alone when no namespace is given."""
+    return agent_id if namespace is None else f"{namespace}@{agent_id}"
 
 
 def _make_group(layout: CgroupLayout, key: str, agent_id: str) -> tuple[Path, Path]:
@@ -348,7 +349,7 @@ def emulate_profile(
         extra["host_core_gflops"] = round(host, 3)
         plan = plan_emulation(profile, host, scale)
         with _stop_signals_held():  # so a SIGTERM cannot land between the writes and `applied`
-            group = agent_id if namespace is None else group_name(namespace, agent_id)
+            group = group_name(namespace, agent_id)
             applied = apply_limits(group, plan, os.getpid(), root, proc_cgroup)
         measured = measure_gflops(plan.min_calibrate_seconds / 2, plan.threads)
         try:

@@ -335,7 +335,7 @@ def emulate_paced(
     applied = None
     try:
         with stop_signals_held():  # so a SIGTERM cannot land between the writes and `applied`
-            group = agent_id if namespace is None else group_name(namespace, agent_id)
+            group = group_name(namespace, agent_id)
             applied = apply_limits(group, memory_only, os.getpid(), root, proc_cgroup)
     except CgroupUnavailable as exc:
         log.warning(
