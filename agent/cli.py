@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 import click
 
-from edgeslice.agent import pacing
+from edgeslice.agent import emulation
 from edgeslice.broker.lifecycle import run_until_signalled
 from edgeslice.broker.metrics import MetricsEndpoint, metrics_options
 from edgeslice.broker.protocol.errors import EdgesliceError
@@ -257,11 +256,11 @@ def agent_cmd(
     limits: dict[str, Any] = {}
     try:
         if emulate and emulate_mode == "paced":
-            applied, limits, threads = _emulate_paced(config, firmware, emulate_scale)
+            applied, limits, threads = emulation.setup_paced(config, firmware, emulate_scale)
             config = dataclasses.replace(config, emulate=True, threads=threads)
         elif emulate:
-            _emulation_env(config.agent_id)
-            applied, limits = _emulate(config, firmware, emulate_scale)
+            emulation.check_env(config.agent_id)
+            applied, limits = emulation.setup_quota(config, firmware, emulate_scale)
         if applied is not None and emulate_mode == "quota":
             config = dataclasses.replace(
                 config,
@@ -345,59 +344,3 @@ def _stop_promptly(
             task.result()  # re-raise what the service raised
 
     return bounded
-
-
-def _emulation_env(agent_id: str) -> int:
-    """The pace window (agent/pacing.py:env_window), or a one-line refusal of the env."""
-    try:
-        return pacing.env_window(os.environ)
-    except ValueError as exc:
-        raise click.ClickException(f"agent {agent_id}: {exc}") from None
-
-
-def _emulate_paced(config: Any, firmware: Any, scale: float) -> tuple[Any, dict[str, Any], int]:
-    """--emulate-mode paced: install the pacer (agent/pacing.py), limit memory with a cgroup."""
-    window = _emulation_env(config.agent_id)
-    applied, limits, pacer = pacing.emulate_paced(
-        config.agent_id, firmware, scale, window=window, namespace=config.broker.namespace
-    )
-    pacing.install(pacer)
-    memory = f"memory {pacer.plan.memory_bytes >> 20} MiB" if applied else "memory UNLIMITED"
-    click.echo(
-        f"emulating {firmware.name}: paced x{pacer.factor:.2f} ({pacer.plan.device_gflops:.1f} "
-        f"GFLOP/s on a {pacer.plan.host_core_gflops:.1f} GFLOP/s core), "
-        f"{pacer.plan.threads} thread(s), {memory}",
-        err=True,
-    )
-    return applied, limits, pacer.plan.threads
-
-
-def _emulate(config: Any, firmware: Any, scale: float) -> tuple[Any, dict[str, Any]]:
-    """Apply --emulate before the service starts (so its calibration runs under the limits)."""
-    from edgeslice.agent.limits import emulate_profile
-
-    applied, limits = emulate_profile(
-        config.agent_id, firmware, scale, namespace=config.broker.namespace
-    )
-    if applied is None:
-        click.echo(
-            f"WARNING: --emulate: agent {config.agent_id} runs UNLIMITED at this host's full "
-            f"speed, not as {firmware.name} ({limits['reason']}); its info says emulated=false.",
-            err=True,
-        )
-        return None, limits
-    if config.threads and config.threads != applied.plan.threads:
-        log.info(
-            "agent=%s --emulate uses %d torch thread(s) for %.2f cores instead of --threads %d",
-            config.agent_id,
-            applied.plan.threads,
-            applied.plan.cores,
-            config.threads,
-        )
-    click.echo(
-        f"emulating {firmware.name}: {limits['mode']} {limits['cpu_cores']:.3f} cores of a "
-        f"{limits['host_core_gflops']:.1f} GFLOP/s core, {applied.plan.threads} thread(s), "
-        f"memory {applied.plan.memory_bytes >> 20} MiB",
-        err=True,
-    )
-    return applied, limits

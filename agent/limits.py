@@ -28,8 +28,8 @@ benchmarks and the testbed see realistic, *uneven* devices. How:
   False and ``info.limits`` is ``{"mode": "unlimited", "reason": ...}``.
 * **Cleanup.** :meth:`AppliedLimits.release` (called by ``agent/cli.py`` on a
   normal exit) moves the process back and removes its groups;
-  :func:`remove_agent_cgroups` removes empty leftovers of killed agents (used by
-  ``edgeslice testbed down``). A group with live tasks cannot be removed and is
+  agent/cgroupclean.py's ``remove_agent_cgroups`` removes empty leftovers of killed
+  agents (used by ``edgeslice testbed down``). A group with live tasks cannot be removed and is
   reported, never killed.
 
 All functions take the cgroup mount ``root`` and the ``/proc/<pid>/cgroup``
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT = Path("/sys/fs/cgroup")
 PREFIX = "edgeslice"
 CONTROLLERS = ("cpu", "memory")
-_MAX_DEPTH = 8  # how deep remove_agent_cgroups looks for edgeslice/ groups
 
 
 @dataclass(frozen=True)
@@ -210,7 +209,7 @@ class AppliedLimits:
                     _write(origin / "cgroup.procs", str(self.pid))
                 except OSError as exc:
                     log.warning("agent=%s cannot move back to %s: %s", self.agent_id, origin, exc)
-        return [problem for g in self.groups if (problem := _remove_group(g))]
+        return [problem for g in self.groups if (problem := remove_group(g))]
 
 
 def apply_limits(
@@ -276,7 +275,7 @@ def _write_memory(group: Path, plan: EmulationPlan, mode: str, notes: list[str])
         notes.append("memory charged before the move stays with the previous cgroup")
 
 
-def _remove_group(group: Path) -> str | None:
+def remove_group(group: Path) -> str | None:
     """rmdir one group unless tasks live in it; a sentence saying why not, or None."""
     if not group.is_dir():
         return None
@@ -293,36 +292,6 @@ def _remove_group(group: Path) -> str | None:
         why = "it has child groups" if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) else None
         return f"{group}: cannot remove ({why or exc.strerror})"
     return None
-
-
-def _prefix_dirs(mount: Path) -> list[Path]:
-    """Every ``edgeslice/`` group below ``mount`` (bounded depth, not descending into them)."""
-    found: list[Path] = []
-    for dirpath, dirnames, _files in os.walk(mount):
-        depth = len(Path(dirpath).relative_to(mount).parts)
-        if PREFIX in dirnames:
-            found.append(Path(dirpath) / PREFIX)
-        dirnames[:] = [] if depth >= _MAX_DEPTH else [d for d in dirnames if d != PREFIX]
-    return found
-
-
-def remove_agent_cgroups(agent_id: str | None = None, root: Path = DEFAULT_ROOT) -> list[str]:
-    """Remove empty ``edgeslice/<agent_id>`` groups (all agents when None); what is left.
-
-    Kills nothing: a group whose agent still runs is reported. With ``agent_id=None`` the
-    ``edgeslice/`` parents are removed too once empty.
-    """
-    mounts = [root / c for c in CONTROLLERS if (root / c).is_dir()]
-    mounts += [m for m in (root, root / "unified") if (m / "cgroup.controllers").exists()]
-    left: list[str] = []
-    for mount in mounts:
-        for parent in _prefix_dirs(mount):
-            groups = sorted(p for p in parent.iterdir() if p.is_dir())
-            chosen = [g for g in groups if agent_id is None or g.name == agent_id]
-            left += [problem for g in chosen if (problem := _remove_group(g))]
-            if agent_id is None and not any(p.is_dir() for p in parent.iterdir()):
-                left += [problem] if (problem := _remove_group(parent)) else []
-    return left
 
 
 def emulate_profile(

@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeslice.agent.limits import group_name, remove_agent_cgroups
+from edgeslice.agent.cgroupclean import remove_agent_cgroups
+from edgeslice.agent.limits import group_name
 from edgeslice.broker.protocol.errors import EdgesliceError
 from edgeslice.lab.supervisor import Ready, Supervised, stop_all
 

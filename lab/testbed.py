@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeslice.agent.limits import group_name, remove_agent_cgroups
+from edgeslice.agent.cgroupclean import remove_agent_cgroups
+from edgeslice.agent.limits import group_name
 from edgeslice.broker.protocol.errors import ConfigError, EdgesliceError
 from edgeslice.broker.settings import DEFAULT_NAMESPACE
 from edgeslice.firmware_profiles import load_profile, profile_to_dict

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from edgeslice.agent.cgroupclean import remove_agent_cgroups
 from edgeslice.agent.limits import (
     apply_limits,
     cgroup_problem,
     detect_layout,
     emulate_profile,
-    remove_agent_cgroups,
 )
 from edgeslice.agent.quota import cpu_period_quota, plan_emulation
 from edgeslice.broker.protocol.errors import CgroupUnavailable

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from edgeslice.agent import pacing
-from edgeslice.agent.limits import group_name, remove_agent_cgroups
+from edgeslice.agent.cgroupclean import remove_agent_cgroups
+from edgeslice.agent.limits import group_name
 from edgeslice.agent.pacing import (
     MIN_HOST_SECONDS,
     PacePlan,
