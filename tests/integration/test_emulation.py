@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeslice.agent.limits import cgroup_problem
+from edgeslice.agent.limits import cgroup_problem, group_name
 from edgeslice.broker.protocol import codec
 from edgeslice.broker.protocol.messages import Info
 from edgeslice.broker.protocol.topics import Topics
@@ -64,7 +64,8 @@ def test_emulated_agents_measure_rates_in_the_ratio_of_their_profiles(
         assert info.limits["cgroup"].startswith("cgroup"), info.limits
         assert info.threads == 1  # both need less than one core of any host this runs on
         groups = [Path(g) for g in info.limits["cgroups"]]
-        assert groups and all(g.is_dir() and g.name == agent_id for g in groups)
+        named = group_name(topics.namespace, agent_id)  # <namespace>@<agent id>
+        assert groups and all(g.is_dir() and g.name == named for g in groups)
         pid = str(fleet.procs[agent_id].pid)
         assert all(pid in (g / "cgroup.procs").read_text().split() for g in groups)
 
@@ -128,7 +129,8 @@ def test_paced_agents_announce_rates_in_the_ratio_of_their_profiles(
         assert info.threads == 1
         assert "cpu_quota_us" not in info.limits  # no CPU quota: memory only
         groups = [Path(g) for g in info.limits["cgroups"]]
-        assert groups and all(g.is_dir() and g.name == agent_id for g in groups)
+        named = group_name(topics.namespace, agent_id)  # <namespace>@<agent id>
+        assert groups and all(g.is_dir() and g.name == named for g in groups)
     rates = {a: round(i.gflops, 2) for a, i in infos.items()}
     ratio = infos["pi5p"].gflops / infos["pi4p"].gflops
     host = infos["pi4p"].limits["host_core_gflops"]
