@@ -28,10 +28,11 @@ def _prefix_dirs(mount: Path) -> list[Path]:
     return found
 
 
-def remove_agent_cgroups(agent_id: str | None = None, root: Path = DEFAULT_ROOT) -> list[str]:
-    """Remove empty ``edgeslice/<agent_id>`` groups (all agents when None); what is left.
+def remove_agent_cgroups(name: str | None = None, root: Path = DEFAULT_ROOT) -> list[str]:
+    """Remove empty ``edgeslice/<name>`` groups (``name``: agent/limits.py ``group_name``;
+    every agent's when None); what is left.
 
-    Kills nothing: a group whose agent still runs is reported. With ``agent_id=None`` the
+    Kills nothing: a group whose agent still runs is reported. With ``name=None`` the
     ``edgeslice/`` parents are removed too once empty.
     """
     mounts = [root / c for c in CONTROLLERS if (root / c).is_dir()]
@@ -40,8 +41,8 @@ def remove_agent_cgroups(agent_id: str | None = None, root: Path = DEFAULT_ROOT)
     for mount in mounts:
         for parent in _prefix_dirs(mount):
             groups = sorted(p for p in parent.iterdir() if p.is_dir())
-            chosen = [g for g in groups if agent_id is None or g.name == agent_id]
+            chosen = [g for g in groups if name is None or g.name == name]
             left += [problem for g in chosen if (problem := remove_group(g))]
-            if agent_id is None and not any(p.is_dir() for p in parent.iterdir()):
+            if name is None and not any(p.is_dir() for p in parent.iterdir()):
                 left += [problem] if (problem := remove_group(parent)) else []
     return left
